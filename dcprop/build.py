@@ -1,0 +1,367 @@
+"""Spec -> ``nn.Module``, deterministic from a seed; spec -> module wrapped on a mesh.
+
+Initialisation never touches the global RNG: every parameter and buffer is drawn
+from its own CPU generator seeded by ``(seed, name)``, then copied to the device,
+so the same spec gives bitwise the same module on every rank, run and device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from dcprop import specs as S
+
+__all__ = [
+    "DataShard",
+    "build_model",
+    "data_shard",
+    "make_batch",
+    "optimizer_for",
+    "wrap",
+]
+
+_ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+        "identity": nn.Identity}
+
+
+def _call(child: nn.Module, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+    # Containers and unused-input layers take the model input as a second argument.
+    return child(x, aux) if getattr(child, "takes_aux", False) else child(x)
+
+
+class LinearUnusedInput(nn.Linear):
+    """Seed 003's ``LinearUnusedInput``: receives the model input and ignores it."""
+
+    takes_aux = True
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class Chain(nn.Module):
+    """Named children applied in order (a :class:`~dcprop.specs.Block`)."""
+
+    takes_aux = True
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        for child in self.children():
+            x = _call(child, x, aux)
+        return x
+
+
+class ChainSequential(nn.Sequential):
+    takes_aux = True
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        for child in self:
+            x = _call(child, x, aux)
+        return x
+
+
+class ChainList(nn.ModuleList):
+    takes_aux = True
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        for child in self:
+            x = _call(child, x, aux)
+        return x
+
+
+class Branches(nn.ModuleList):
+    takes_aux = True
+
+    def __init__(self, modules: list[nn.Module], concat_input: bool) -> None:
+        super().__init__(modules)
+        self.concat_input = concat_input
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        outs = [_call(child, x, aux) for child in self]
+        return torch.cat([*outs, x] if self.concat_input else outs, dim=-1)
+
+
+class Repeat(nn.Module):
+    takes_aux = True
+
+    def __init__(self, body: nn.Module, times: int, no_grad_residual: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.times = times
+        self.no_grad_residual = no_grad_residual
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        for _ in range(self.times):
+            x = _call(self.body, x, aux)
+            if self.no_grad_residual:
+                with torch.no_grad():
+                    residual = _call(self.body, x, aux)
+                x = x + residual
+        return x
+
+
+class AbsentExpert(nn.Module):
+    """Placeholder for an expert that lives on other ranks (seed 004's ``Dummymodel``)."""
+
+
+class ExpertList(nn.ModuleList):
+    takes_aux = True
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        out = x
+        for expert in self:
+            if not isinstance(expert, AbsentExpert):
+                out = out + _call(expert, x, aux)
+        return out
+
+
+class Model(Chain):
+    """The root module built from a :class:`~dcprop.specs.ModelSpec`."""
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x, x if aux is None and x.is_floating_point() else aux)
+
+
+def _module(layer: Any) -> nn.Module:
+    if isinstance(layer, S.Linear):
+        cls = LinearUnusedInput if layer.unused_input else nn.Linear
+        return cls(layer.in_features, layer.out_features, bias=layer.bias)
+    if isinstance(layer, S.Activation):
+        return _ACT[layer.kind]()
+    if isinstance(layer, S.LayerNorm):
+        return nn.LayerNorm(layer.dim, elementwise_affine=layer.elementwise_affine)
+    if isinstance(layer, S.BatchNorm):
+        return nn.BatchNorm1d(layer.dim)
+    if isinstance(layer, S.Embedding):
+        return nn.Embedding(layer.num_embeddings, layer.dim)
+    if isinstance(layer, S.Block):
+        chain = Chain()
+        for name, child in layer.children:
+            chain.add_module(name, _module(child))
+        return chain
+    if isinstance(layer, S.Sequential):
+        return ChainSequential(*[_module(c) for c in layer.layers])
+    if isinstance(layer, S.ModuleList):
+        return ChainList([_module(c) for c in layer.layers])
+    if isinstance(layer, S.Branches):
+        return Branches([_module(c) for c in layer.layers], layer.concat_input)
+    if isinstance(layer, S.Repeat):
+        return Repeat(_module(layer.body), layer.times, layer.no_grad_residual)
+    if isinstance(layer, S.Experts):
+        return ExpertList([_module(c) for c in layer.layers])
+    raise TypeError(f"not a layer spec: {layer!r}")
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+def _initial_value(seed: int, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    if not dtype.is_floating_point:
+        return torch.zeros(shape, dtype=dtype)  # num_batches_tracked
+    noise = torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32)
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "running_var" or (len(shape) == 1 and leaf == "weight"):
+        value = 1.0 + 0.1 * noise.abs()  # norm scales and variances stay positive
+    elif len(shape) >= 2:
+        value = noise / math.sqrt(shape[-1])
+    else:
+        value = 0.1 * noise
+    return value.to(dtype)
+
+
+def build_model(model: S.ModelSpec, *, seed: int = 0, device: str | torch.device = "cpu",
+                frozen: tuple[str, ...] = ()) -> nn.Module:
+    """Build ``model`` on ``device`` with values fixed by ``seed``; freeze ``frozen``.
+
+    >>> spec = S.ModelSpec(S.Block((("fc", S.Linear(4, 2)),)))
+    >>> build_model(spec, seed=1).fc.weight.shape
+    torch.Size([2, 4])
+    """
+    device = torch.device(device)
+    root = Model()
+    for name, child in model.root.children:
+        root.add_module(name, _module(child))
+    for src, dst in model.ties:
+        root.get_submodule(dst).weight = root.get_submodule(src).weight
+    if device.type != "meta":
+        with torch.no_grad():
+            for name, tensor in _state_tensors(root):
+                tensor.copy_(_initial_value(seed, name, tensor.shape, tensor.dtype))
+    root.to(device)
+    names = set(frozen)
+    for name, param in root.named_parameters():
+        param.requires_grad_(name not in names)
+    return root
+
+
+def _state_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+# ------------------------------------------------------------------- wrapping
+
+
+def data_shard(topology: S.Topology, mesh: Any) -> DataShard:
+    """Which slice of the global batch this rank trains on."""
+    plan = topology.plan
+    if isinstance(plan, S.FSDP2Plan) and plan.tp is not None:
+        dims = [d for d in topology.mesh.dim_names if d != plan.tp.dim]
+        index, size = 0, 1
+        for d in dims:
+            index = index * mesh.size(topology.mesh.dim_names.index(d)) + mesh.get_local_rank(d)
+            size *= topology.mesh.dim_size(d)
+        return DataShard(index, size)
+    return DataShard(mesh_rank(mesh), topology.world_size)
+
+
+class DataShard:
+    __slots__ = ("index", "size")
+
+    def __init__(self, index: int, size: int) -> None:
+        self.index, self.size = index, size
+
+    def __repr__(self) -> str:
+        return f"DataShard({self.index}, {self.size})"
+
+
+def mesh_rank(mesh: Any) -> int:
+    """This rank's position in ``mesh`` (row-major), the rank within the example's world."""
+    flat = mesh.mesh.flatten().tolist()
+    return flat.index(torch.distributed.get_rank())
+
+
+def make_batch(model: S.ModelSpec, training: S.TrainingSpec, step: int, shard: DataShard,
+               device: str | torch.device = "cpu") -> torch.Tensor:
+    """This rank's input for ``step``: a slice of one global batch drawn from the data seed."""
+    g = torch.Generator().manual_seed(training.data_seed * 7919 + step)
+    rows = training.batch_size * shard.size
+    if model.takes_tokens:
+        full = torch.randint(0, model.in_features, (rows,), generator=g)
+    else:
+        full = torch.randn(rows, model.in_features, generator=g)
+    x = full[shard.index * training.batch_size:(shard.index + 1) * training.batch_size]
+    x = x.to(device)
+    if training.input_requires_grad:
+        x.requires_grad_(True)
+    return x
+
+
+def loss_of(output: torch.Tensor) -> torch.Tensor:
+    """The training loss every property uses: the mean square of the output."""
+    if hasattr(output, "full_tensor"):
+        output = output.full_tensor()
+    return output.float().square().mean()
+
+
+def optimizer_for(params: Any, spec: S.OptimizerSpec) -> torch.optim.Optimizer:
+    """The optimizer a spec names, over ``params`` (only those that require grad)."""
+    params = [p for p in params if p.requires_grad]
+    if spec.kind == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
+                               weight_decay=spec.weight_decay)
+    if spec.kind == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _depth_first(paths: tuple[str, ...]) -> list[str]:
+    return sorted(paths, key=lambda p: (-p.count("."), p))
+
+
+def wrap(module: nn.Module, topology: S.Topology, mesh: Any, *, flat_mesh: Any = None,
+         device: str | torch.device = "cpu") -> nn.Module:
+    """Apply ``topology.plan`` to ``module`` on ``mesh`` (a ``DeviceMesh`` of the topology's
+    shape).  ``flat_mesh`` is a 1D mesh over the same ranks, needed by expert plans."""
+    plan = topology.plan
+    if isinstance(plan, S.DDPPlan):
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = torch.device(device)
+        ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        return DistributedDataParallel(module, process_group=mesh.get_group(), device_ids=ids)
+    if isinstance(plan, S.FSDP1Plan):
+        return _wrap_fsdp1(module, plan, mesh)
+    return _wrap_fsdp2(module, plan, mesh, flat_mesh)
+
+
+def _wrap_fsdp2(module: nn.Module, plan: S.FSDP2Plan, mesh: Any, flat_mesh: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    if plan.tp is not None:
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        layout: dict[str, Any] = {}
+        for col, row in plan.tp.pairs:
+            layout[col], layout[row] = ColwiseParallel(), RowwiseParallel()
+        parallelize_module(module, mesh[plan.tp.dim], layout)
+    if plan.experts is not None:
+        experts = module.get_submodule(plan.experts.module)
+        mine = mesh.get_local_rank(plan.experts.dim)
+        for i in range(len(experts)):
+            if i != mine:
+                experts[i] = AbsentExpert()
+        fully_shard(experts[mine], mesh=mesh[plan.shard_dim],
+                    reshard_after_forward=plan.reshard_after_forward)
+        dp_mesh = flat_mesh
+    elif plan.replicate_dim is not None:
+        dp_mesh = mesh[(plan.replicate_dim, plan.shard_dim)]
+    else:
+        dp_mesh = mesh[plan.shard_dim] if mesh.ndim > 1 else mesh
+    for path in _depth_first(plan.wrap):
+        fully_shard(module.get_submodule(path), mesh=dp_mesh,
+                    reshard_after_forward=plan.reshard_after_forward)
+    fully_shard(module, mesh=dp_mesh, reshard_after_forward=plan.reshard_after_forward)
+    return module
+
+
+def _wrap_fsdp1(module: nn.Module, plan: S.FSDP1Plan, mesh: Any) -> nn.Module:
+    from torch.distributed.fsdp import (
+        BackwardPrefetch,
+        CPUOffload,
+        MixedPrecision,
+        ShardingStrategy,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(plan.mixed_precision or "")
+    kwargs: dict[str, Any] = dict(
+        device_mesh=mesh,
+        sharding_strategy=ShardingStrategy[plan.sharding_strategy],
+        use_orig_params=plan.use_orig_params,
+        cpu_offload=CPUOffload(offload_params=plan.cpu_offload),
+        mixed_precision=MixedPrecision(param_dtype=dtype, reduce_dtype=dtype,
+                                       buffer_dtype=dtype) if dtype else None,
+        backward_prefetch=BackwardPrefetch[plan.backward_prefetch]
+        if plan.backward_prefetch else None,
+    )
+    if not plan.cpu_offload:
+        kwargs["device_id"] = torch.cuda.current_device()
+    for path in _depth_first(plan.wrap):
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path)
+        parent.register_module(name, FSDP(parent.get_submodule(name), **kwargs))
+    return FSDP(module, **kwargs)
+
+
+@contextlib.contextmanager
+def fsdp1_full_params(module: nn.Module) -> Iterator[None]:
+    """``summon_full_params`` for FSDP1 roots; a no-op for anything else."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if isinstance(module, FSDP):
+        with FSDP.summon_full_params(module):
+            yield
+    else:
+        yield

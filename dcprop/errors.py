@@ -1,0 +1,78 @@
+"""dcprop's exception types.
+
+Strategy arguments are rejected with Hypothesis' ``InvalidArgument``; everything
+else that dcprop raises derives from :class:`DcpropError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "DcpropError",
+    "ExampleFailure",
+    "PoolExhausted",
+    "PropertyFailure",
+    "RankCrashed",
+    "RankTimeout",
+    "RunnerError",
+    "SpecError",
+    "UsageError",
+]
+
+
+class DcpropError(Exception):
+    """Base class of every error dcprop raises itself."""
+
+
+class SpecError(DcpropError, ValueError):
+    """A spec that cannot describe a real run (bad value, or fields that contradict)."""
+
+
+class UsageError(DcpropError):
+    """Bad command-line or configuration input; the message says what to change."""
+
+
+class PropertyFailure(AssertionError):
+    """A property does not hold.  The message names key, rank, shard and difference.
+
+    An ``AssertionError`` so that Hypothesis and pytest treat it as a test failure.
+    """
+
+
+class RunnerError(DcpropError):
+    """The runner itself could not do its job (start-up, transport, configuration)."""
+
+
+class PoolExhausted(RunnerError):
+    """The pool was restarted more often than its restart budget allows."""
+
+
+class ExampleFailure(AssertionError):
+    """One example failed on one or more ranks.
+
+    ``outcomes`` maps each rank to its outcome (see ``dcprop.runner.messages``);
+    ``signature`` is a short, stable string that identifies the failure kind (used
+    to match known upstream bugs and to tell Hypothesis which failures are distinct).
+    """
+
+    def __init__(self, message: str, *, outcomes: dict[int, Any] | None = None,
+                 signature: str = "") -> None:
+        super().__init__(message)
+        self.outcomes = outcomes or {}
+        self.signature = signature
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), str(self), self.outcomes, self.signature))
+
+
+def _rebuild(cls: type, message: str, outcomes: dict, signature: str) -> ExampleFailure:
+    return cls(message, outcomes=outcomes, signature=signature)
+
+
+class RankTimeout(ExampleFailure):
+    """Some ranks did not finish within the example's timeout (a hang)."""
+
+
+class RankCrashed(ExampleFailure):
+    """A rank process died mid-example (signal, ``os._exit``, killed)."""

@@ -1,0 +1,204 @@
+"""Running one task on one rank, isolated from the examples before and after it.
+
+Shared by the pool worker (:mod:`dcprop.runner.worker`) and the torchrun mode
+(:mod:`dcprop.runner.spmd`), so both run an example the same way.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import re
+import time
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dcprop.runner.messages import Outcome, Task
+from dcprop.runner.worlds import Worlds
+from dcprop.specs import MeshSpec
+
+__all__ = ["RankContext", "execute", "failure_signature"]
+
+
+class RankContext:
+    """What a property sees on one rank: its rank, the example's world, meshes, a temp dir."""
+
+    def __init__(self, task: Task, worlds: Worlds, device: torch.device) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = task.world_size
+        self.tmpdir = task.tmpdir
+        self.device = device
+        self.seed = task.seed
+        self._worlds = worlds
+
+    def mesh(self, spec: MeshSpec) -> Any:
+        """The mesh for ``spec`` (ranks ``0..spec.size-1``), or None if this rank is off it."""
+        return self._worlds.mesh(spec)
+
+    def flat_mesh(self, world_size: int) -> Any:
+        return self._worlds.flat_mesh(world_size)
+
+    def group(self, world_size: int | None = None) -> Any:
+        """The process group over ranks ``0..world_size-1`` (default: the example's world)."""
+        return self._worlds.world_group(world_size or self.world_size)
+
+    def barrier(self) -> None:
+        """Wait for every rank of the example's world."""
+        dist.barrier(group=self.group())
+
+    def agree(self, ok: bool, what: str) -> None:
+        """Raise on every rank if any rank of the example's world says ``ok=False``.
+
+        Properties call this at phase boundaries, so a failure on one rank stops the
+        others before the next collective rather than leaving them to time out.
+        """
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self.group())
+        if flag.item() and ok:
+            raise PeerFailed(f"another rank failed during {what}")
+
+
+class PeerFailed(RuntimeError):
+    """This rank stopped because another rank of the example failed first."""
+
+
+_NUMBER = re.compile(r"\d+(\.\d+)?")
+_PATH = re.compile(r"(/[^\s:'\"]+)+")
+_ADDRESS = re.compile(r"0x[0-9a-f]+")
+
+
+def failure_signature(error_type: str, message: str) -> str:
+    """A stable, short identity for a failure: type plus the first line of the message
+    with numbers, paths and addresses blanked (those vary between shrink steps)."""
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    first = _ADDRESS.sub("0x?", _PATH.sub("<path>", first))
+    return f"{error_type}: {_NUMBER.sub('N', first)[:240]}"
+
+
+class _GlobalState:
+    """Process-wide state an example may change, captured before and put back after."""
+
+    _HOOK_DICTS = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+        "_global_forward_hooks_always_called",
+        "_global_forward_hooks_with_kwargs",
+        "_global_module_registration_hooks",
+        "_global_parameter_registration_hooks",
+        "_global_buffer_registration_hooks",
+    )
+
+    def __init__(self, known_groups: set[Any]) -> None:
+        from torch.nn.modules import module as nn_module
+
+        self._nn = nn_module
+        self.dtype = torch.get_default_dtype()
+        self.device = torch.get_default_device()
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        self.grad = torch.is_grad_enabled()
+        self.anomaly = torch.is_anomaly_enabled()
+        self.threads = torch.get_num_threads()
+        self.hooks = {n: dict(getattr(nn_module, n, {})) for n in self._HOOK_DICTS}
+        self.environ = dict(os.environ)
+        self.cwd = os.getcwd()
+        self.groups = set(_all_groups()) | known_groups
+
+    def restore(self) -> list[str]:
+        """Put everything back; return what had changed."""
+        changed = []
+        if torch.get_default_dtype() != self.dtype:
+            changed.append("default dtype")
+            torch.set_default_dtype(self.dtype)
+        if torch.get_default_device() != self.device:
+            changed.append("default device")
+            torch.set_default_device(self.device)
+        if torch.are_deterministic_algorithms_enabled() != self.deterministic:
+            changed.append("deterministic algorithms")
+            torch.use_deterministic_algorithms(self.deterministic)
+        if torch.is_grad_enabled() != self.grad:
+            changed.append("grad mode")
+            torch.set_grad_enabled(self.grad)
+        if torch.is_anomaly_enabled() != self.anomaly:
+            changed.append("anomaly mode")
+            torch.autograd.set_detect_anomaly(self.anomaly)
+        if torch.get_num_threads() != self.threads:
+            changed.append("thread count")
+            torch.set_num_threads(self.threads)
+        for name, before in self.hooks.items():
+            current = getattr(self._nn, name, None)
+            if current is not None and set(current) != set(before):
+                changed.append(name)
+                current.clear()
+                current.update(before)
+        if dict(os.environ) != self.environ:
+            changed.append("environment")
+            os.environ.clear()
+            os.environ.update(self.environ)
+        if os.getcwd() != self.cwd:
+            changed.append("working directory")
+            os.chdir(self.cwd)
+        leftover = [g for g in _all_groups() if g not in self.groups]
+        for g in leftover:
+            dist.destroy_process_group(g)
+        if leftover:
+            changed.append(f"{len(leftover)} process group(s)")
+        return changed
+
+
+def _all_groups() -> list[Any]:
+    return list(dist.distributed_c10d._world.pg_map.keys())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy
+
+        numpy.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def execute(task: Task, worlds: Worlds, device: torch.device) -> Outcome:
+    """Run ``task`` on this rank and report how it went.  Never raises, except
+    KeyboardInterrupt: any other exception (``CheckpointException`` derives from
+    BaseException) becomes an ``error`` outcome."""
+    rank = dist.get_rank()
+    started = time.perf_counter()
+    try:
+        worlds.prepare(task.meshes)
+    except Exception as e:
+        return _error(rank, e, started)
+    if rank >= task.world_size:
+        return Outcome(rank, "idle")
+    state = _GlobalState(worlds.known_groups())
+    _seed_everything(task.seed)
+    try:
+        value = task.fn(RankContext(task, worlds, device), *task.args)
+        outcome = Outcome(rank, "ok", value=value, seconds=time.perf_counter() - started)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        outcome = _error(rank, e, started)
+    finally:
+        state.restore()
+        gc.collect()
+    return outcome
+
+
+def _error(rank: int, e: BaseException, started: float) -> Outcome:
+    error_type = type(e).__name__
+    message = str(e)
+    return Outcome(
+        rank, "error", error_type=error_type, message=message,
+        traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)),
+        signature=failure_signature(error_type, message),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,393 @@
+"""The controller: a persistent pool of rank processes that runs one example at a time.
+
+Start-up (importing torch, joining a process group) is paid once; each example
+then costs what its body costs.  Every way an example can go wrong becomes an
+exception in the controller, never a hang:
+
+* an exception on some ranks -> :class:`~dcprop.errors.ExampleFailure`, as soon as
+  the other ranks report or a short grace period ends;
+* ranks that do not finish -> :class:`~dcprop.errors.RankTimeout` with each hung
+  rank's stacks (dumped by ``faulthandler``), after which the pool is restarted;
+* a rank that dies -> :class:`~dcprop.errors.RankCrashed`, pool restarted;
+* more restarts than ``max_restarts`` -> :class:`~dcprop.errors.PoolExhausted`.
+
+The controller never imports torch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import itertools
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from dcprop.errors import (
+    ExampleFailure,
+    PoolExhausted,
+    RankCrashed,
+    RankTimeout,
+    RunnerError,
+)
+from dcprop.runner.messages import Outcome, Task
+from dcprop.specs import MeshSpec
+
+__all__ = ["DEFAULT_TIMEOUT", "Pool", "failure_from_outcomes"]
+
+DEFAULT_TIMEOUT = 60.0
+TEMP_PREFIX = "dcprop-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tempdirs(root: str | None = None) -> list[str]:
+    """Remove dcprop temp dirs whose owning process is gone (a controller killed hard)."""
+    removed = []
+    for path in glob.glob(os.path.join(root or tempfile.gettempdir(), f"{TEMP_PREFIX}*-*")):
+        try:
+            pid = int(os.path.basename(path)[len(TEMP_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+class _Rank:
+    __slots__ = ("conn", "log", "proc", "rank", "stacks")
+
+    def __init__(self, rank: int, proc: subprocess.Popen, conn: Connection, log: str,
+                 stacks: str) -> None:
+        self.rank, self.proc, self.conn, self.log, self.stacks = rank, proc, conn, log, stacks
+
+
+class Pool:
+    """``world_size`` persistent ranks on ``device`` ("cpu" or "cuda").
+
+    >>> with Pool(2) as pool:                                  # doctest: +SKIP
+    ...     pool.run(my_property, scenario, world_size=2, meshes=(mesh,))
+
+    ``timeout`` bounds each example (seconds); ``grace`` is how long the controller
+    waits for the remaining ranks once one has failed; ``max_restarts`` bounds
+    restarts after hangs and crashes over the pool's life.
+    """
+
+    def __init__(self, world_size: int, *, device: str = "cpu",
+                 timeout: float = DEFAULT_TIMEOUT, grace: float = 3.0,
+                 max_restarts: int = 32, start_timeout: float = 180.0,
+                 tmp_root: str | None = None) -> None:
+        if not isinstance(world_size, int) or world_size < 1:
+            raise RunnerError(f"world_size={world_size!r} must be a positive int")
+        if device not in ("cpu", "cuda"):
+            raise RunnerError(f"device={device!r} must be 'cpu' or 'cuda'")
+        if timeout <= 0:
+            raise RunnerError(f"timeout={timeout!r} must be positive (seconds)")
+        self.world_size = world_size
+        self.device = device
+        self.timeout = float(timeout)
+        self.grace = float(grace)
+        self.max_restarts = max_restarts
+        self.start_timeout = start_timeout
+        self.restarts = 0
+        self.starts = 0
+        self.examples = 0
+        self.backend = ""
+        self._tmp_root = tmp_root
+        self._base: str | None = None
+        self._ranks: list[_Rank] = []
+        self._ids = itertools.count()
+        self._needs_restart = False
+        atexit.register(_close_ref, weakref.ref(self))
+
+    # -- life cycle ----------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return bool(self._ranks)
+
+    @property
+    def base_dir(self) -> str | None:
+        return self._base
+
+    def pids(self) -> list[int]:
+        return [r.proc.pid for r in self._ranks]
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._ranks:
+            return
+        if self._needs_restart:
+            if self.restarts >= self.max_restarts:
+                raise PoolExhausted(
+                    f"the pool was restarted {self.restarts} times (max_restarts="
+                    f"{self.max_restarts}); raise max_restarts or fix what hangs or crashes")
+            self.restarts += 1
+            self._needs_restart = False
+        remove_stale_tempdirs(self._tmp_root)
+        if self._base is None:
+            self._base = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-",
+                                          dir=self._tmp_root)
+        incarnation = tempfile.mkdtemp(prefix=f"pool{self.starts}-", dir=self._base)
+        self.starts += 1
+        store = os.path.join(incarnation, "store")
+        try:
+            for rank in range(self.world_size):
+                self._ranks.append(self._spawn(rank, store, incarnation))
+            self._await_ready()
+        except BaseException:
+            self._kill()
+            raise
+
+    def _spawn(self, rank: int, store: str, incarnation: str) -> _Rank:
+        ours, theirs = socket.socketpair()
+        log = os.path.join(incarnation, f"rank{rank}.log")
+        stacks = os.path.join(incarnation, f"rank{rank}.stacks")
+        cmd = [sys.executable, "-m", "dcprop.runner.worker", "--fd", str(theirs.fileno()),
+               "--rank", str(rank), "--world-size", str(self.world_size), "--store", store,
+               "--device", self.device, "--pg-timeout", str(self.timeout + 60.0),
+               "--stacks", stacks]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
+            p for p in sys.path if p))
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdout=out,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=False)
+        theirs.close()
+        conn = Connection(ours.detach())
+        conn.send([p for p in sys.path])
+        return _Rank(rank, proc, conn, log, stacks)
+
+    def _await_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        waiting = {r.conn: r for r in self._ranks}
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RunnerError(f"ranks {sorted(r.rank for r in waiting.values())} did not "
+                                  f"start within {self.start_timeout:.0f}s")
+            for conn in wait(list(waiting), timeout=remaining):
+                r = waiting.pop(conn)  # type: ignore[call-overload]
+                try:
+                    _, info = conn.recv()  # type: ignore[union-attr]
+                except EOFError:
+                    raise RunnerError(f"rank {r.rank} exited during start-up:\n"
+                                      f"{_tail(r.log)}") from None
+                self.backend = info["backend"]
+
+    def close(self) -> None:
+        """Stop every rank and remove the pool's temp dir.  Safe to call twice."""
+        for r in self._ranks:
+            with contextlib.suppress(OSError, ValueError):
+                r.conn.send(("shutdown", None))
+        deadline = time.monotonic() + 5.0
+        for r in self._ranks:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        self._kill()
+        if self._base is not None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
+
+    def _kill(self) -> None:
+        for r in self._ranks:
+            if r.proc.poll() is None:
+                r.proc.kill()
+        for r in self._ranks:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                r.proc.wait(timeout=10)
+            r.conn.close()
+        if self._ranks:
+            self._needs_restart = True
+        self._ranks = []
+
+    # -- examples ------------------------------------------------------------------
+    def run(self, fn: Callable[..., Any], *args: Any, world_size: int | None = None,
+            meshes: Sequence[MeshSpec] = (), seed: int = 0,
+            timeout: float | None = None) -> dict[int, Any]:
+        """Call ``fn(ctx, *args)`` on ranks ``0..world_size-1``; return ``{rank: value}``.
+
+        ``fn`` must be importable by reference (a module-level function).  Raises
+        :class:`~dcprop.errors.ExampleFailure` (or a subclass) if any rank fails.
+        """
+        k = self.world_size if world_size is None else world_size
+        if not 1 <= k <= self.world_size:
+            raise RunnerError(f"world_size={k} does not fit in a pool of {self.world_size} ranks")
+        for m in meshes:
+            if m.size > self.world_size:
+                raise RunnerError(f"mesh {m.shape} needs {m.size} ranks but the pool has "
+                                  f"{self.world_size}")
+        self.start()
+        assert self._base is not None
+        example_dir = tempfile.mkdtemp(prefix="example-", dir=self._base)
+        task = Task(id=next(self._ids), fn=fn, args=tuple(args), world_size=k,
+                    meshes=tuple(meshes), tmpdir=example_dir, seed=seed, device=self.device)
+        try:
+            payload = pickle.dumps(task)
+        except Exception as e:
+            shutil.rmtree(example_dir, ignore_errors=True)
+            raise RunnerError(f"cannot send {fn!r} and its arguments to the ranks: {e}") from e
+        try:
+            for r in self._ranks:
+                r.conn.send(("run", payload))
+            outcomes, hung, crashed = self._collect(timeout or self.timeout)
+        except BaseException:
+            self._kill()  # interrupted mid-example: ranks may be inside collectives
+            raise
+        finally:
+            shutil.rmtree(example_dir, ignore_errors=True)
+        self.examples += 1
+        stacks = self._stacks(hung) if hung else {}
+        if hung or crashed:
+            self._kill()
+        failure = failure_from_outcomes(outcomes, hung=hung, crashed=crashed, stacks=stacks,
+                                        timeout=timeout or self.timeout)
+        if failure is not None:
+            raise failure
+        return {r: o.value for r, o in outcomes.items() if o.status == "ok"}
+
+    def _collect(self, timeout: float) -> tuple[dict[int, Outcome], list[int], dict[int, int]]:
+        by_conn = {r.conn: r for r in self._ranks}
+        pending = dict(by_conn)
+        outcomes: dict[int, Outcome] = {}
+        crashed: dict[int, int] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for conn in wait(list(pending), timeout=remaining):
+                r = pending.pop(conn)  # type: ignore[call-overload]
+                try:
+                    _, outcome = conn.recv()  # type: ignore[union-attr]
+                except (EOFError, OSError):
+                    crashed[r.rank] = _exit_code(r.proc)
+                    deadline = min(deadline, time.monotonic() + self.grace)
+                    continue
+                outcomes[r.rank] = outcome
+                if outcome.failed:
+                    deadline = min(deadline, time.monotonic() + self.grace)
+        return outcomes, sorted(r.rank for r in pending.values()), crashed
+
+    def _stacks(self, ranks: list[int]) -> dict[int, str]:
+        for r in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._ranks[r].proc.pid, signal.SIGUSR1)
+        _wait_until_quiet([self._ranks[r].stacks for r in ranks])
+        return {r: _main_thread_stack(self._ranks[r].stacks) for r in ranks}
+
+
+def _exit_code(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return 0
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_until_quiet(paths: list[str], limit: float = 3.0) -> None:
+    """Wait until faulthandler has finished writing: sizes stop changing."""
+    deadline = time.monotonic() + limit
+    sizes: list[int] = []
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = [os.path.getsize(p) if os.path.exists(p) else 0 for p in paths]
+        if now == sizes and all(now):
+            return
+        sizes = now
+
+
+def _main_thread_stack(path: str) -> str:
+    """The faulthandler dump in ``path``, without the worker's parent-watch thread."""
+    blocks = _tail(path, 400).strip().split("\n\n")
+    keep = [b for b in blocks if "in watch" not in b or "worker.py" not in b]
+    return "\n\n".join(keep).strip()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def failure_from_outcomes(outcomes: dict[int, Outcome], *, hung: Sequence[int] = (),
+                          crashed: dict[int, int] | None = None,
+                          stacks: dict[int, str] | None = None,
+                          timeout: float = 0.0) -> ExampleFailure | None:
+    """The exception that describes a set of per-rank outcomes, or None if all passed.
+
+    Shared by the pool and the torchrun mode.  Ranks that stopped only because a
+    peer failed (``PeerFailed``) are listed but not blamed.
+    """
+    crashed = crashed or {}
+    stacks = stacks or {}
+    errors = {r: o for r, o in sorted(outcomes.items()) if o.failed}
+    blamed = {r: o for r, o in errors.items() if o.error_type != "PeerFailed"} or errors
+    if not (errors or hung or crashed):
+        return None
+    lines: list[str] = []
+    cls: type[ExampleFailure] = ExampleFailure
+    signature = ""
+    if crashed:
+        cls = RankCrashed
+        r, code = min(crashed.items())
+        signature = f"RankCrashed: {_describe_exit(code)}"
+        lines.append("; ".join(f"rank {r} {_describe_exit(c)}" for r, c in sorted(crashed.items())))
+    if blamed:
+        first = next(iter(blamed.values()))
+        signature = signature or first.signature
+        lines.append(f"example failed on rank(s) {sorted(blamed)}: {first.error_type}: "
+                     f"{first.message}")
+    if hung:
+        if not (crashed or blamed):
+            cls = RankTimeout
+            signature = "RankTimeout: ranks did not finish"
+            lines.append(f"timed out after {timeout:.0f}s: rank(s) {list(hung)} did not finish")
+        else:
+            lines.append(f"rank(s) {list(hung)} were still running and were stopped")
+    for r, o in errors.items():
+        if r in blamed:
+            lines.append(f"\n--- rank {r} traceback ---\n{o.traceback.rstrip()}")
+    for r in hung:
+        if stacks.get(r):
+            lines.append(f"\n--- rank {r} stacks at the timeout ---\n{stacks[r]}")
+    return cls("\n".join(lines), outcomes=dict(outcomes), signature=signature)
+
+
+def _close_ref(ref: weakref.ref) -> None:
+    pool = ref()
+    if pool is not None:
+        pool.close()

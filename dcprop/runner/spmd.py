@@ -1,0 +1,131 @@
+"""torchrun mode: every process is a rank; rank 0 drives, the others follow.
+
+Under ``torchrun --nproc-per-node N`` (and so across nodes) rank 0 runs Hypothesis
+or the CLI and calls :meth:`SPMDRunner.run` exactly as it would call
+:meth:`Pool.run`; the task travels to every rank over a gloo control group, each
+rank runs it through the same :func:`~dcprop.runner.execute.execute` as a pool
+worker, and outcomes are gathered on rank 0.  The other ranks sit in
+:meth:`SPMDRunner.follow` until rank 0 closes the runner.
+
+Processes belong to torchrun, so a hang cannot be cured by a restart here: the
+process group's timeout ends it, and the runner refuses further examples.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dcprop.errors import RunnerError
+from dcprop.runner import under_torchrun
+from dcprop.runner.execute import execute
+from dcprop.runner.messages import Outcome, Task
+from dcprop.runner.pool import DEFAULT_TIMEOUT, failure_from_outcomes
+from dcprop.runner.worker import backend_for
+from dcprop.runner.worlds import Worlds
+from dcprop.specs import MeshSpec
+
+__all__ = ["SPMDRunner"]
+
+
+class SPMDRunner:
+    """The :class:`~dcprop.runner.pool.Pool` interface over torchrun's processes."""
+
+    def __init__(self, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT,
+                 tmp_root: str | None = None) -> None:
+        if not under_torchrun():
+            raise RunnerError("SPMDRunner needs torchrun's environment (RANK, WORLD_SIZE, "
+                              "LOCAL_RANK, MASTER_ADDR); use Pool outside torchrun")
+        world = int(os.environ["WORLD_SIZE"])
+        backend, device_type = backend_for(device, world)
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self._device = torch.device("cpu")
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout + 60.0))
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = device
+        self.timeout = timeout
+        self.examples = 0
+        self._control = dist.new_group(backend="gloo")
+        self._worlds = Worlds(device_type)
+        self._ids = itertools.count()
+        self._broken = False
+        base = [tempfile.mkdtemp(prefix=f"dcprop-{os.getpid()}-", dir=tmp_root)
+                if self.rank == 0 else None]
+        dist.broadcast_object_list(base, src=0, group=self._control)
+        self._base: str | None = base[0]
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def run(self, fn: Callable[..., Any], *args: Any, world_size: int | None = None,
+            meshes: Sequence[MeshSpec] = (), seed: int = 0,
+            timeout: float | None = None) -> dict[int, Any]:
+        if not self.is_driver:
+            raise RunnerError("only rank 0 drives; other ranks call follow()")
+        if self._broken:
+            raise RunnerError("an earlier example hung; torchrun's processes cannot be "
+                              "restarted from inside, so this run cannot continue")
+        k = self.world_size if world_size is None else world_size
+        if not 1 <= k <= self.world_size:
+            raise RunnerError(f"world_size={k} does not fit in {self.world_size} torchrun ranks")
+        assert self._base is not None
+        tmpdir = tempfile.mkdtemp(prefix="example-", dir=self._base)
+        task = Task(id=next(self._ids), fn=fn, args=tuple(args), world_size=k,
+                    meshes=tuple(meshes), tmpdir=tmpdir, seed=seed, device=self.device)
+        try:
+            outcomes = self._round(("run", task))
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+        self.examples += 1
+        failure = failure_from_outcomes({o.rank: o for o in outcomes})
+        if failure is not None:
+            raise failure
+        return {o.rank: o.value for o in outcomes if o.status == "ok"}
+
+    def _round(self, message: tuple[str, Task | None]) -> list[Outcome]:
+        box: list[Any] = [message]
+        dist.broadcast_object_list(box, src=0, group=self._control)
+        outcome = execute(box[0][1], self._worlds, self._device)
+        gathered: list[Any] = [None] * self.world_size if self.is_driver else []
+        try:
+            dist.gather_object(outcome, gathered if self.is_driver else None, dst=0,
+                               group=self._control)
+        except Exception as e:
+            self._broken = True
+            raise RunnerError(f"ranks did not report within the process-group timeout: {e}") \
+                from e
+        return gathered
+
+    def follow(self) -> int:
+        """Run what rank 0 sends until it closes the runner; return how many tasks ran."""
+        ran = 0
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0, group=self._control)
+            name, task = box[0]
+            if name == "stop":
+                return ran
+            outcome = execute(task, self._worlds, self._device)
+            dist.gather_object(outcome, None, dst=0, group=self._control)
+            ran += 1
+
+    def close(self) -> None:
+        if self.is_driver and not self._broken:
+            dist.broadcast_object_list([("stop", None)], src=0, group=self._control)
+        if self._base is not None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None

@@ -1,0 +1,93 @@
+"""Rank-side cache of process groups and device meshes for sub-worlds.
+
+An example may use the first ``k`` ranks of an ``N``-rank pool, and a resharding
+example uses two such worlds in turn.  Creating a group is collective over the
+default group, so every pool rank creates the same groups in the same order (the
+controller sends every task to every rank) and caches them by their rank list:
+a world seen before costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dcprop.specs import MeshSpec
+
+__all__ = ["Worlds"]
+
+
+class Worlds:
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self._groups: dict[tuple[int, ...], Any] = {}
+        self._meshes: dict[MeshSpec, Any] = {}
+
+    @property
+    def group_count(self) -> int:
+        return len(self._groups)
+
+    def known_groups(self) -> set[Any]:
+        return {g for g in self._groups.values() if g is not None}
+
+    def group(self, ranks: tuple[int, ...]) -> Any:
+        """The group over ``ranks``; None on ranks outside it.  Collective on first use."""
+        if ranks not in self._groups:
+            if len(ranks) == dist.get_world_size():
+                self._groups[ranks] = dist.group.WORLD
+            else:
+                g = dist.new_group(list(ranks))
+                self._groups[ranks] = g if dist.get_rank() in ranks else None
+        return self._groups[ranks]
+
+    def prepare(self, meshes: tuple[MeshSpec, ...]) -> None:
+        """Create (collectively) everything ``meshes`` need, including each world's flat mesh."""
+        for spec in meshes:
+            for s in (spec, _flat(spec.size)):
+                if s not in self._meshes:
+                    self._meshes[s] = self._build(s)
+
+    def mesh(self, spec: MeshSpec) -> Any:
+        """The ``DeviceMesh`` for ``spec`` over ranks ``0..spec.size-1``; None off the mesh."""
+        if spec not in self._meshes:
+            raise KeyError(f"mesh {spec!r} was not declared for this example; list it in the "
+                           "task's meshes so that every rank creates it")
+        return self._meshes[spec]
+
+    def flat_mesh(self, world_size: int) -> Any:
+        return self.mesh(_flat(world_size))
+
+    def world_group(self, world_size: int) -> Any:
+        return self.group(tuple(range(world_size)))
+
+    def _build(self, spec: MeshSpec) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        layout = torch.arange(spec.size).reshape(spec.shape)
+        per_dim = []
+        for d in range(len(spec.shape)):
+            mine = None
+            moved = layout.movedim(d, -1).reshape(-1, spec.shape[d])
+            for row in moved.tolist():
+                g = self.group(tuple(row))
+                if dist.get_rank() in row:
+                    mine = g
+            per_dim.append(mine)
+        if dist.get_rank() >= spec.size:
+            return None
+        if len(spec.shape) == 1:
+            return DeviceMesh.from_group(per_dim[0], self.device_type,
+                                         mesh_dim_names=spec.dim_names)
+        return DeviceMesh.from_group(per_dim, self.device_type, mesh=layout,
+                                     mesh_dim_names=spec.dim_names)
+
+
+def _flat(world_size: int) -> MeshSpec:
+    return MeshSpec((world_size,), ("world",))
+
+
+def world_size_of(meshes: tuple[MeshSpec, ...]) -> int:
+    return max((m.size for m in meshes), default=1)
+

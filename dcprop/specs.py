@@ -1,0 +1,837 @@
+"""Scenario specs: plain, frozen, picklable data that describe one dcprop example.
+
+Nothing here imports torch.  Every class is a frozen, slotted attrs class whose
+validators reject impossible values when the spec is built, and whose ``repr``
+is valid Python that rebuilds an equal spec (``eval(repr(s), vars(dcprop.specs))``).
+JSON serialisation lives apart, in :mod:`dcprop.serialization`.
+
+A model is a tree of layers whose forward is fixed by the tree itself: containers
+chain their children, so every spec that validates runs forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from typing import Any, ClassVar, Union
+
+import attrs
+from attrs import validators as v
+
+from dcprop.errors import SpecError
+
+__all__ = [
+    "ACTIVATIONS",
+    "DEVICES",
+    "FSDP1_SHARDING_STRATEGIES",
+    "Activation",
+    "BatchNorm",
+    "Block",
+    "Branches",
+    "DDPPlan",
+    "Embedding",
+    "ExpertParallel",
+    "Experts",
+    "FSDP1Plan",
+    "FSDP2Plan",
+    "LayerNorm",
+    "Linear",
+    "MeshSpec",
+    "ModelSpec",
+    "ModuleList",
+    "OptimizerSpec",
+    "Repeat",
+    "Scenario",
+    "Sequential",
+    "StateDictSpec",
+    "StorageSpec",
+    "TensorParallel",
+    "Topology",
+    "TrainingSpec",
+]
+
+ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
+DEVICES = ("cpu", "cuda")
+FSDP1_SHARDING_STRATEGIES = (
+    "FULL_SHARD",
+    "SHARD_GRAD_OP",
+    "NO_SHARD",
+    "HYBRID_SHARD",
+    "_HYBRID_SHARD_ZERO2",
+)
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------- repr
+
+
+def _spec_repr(self: Any) -> str:
+    """Constructor-call repr that omits defaults: short, and valid Python."""
+    parts = []
+    for a in attrs.fields(type(self)):
+        value = getattr(self, a.name)
+        if a.default is attrs.NOTHING:
+            parts.append(repr(value))
+            continue
+        default = a.default.factory() if isinstance(a.default, attrs.Factory) else a.default
+        if value != default:
+            parts.append(f"{a.name}={value!r}")
+    return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def spec(cls: type) -> type:
+    """Decorator for every spec class: frozen, slotted, hashable, short valid repr."""
+    cls.__repr__ = _spec_repr  # type: ignore[method-assign]
+    return attrs.frozen(cls, repr=False)
+
+
+_positive = [v.instance_of(int), v.ge(1)]
+_non_negative = [v.instance_of(int), v.ge(0)]
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    return tuple(value)
+
+
+def _check_ident(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not _IDENT.match(value):
+        raise SpecError(f"{attribute.name}={value!r} is not a valid module name (a Python identifier)")
+
+
+# ---------------------------------------------------------------------- the model
+
+
+@spec
+class Linear:
+    """``nn.Linear``; with ``unused_input`` it also takes the model input and ignores it."""
+
+    in_features: int = attrs.field(validator=_positive)
+    out_features: int = attrs.field(validator=_positive)
+    bias: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    unused_input: bool = attrs.field(default=False, validator=v.instance_of(bool))
+
+
+@spec
+class Activation:
+    kind: str = attrs.field(default="relu", validator=v.in_(ACTIVATIONS))
+
+
+@spec
+class LayerNorm:
+    dim: int = attrs.field(validator=_positive)
+    elementwise_affine: bool = attrs.field(default=True, validator=v.instance_of(bool))
+
+
+@spec
+class BatchNorm:
+    """``nn.BatchNorm1d``: parameters plus running-statistics buffers."""
+
+    dim: int = attrs.field(validator=_positive)
+
+
+@spec
+class Embedding:
+    """``nn.Embedding``; only valid as the model's first layer (its input is token ids)."""
+
+    num_embeddings: int = attrs.field(validator=_positive)
+    dim: int = attrs.field(validator=_positive)
+
+
+def _layer_tuple(value: Any) -> tuple[Any, ...]:
+    return tuple(value)
+
+
+def _named_tuple(value: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple((str(n), layer) for n, layer in value)
+
+
+def _non_empty(_inst: Any, attribute: attrs.Attribute, value: tuple[Any, ...]) -> None:
+    if not value:
+        raise SpecError(f"{attribute.name} must hold at least one layer, got ()")
+
+
+def _unique_child_names(_inst: Any, attribute: attrs.Attribute, value: tuple) -> None:
+    names = [n for n, _ in value]
+    for n in names:
+        if not _IDENT.match(n):
+            raise SpecError(f"child name {n!r} in {attribute.name} is not a Python identifier")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError(f"{attribute.name} has duplicate child names {dupes}")
+
+
+@spec
+class Sequential:
+    """``nn.Sequential``: children named ``0, 1, ...``, applied in order."""
+
+    layers: tuple[Layer, ...] = attrs.field(converter=_layer_tuple, validator=_non_empty)
+
+
+@spec
+class ModuleList:
+    """``nn.ModuleList`` whose entries are applied in order (like seed 000's ``module_list``)."""
+
+    layers: tuple[Layer, ...] = attrs.field(converter=_layer_tuple, validator=_non_empty)
+
+
+@spec
+class Block:
+    """A module with named children applied in order (``pretrain``, ``layer1``, ...)."""
+
+    children: tuple[tuple[str, Layer], ...] = attrs.field(
+        converter=_named_tuple, validator=[_non_empty, _unique_child_names]
+    )
+
+
+@spec
+class Branches:
+    """Children applied to the same input; outputs concatenated on the last dim.
+
+    With ``concat_input`` the input itself is concatenated too, so a model input
+    that requires grad reaches the loss even when no branch uses it (seed 003).
+    """
+
+    layers: tuple[Layer, ...] = attrs.field(converter=_layer_tuple, validator=_non_empty)
+    concat_input: bool = attrs.field(default=False, validator=v.instance_of(bool))
+
+
+@spec
+class Repeat:
+    """One module applied ``times`` times in one forward (seed 003's multi-traversal).
+
+    With ``no_grad_residual`` each pass also adds ``body(x)`` computed under
+    ``torch.no_grad()``: the same parameters used with and without autograd.
+    """
+
+    body: Layer = attrs.field()
+    times: int = attrs.field(default=2, validator=[v.instance_of(int), v.ge(1), v.le(16)])
+    no_grad_residual: bool = attrs.field(default=False, validator=v.instance_of(bool))
+
+
+@spec
+class Experts:
+    """Expert modules (``x + sum(expert(x))``) that an :class:`ExpertParallel` plan
+    places one per expert-parallel coordinate, each sharded on its own sub-mesh."""
+
+    layers: tuple[Layer, ...] = attrs.field(converter=_layer_tuple, validator=_non_empty)
+
+
+Layer = Union[
+    Linear, Activation, LayerNorm, BatchNorm, Embedding, Sequential, ModuleList, Block,
+    Branches, Repeat, Experts,
+]
+LEAVES = (Linear, Activation, LayerNorm, BatchNorm, Embedding)
+CONTAINERS = (Sequential, ModuleList, Block, Branches, Repeat, Experts)
+
+
+def children_of(layer: Any) -> tuple[tuple[str, Any], ...]:
+    """Named children, in the order torch registers them."""
+    if isinstance(layer, Block):
+        return layer.children
+    if isinstance(layer, Repeat):
+        return (("body", layer.body),)
+    if isinstance(layer, (Sequential, ModuleList, Branches, Experts)):
+        return tuple((str(i), c) for i, c in enumerate(layer.layers))
+    return ()
+
+
+def own_parameters(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The parameters a leaf registers itself: ``(name, shape)`` pairs."""
+    if isinstance(layer, Linear):
+        out = [("weight", (layer.out_features, layer.in_features))]
+        return tuple(out + ([("bias", (layer.out_features,))] if layer.bias else []))
+    if isinstance(layer, LayerNorm) and layer.elementwise_affine:
+        return (("weight", (layer.dim,)), ("bias", (layer.dim,)))
+    if isinstance(layer, BatchNorm):
+        return (("weight", (layer.dim,)), ("bias", (layer.dim,)))
+    if isinstance(layer, Embedding):
+        return (("weight", (layer.num_embeddings, layer.dim)),)
+    return ()
+
+
+def own_buffers(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    if isinstance(layer, BatchNorm):
+        return (("running_mean", (layer.dim,)), ("running_var", (layer.dim,)),
+                ("num_batches_tracked", ()))
+    return ()
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def walk(layer: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every module path and layer, parents before children (``named_modules`` order)."""
+    yield prefix, layer
+    for name, child in children_of(layer):
+        yield from walk(child, _join(prefix, name))
+
+
+def _flow(layer: Any, width: int | None, path: str) -> int:
+    """Output width of ``layer`` given input width (None: token ids). Raises on mismatch."""
+    where = path or "<root>"
+    if isinstance(layer, Embedding):
+        if width is not None:
+            raise SpecError(
+                f"Embedding at {where!r} must be the model's first layer: its input is token "
+                f"ids, but it receives features of width {width}"
+            )
+        return layer.dim
+    if width is None:
+        if isinstance(layer, (Sequential, ModuleList, Block)):
+            pass  # the first child decides
+        else:
+            raise SpecError(f"{type(layer).__name__} at {where!r} receives token ids; only an "
+                            "Embedding may be the first layer of a token model")
+    if isinstance(layer, Linear):
+        if layer.in_features != width:
+            raise SpecError(f"Linear at {where!r} has in_features={layer.in_features} but its "
+                            f"input has width {width}")
+        return layer.out_features
+    if isinstance(layer, (LayerNorm, BatchNorm)):
+        if layer.dim != width:
+            raise SpecError(f"{type(layer).__name__} at {where!r} has dim={layer.dim} but its "
+                            f"input has width {width}")
+        return width  # type: ignore[return-value]
+    if isinstance(layer, Activation):
+        return width  # type: ignore[return-value]
+    if isinstance(layer, (Sequential, ModuleList, Block)):
+        w = width
+        for name, child in children_of(layer):
+            w = _flow(child, w, _join(path, name))
+        return w  # type: ignore[return-value]
+    if isinstance(layer, Branches):
+        outs = [_flow(c, width, _join(path, n)) for n, c in children_of(layer)]
+        return sum(outs) + (width if layer.concat_input else 0)  # type: ignore[operator]
+    if isinstance(layer, (Repeat, Experts)):
+        for name, child in children_of(layer):
+            out = _flow(child, width, _join(path, name))
+            if out != width:
+                raise SpecError(f"{type(layer).__name__} at {where!r} needs children that keep the "
+                                f"width, but {_join(path, name)!r} maps {width} -> {out}")
+        return width  # type: ignore[return-value]
+    raise SpecError(f"unknown layer {layer!r} at {where!r}")
+
+
+def _tie_tuple(value: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((str(a), str(b)) for a, b in value)
+
+
+@spec
+class ModelSpec:
+    """A whole model: a root :class:`Block`, and weight ties.
+
+    ``ties`` holds ``(source, target)`` module paths: the target's ``weight`` is the
+    source's ``weight`` (one ``nn.Parameter`` shared by two modules).
+
+    >>> ModelSpec(Block((("fc", Linear(4, 8)), ("act", Activation()))))
+    ModelSpec(Block((('fc', Linear(4, 8)), ('act', Activation()))))
+    """
+
+    root: Block = attrs.field(validator=v.instance_of(Block))
+    ties: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_tie_tuple)
+
+    def __attrs_post_init__(self) -> None:
+        first = self.first_leaf()
+        _flow(self.root, None if isinstance(first, Embedding) else self.in_features, "")
+        modules = dict(self.modules())
+        for src, dst in self.ties:
+            for p in (src, dst):
+                if p not in modules:
+                    raise SpecError(f"tie ({src!r}, {dst!r}): no module at {p!r}")
+            shapes = [dict(own_parameters(modules[p])).get("weight") for p in (src, dst)]
+            if None in shapes or shapes[0] != shapes[1]:
+                raise SpecError(f"tie ({src!r}, {dst!r}): weights must exist and have one shape, "
+                                f"got {shapes[0]} and {shapes[1]}")
+        targets = [d for _, d in self.ties]
+        if len(set(targets)) != len(targets) or set(targets) & {s for s, _ in self.ties}:
+            raise SpecError(f"ties {self.ties} must not chain or repeat a target")
+
+    # -- shape of the model ------------------------------------------------------
+    def first_leaf(self) -> Any:
+        for _, layer in walk(self.root):
+            if isinstance(layer, LEAVES):
+                return layer
+        raise SpecError("model has no layers")
+
+    @property
+    def takes_tokens(self) -> bool:
+        return isinstance(self.first_leaf(), Embedding)
+
+    @property
+    def in_features(self) -> int:
+        """Input width (for a token model: the vocabulary size)."""
+        first = self.first_leaf()
+        if isinstance(first, Embedding):
+            return first.num_embeddings
+        if isinstance(first, Linear):
+            return first.in_features
+        if isinstance(first, (LayerNorm, BatchNorm)):
+            return first.dim
+        raise SpecError("the model's first layer must fix the input width (Linear, LayerNorm, "
+                        f"BatchNorm or Embedding), got {first!r}")
+
+    @property
+    def out_features(self) -> int:
+        return _flow(self.root, None if self.takes_tokens else self.in_features, "")
+
+    def modules(self) -> Iterator[tuple[str, Any]]:
+        return walk(self.root)
+
+    def module(self, path: str) -> Any:
+        for p, layer in self.modules():
+            if p == path:
+                return layer
+        raise SpecError(f"no module at path {path!r}")
+
+    def parameters(self) -> dict[str, tuple[int, ...]]:
+        """Parameter FQN -> shape, deduplicated like ``named_parameters()``."""
+        tied = {dst: src for src, dst in self.ties}
+        seen: set[str] = set()  # owning module path of each weight already listed
+        out: dict[str, tuple[int, ...]] = {}
+        for path, layer in self.modules():
+            for name, shape in own_parameters(layer):
+                owner = tied.get(path, path) if name == "weight" else path
+                key = f"{owner}#{name}"
+                if key in seen:
+                    continue
+                seen.add(key)
+                out[_join(path, name)] = shape
+        return out
+
+    def parameter_names(self) -> tuple[str, ...]:
+        return tuple(self.parameters())
+
+    def buffers(self) -> dict[str, tuple[int, ...]]:
+        return {_join(p, n): s for p, layer in self.modules() for n, s in own_buffers(layer)}
+
+    def has_batch_statistics(self) -> bool:
+        return any(isinstance(layer, BatchNorm) for _, layer in self.modules())
+
+
+# ------------------------------------------------------------------ the topology
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(int(x) for x in value)
+
+
+@spec
+class MeshSpec:
+    """A ``DeviceMesh`` shape with dim names; 1 to 3 dims, dims of size 1 allowed.
+
+    >>> MeshSpec((2, 2), ("replicate", "shard")).size
+    4
+    """
+
+    shape: tuple[int, ...] = attrs.field(converter=_shape)
+    dim_names: tuple[str, ...] = attrs.field(converter=_names)
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= len(self.shape) <= 3:
+            raise SpecError(f"mesh shape {self.shape} must have 1 to 3 dims")
+        if any(s < 1 for s in self.shape):
+            raise SpecError(f"mesh shape {self.shape} has a dim smaller than 1")
+        if len(self.dim_names) != len(self.shape):
+            raise SpecError(f"mesh shape {self.shape} has {len(self.shape)} dims but dim_names "
+                            f"{self.dim_names} has {len(self.dim_names)}")
+        if len(set(self.dim_names)) != len(self.dim_names):
+            raise SpecError(f"mesh dim_names {self.dim_names} repeat a name")
+        for n in self.dim_names:
+            if not _IDENT.match(n):
+                raise SpecError(f"mesh dim name {n!r} is not an identifier")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def dim_size(self, name: str) -> int:
+        return self.shape[self.dim_names.index(name)]
+
+
+@spec
+class DDPPlan:
+    """``DistributedDataParallel`` over a 1D mesh."""
+
+
+@spec
+class TensorParallel:
+    """Tensor parallel on mesh dim ``dim``: each pair is (colwise Linear, rowwise Linear)."""
+
+    dim: str = attrs.field(validator=_check_ident)
+    pairs: tuple[tuple[str, str], ...] = attrs.field(converter=_tie_tuple, validator=_non_empty)
+
+
+@spec
+class ExpertParallel:
+    """Seed 004's layout: the experts of the :class:`Experts` module at ``module`` are
+    spread over mesh dim ``dim`` (expert ``e`` lives on the ranks whose coordinate on
+    ``dim`` is ``e``) and each is sharded on the sub-mesh of the remaining dim; every
+    other module is sharded on the whole mesh, flattened."""
+
+    module: str = attrs.field(validator=v.instance_of(str))
+    dim: str = attrs.field(default="ep", validator=_check_ident)
+
+
+@spec
+class FSDP2Plan:
+    """``fully_shard`` on each path in ``wrap`` (deepest first), then on the root.
+
+    ``replicate_dim`` set makes it HSDP (replicate x shard); ``tp`` applies tensor
+    parallel first on its own mesh dim; ``experts`` gives the sub-mesh layout.
+    """
+
+    shard_dim: str = attrs.field(default="shard", validator=_check_ident)
+    wrap: tuple[str, ...] = attrs.field(default=(), converter=_names)
+    reshard_after_forward: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    replicate_dim: str | None = attrs.field(default=None, validator=v.optional(_check_ident))
+    tp: TensorParallel | None = attrs.field(default=None,
+                                            validator=v.optional(v.instance_of(TensorParallel)))
+    experts: ExpertParallel | None = attrs.field(
+        default=None, validator=v.optional(v.instance_of(ExpertParallel)))
+
+    def __attrs_post_init__(self) -> None:
+        if self.experts is not None and (self.tp is not None or self.replicate_dim is not None):
+            raise SpecError("FSDP2Plan(experts=...) combines with neither tp nor replicate_dim")
+
+    @property
+    def mesh_dims(self) -> tuple[str, ...]:
+        dims = [self.shard_dim]
+        if self.replicate_dim:
+            dims.append(self.replicate_dim)
+        if self.tp:
+            dims.append(self.tp.dim)
+        if self.experts:
+            dims.append(self.experts.dim)
+        return tuple(dims)
+
+
+@spec
+class FSDP1Plan:
+    """``FullyShardedDataParallel`` (FSDP1). Validates anywhere; runs on CUDA only."""
+
+    sharding_strategy: str = attrs.field(default="FULL_SHARD",
+                                         validator=v.in_(FSDP1_SHARDING_STRATEGIES))
+    use_orig_params: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    cpu_offload: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    mixed_precision: str | None = attrs.field(default=None,
+                                              validator=v.optional(v.in_(("fp16", "bf16"))))
+    backward_prefetch: str | None = attrs.field(
+        default=None, validator=v.optional(v.in_(("BACKWARD_PRE", "BACKWARD_POST"))))
+    wrap: tuple[str, ...] = attrs.field(default=(), converter=_names)
+
+    @property
+    def hybrid(self) -> bool:
+        return "HYBRID" in self.sharding_strategy
+
+
+Plan = Union[DDPPlan, FSDP2Plan, FSDP1Plan]
+
+
+@spec
+class StateDictSpec:
+    """``torch.distributed.checkpoint.state_dict.StateDictOptions``, as data."""
+
+    full_state_dict: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    cpu_offload: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    ignore_frozen_params: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    keep_submodule_prefixes: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    strict: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    flatten_optimizer_state_dict: bool = attrs.field(default=False,
+                                                     validator=v.instance_of(bool))
+    broadcast_from_rank0: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    submodules: tuple[str, ...] = attrs.field(default=(), converter=_names)
+
+    def __attrs_post_init__(self) -> None:
+        if self.broadcast_from_rank0 and not self.full_state_dict:
+            raise SpecError("broadcast_from_rank0=True needs full_state_dict=True "
+                            "(torch only broadcasts full state dicts)")
+        if not self.keep_submodule_prefixes and not self.submodules:
+            raise SpecError("keep_submodule_prefixes=False only means something with "
+                            "submodules=(...); set submodules or keep the prefixes")
+
+
+@spec
+class StorageSpec:
+    """DCP ``FileSystemWriter`` options and the save mode."""
+
+    single_file_per_rank: bool = attrs.field(default=True, validator=v.instance_of(bool))
+    thread_count: int = attrs.field(default=1, validator=[v.instance_of(int), v.ge(1), v.le(8)])
+    async_save: bool = attrs.field(default=False, validator=v.instance_of(bool))
+
+
+@spec
+class Topology:
+    """Where a state dict lives: world size, mesh, parallel plan, state-dict options."""
+
+    world_size: int = attrs.field(validator=_positive)
+    mesh: MeshSpec = attrs.field(validator=v.instance_of(MeshSpec))
+    plan: Plan = attrs.field(validator=v.instance_of((DDPPlan, FSDP2Plan, FSDP1Plan)))
+    state_dict: StateDictSpec = attrs.field(factory=StateDictSpec,
+                                            validator=v.instance_of(StateDictSpec))
+
+    def __attrs_post_init__(self) -> None:
+        if self.mesh.size != self.world_size:
+            raise SpecError(f"mesh {self.mesh.shape} has {self.mesh.size} ranks but world_size "
+                            f"is {self.world_size}")
+        names = set(self.mesh.dim_names)
+        if isinstance(self.plan, DDPPlan) and len(self.mesh.shape) != 1:
+            raise SpecError(f"DDPPlan needs a 1D mesh, got shape {self.mesh.shape}")
+        if isinstance(self.plan, FSDP2Plan) and set(self.plan.mesh_dims) != names:
+            raise SpecError(f"{self.plan!r} uses mesh dims {sorted(self.plan.mesh_dims)} but the "
+                            f"mesh has dims {sorted(names)}; name every mesh dim in the plan")
+        if isinstance(self.plan, FSDP1Plan):
+            want = 2 if self.plan.hybrid else 1
+            if len(self.mesh.shape) != want:
+                raise SpecError(f"FSDP1Plan(sharding_strategy={self.plan.sharding_strategy!r}) "
+                                f"needs a {want}D mesh, got shape {self.mesh.shape}")
+        if self.plan_kind == "hsdp" and self.mesh.dim_names.index(
+                self.plan.replicate_dim) > self.mesh.dim_names.index(self.plan.shard_dim):
+            raise SpecError(f"HSDP needs the replicate dim before the shard dim, got "
+                            f"{self.mesh.dim_names}")
+
+    @property
+    def plan_kind(self) -> str:
+        """One word for the plan: ddp, fsdp2, hsdp, fsdp2+tp, hsdp+tp, submesh or fsdp1."""
+        p = self.plan
+        if isinstance(p, DDPPlan):
+            return "ddp"
+        if isinstance(p, FSDP1Plan):
+            return "fsdp1"
+        if p.experts:
+            return "submesh"
+        base = "hsdp" if p.replicate_dim else "fsdp2"
+        return base + ("+tp" if p.tp else "")
+
+    @property
+    def shard_count(self) -> int:
+        """How many ways a parameter's dim 0 is split by data-parallel sharding."""
+        p = self.plan
+        if isinstance(p, DDPPlan):
+            return 1
+        if isinstance(p, FSDP1Plan):
+            if p.sharding_strategy == "NO_SHARD":
+                return 1
+            return self.mesh.shape[-1]
+        if p.experts:
+            return self.world_size
+        return self.mesh.dim_size(p.shard_dim)
+
+    @property
+    def dp_size(self) -> int:
+        """Number of distinct data shards (ranks that see different batches)."""
+        p = self.plan
+        if isinstance(p, FSDP2Plan) and p.tp:
+            return self.world_size // self.mesh.dim_size(p.tp.dim)
+        return self.world_size
+
+
+@spec
+class OptimizerSpec:
+    """SGD (with or without momentum), Adam, or AdamW."""
+
+    kind: str = attrs.field(default="sgd", validator=v.in_(("sgd", "adam", "adamw")))
+    lr: float = attrs.field(default=0.01, converter=float, validator=v.gt(0.0))
+    momentum: float = attrs.field(default=0.0, converter=float, validator=[v.ge(0.0), v.lt(1.0)])
+    weight_decay: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
+
+    def __attrs_post_init__(self) -> None:
+        if self.momentum and self.kind != "sgd":
+            raise SpecError(f"momentum={self.momentum} is an SGD option; {self.kind} has betas")
+
+
+@spec
+class TrainingSpec:
+    """How many optimizer steps, the per-rank batch, and the data seed."""
+
+    steps: int = attrs.field(default=1, validator=[v.instance_of(int), v.ge(1), v.le(64)])
+    batch_size: int = attrs.field(default=2, validator=_positive)
+    input_requires_grad: bool = attrs.field(default=False, validator=v.instance_of(bool))
+    data_seed: int = attrs.field(default=0, validator=_non_negative)
+
+
+def _module_paths(model: ModelSpec) -> dict[str, Any]:
+    return dict(model.modules())
+
+
+def _check_wrap(model: ModelSpec, wrap: tuple[str, ...], what: str) -> None:
+    modules = _module_paths(model)
+    for p in wrap:
+        if p not in modules or p == "":
+            raise SpecError(f"{what} wraps {p!r}, which is not a submodule path of the model "
+                            f"(paths: {sorted(m for m in modules if m)[:12]})")
+    if len(set(wrap)) != len(wrap):
+        raise SpecError(f"{what} wraps a path twice: {wrap}")
+    for src, dst in model.ties:
+        for p in wrap:
+            inside = [_is_within(x, p) for x in (src, dst)]
+            if inside[0] != inside[1]:
+                raise SpecError(f"{what} wraps {p!r}, which holds one side of the tie "
+                                f"({src!r}, {dst!r}) but not the other; a shared weight must "
+                                "live in one sharded unit")
+
+
+def _is_within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def _check_tp(model: ModelSpec, topo: Topology, tp: TensorParallel) -> None:
+    modules = _module_paths(model)
+    size = topo.mesh.dim_size(tp.dim)
+    tied = {p for t in model.ties for p in t}
+    for col, row in tp.pairs:
+        for p in (col, row):
+            if not isinstance(modules.get(p), Linear):
+                raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}): {p!r} is not a Linear")
+            if p in tied:
+                raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}): {p!r} has a tied weight")
+        c, r = modules[col], modules[row]
+        if c.out_features != r.in_features:
+            raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}): colwise out_features="
+                            f"{c.out_features} != rowwise in_features={r.in_features}")
+        if c.out_features % size:
+            raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}): the hidden width "
+                            f"{c.out_features} must be divisible by mesh dim {tp.dim!r} of size "
+                            f"{size} ({c.out_features} % {size} = {c.out_features % size})")
+        parent_c, _, name_c = col.rpartition(".")
+        parent_r, _, name_r = row.rpartition(".")
+        parent = modules.get(parent_c)
+        ok = parent_c == parent_r and isinstance(parent, (Sequential, ModuleList, Block))
+        if ok:
+            names = [n for n, _ in children_of(parent)]
+            between = children_of(parent)[names.index(name_c) + 1: names.index(name_r)]
+            ok = names.index(name_c) < names.index(name_r) and all(
+                isinstance(x, Activation) for _, x in between)
+        if not ok:
+            raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}) must be siblings in order "
+                            "with only activations between them")
+
+
+def _check_experts(model: ModelSpec, topo: Topology, ep: ExpertParallel) -> None:
+    layer = _module_paths(model).get(ep.module)
+    if not isinstance(layer, Experts):
+        raise SpecError(f"ExpertParallel(module={ep.module!r}) must name an Experts module")
+    size = topo.mesh.dim_size(ep.dim)
+    if len(layer.layers) != size:
+        raise SpecError(f"Experts at {ep.module!r} has {len(layer.layers)} experts but mesh dim "
+                        f"{ep.dim!r} has size {size}; one expert per coordinate")
+    for src, dst in model.ties:
+        if _is_within(src, ep.module) or _is_within(dst, ep.module):
+            raise SpecError(f"tie ({src!r}, {dst!r}) reaches into the experts at {ep.module!r}")
+
+
+def _check_topology(model: ModelSpec, topo: Topology, device: str, frozen: tuple[str, ...],
+                    which: str) -> None:
+    plan = topo.plan
+    experts = [p for p, layer in model.modules() if isinstance(layer, Experts)]
+    if isinstance(plan, FSDP1Plan):
+        if device != "cuda":
+            raise SpecError(f"{which} topology uses {plan!r}, which needs device='cuda' "
+                            f"(FSDP1 refuses CPU ranks), got device={device!r}")
+        _check_wrap(model, plan.wrap, f"{which} plan")
+        if not plan.use_orig_params:
+            _check_uniform_frozen(model, plan.wrap, frozen, which)
+    if isinstance(plan, FSDP2Plan):
+        _check_wrap(model, plan.wrap, f"{which} plan")
+        if plan.tp:
+            _check_tp(model, topo, plan.tp)
+        if plan.experts:
+            _check_experts(model, topo, plan.experts)
+            for p in plan.wrap:
+                if _is_within(p, plan.experts.module) or _is_within(plan.experts.module, p):
+                    raise SpecError(f"{which} plan wraps {p!r}, which overlaps the experts at "
+                                    f"{plan.experts.module!r} (they get their own sub-mesh)")
+    used = plan.experts.module if isinstance(plan, FSDP2Plan) and plan.experts else None
+    if experts and used not in experts:
+        raise SpecError(f"model has Experts at {experts} but the {which} plan {topo.plan_kind!r} "
+                        "does not place them; use FSDP2Plan(experts=ExpertParallel(...))")
+    for sub in topo.state_dict.submodules:
+        if sub not in _module_paths(model) or sub == "":
+            raise SpecError(f"{which} state_dict submodules names {sub!r}, not a submodule path")
+
+
+def _check_uniform_frozen(model: ModelSpec, wrap: tuple[str, ...], frozen: tuple[str, ...],
+                          which: str) -> None:
+    """FSDP1 without use_orig_params flattens a unit's parameters into one tensor,
+    which cannot mix requires_grad values."""
+    units: dict[str, set[bool]] = {}
+    for name in model.parameter_names():
+        owners = [w for w in wrap if _is_within(name, w)]
+        unit = max(owners, key=len) if owners else ""
+        units.setdefault(unit, set()).add(name in frozen)
+    for unit, flags in units.items():
+        if len(flags) > 1:
+            raise SpecError(f"{which} FSDP1 plan with use_orig_params=False: unit "
+                            f"{unit or '<root>'!r} mixes frozen and trainable parameters")
+
+
+def _frozen_tuple(value: Any) -> tuple[str, ...]:
+    return tuple(sorted(value))
+
+
+@spec
+class Scenario:
+    """Everything one property run needs.
+
+    ``load`` is the topology the checkpoint is loaded on (``None``: the same as
+    ``save``).  ``pretrained`` names the submodule that a fine-tuning run loads from
+    a pretraining checkpoint (seeds 000/001).  ``seed`` fixes model initialisation.
+
+    >>> m = ModelSpec(Block((("fc", Linear(4, 4)),)))
+    >>> Scenario(m, save=Topology(2, MeshSpec((2,), ("shard",)), FSDP2Plan())).world_size
+    2
+    """
+
+    model: ModelSpec = attrs.field(validator=v.instance_of(ModelSpec))
+    save: Topology = attrs.field(validator=v.instance_of(Topology))
+    load: Topology | None = attrs.field(default=None, validator=v.optional(v.instance_of(Topology)))
+    frozen: tuple[str, ...] = attrs.field(default=(), converter=_frozen_tuple)
+    optimizer: OptimizerSpec = attrs.field(factory=OptimizerSpec,
+                                           validator=v.instance_of(OptimizerSpec))
+    training: TrainingSpec = attrs.field(factory=TrainingSpec,
+                                         validator=v.instance_of(TrainingSpec))
+    storage: StorageSpec = attrs.field(factory=StorageSpec, validator=v.instance_of(StorageSpec))
+    pretrained: str | None = attrs.field(default=None)
+    seed: int = attrs.field(default=0, validator=_non_negative)
+    device: str = attrs.field(default="cpu", validator=v.in_(DEVICES))
+
+    def __attrs_post_init__(self) -> None:
+        params = set(self.model.parameter_names())
+        unknown = sorted(set(self.frozen) - params)
+        if unknown:
+            raise SpecError(f"frozen names {unknown} are not parameters of the model "
+                            f"(parameters: {sorted(params)[:12]})")
+        if self.model.takes_tokens and self.training.input_requires_grad:
+            raise SpecError("training.input_requires_grad=True needs float input, but the model "
+                            "starts with an Embedding (token ids cannot require grad)")
+        for which, topo in (("save", self.save), ("load", self.load)):
+            if topo is not None:
+                _check_topology(self.model, topo, self.device, self.frozen, which)
+        if self.pretrained is not None:
+            layer = _module_paths(self.model).get(self.pretrained)
+            if self.pretrained == "" or layer is None:
+                raise SpecError(f"pretrained={self.pretrained!r} is not a submodule path")
+            if self.pretrained_model is None:
+                raise SpecError(f"pretrained={self.pretrained!r} must be a Block directly under "
+                                "the root, so it can be saved and loaded as a model of its own")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the example needs: the larger of the save and load worlds."""
+        return max(self.save.world_size, self.load_topology.world_size)
+
+    @property
+    def load_topology(self) -> Topology:
+        return self.save if self.load is None else self.load
+
+    @property
+    def pretrained_model(self) -> ModelSpec | None:
+        if self.pretrained is None:
+            return None
+        layer = dict(self.model.root.children).get(self.pretrained)
+        if not isinstance(layer, Block):
+            return None
+        ties = tuple((s.split(".", 1)[1], d.split(".", 1)[1]) for s, d in self.model.ties
+                     if _is_within(s, self.pretrained) and _is_within(d, self.pretrained))
+        return ModelSpec(layer, ties)
