@@ -11,7 +11,7 @@ import contextlib
 import math
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -22,7 +22,6 @@ __all__ = [
     "DataShard",
     "build_model",
     "data_shard",
-    "make_batch",
     "optimizer_for",
     "wrap",
 ]
@@ -221,43 +220,17 @@ def data_shard(topology: S.Topology, mesh: Any) -> DataShard:
     return DataShard(mesh_rank(mesh), topology.world_size)
 
 
-class DataShard:
-    __slots__ = ("index", "size")
+class DataShard(NamedTuple):
+    """This rank's data-parallel index among ``size`` ranks that see different rows."""
 
-    def __init__(self, index: int, size: int) -> None:
-        self.index, self.size = index, size
-
-    def __repr__(self) -> str:
-        return f"DataShard({self.index}, {self.size})"
+    index: int
+    size: int
 
 
 def mesh_rank(mesh: Any) -> int:
     """This rank's position in ``mesh`` (row-major), the rank within the example's world."""
     flat = mesh.mesh.flatten().tolist()
     return flat.index(torch.distributed.get_rank())
-
-
-def make_batch(model: S.ModelSpec, training: S.TrainingSpec, step: int, shard: DataShard,
-               device: str | torch.device = "cpu") -> torch.Tensor:
-    """This rank's input for ``step``: a slice of one global batch drawn from the data seed."""
-    g = torch.Generator().manual_seed(training.data_seed * 7919 + step)
-    rows = training.batch_size * shard.size
-    if model.takes_tokens:
-        full = torch.randint(0, model.in_features, (rows,), generator=g)
-    else:
-        full = torch.randn(rows, model.in_features, generator=g)
-    x = full[shard.index * training.batch_size:(shard.index + 1) * training.batch_size]
-    x = x.to(device)
-    if training.input_requires_grad:
-        x.requires_grad_(True)
-    return x
-
-
-def loss_of(output: torch.Tensor) -> torch.Tensor:
-    """The training loss every property uses: the mean square of the output."""
-    if hasattr(output, "full_tensor"):
-        output = output.full_tensor()
-    return output.float().square().mean()
 
 
 def optimizer_for(params: Any, spec: S.OptimizerSpec) -> torch.optim.Optimizer:

@@ -724,7 +724,6 @@ def _check_experts(model: ModelSpec, topo: Topology, ep: ExpertParallel) -> None
 def _check_topology(model: ModelSpec, topo: Topology, device: str, frozen: tuple[str, ...],
                     which: str) -> None:
     plan = topo.plan
-    experts = [p for p, layer in model.modules() if isinstance(layer, Experts)]
     if isinstance(plan, FSDP1Plan):
         if device != "cuda":
             raise SpecError(f"{which} topology uses {plan!r}, which needs device='cuda' "
@@ -742,10 +741,6 @@ def _check_topology(model: ModelSpec, topo: Topology, device: str, frozen: tuple
                 if _is_within(p, plan.experts.module) or _is_within(plan.experts.module, p):
                     raise SpecError(f"{which} plan wraps {p!r}, which overlaps the experts at "
                                     f"{plan.experts.module!r} (they get their own sub-mesh)")
-    used = plan.experts.module if isinstance(plan, FSDP2Plan) and plan.experts else None
-    if experts and used not in experts:
-        raise SpecError(f"model has Experts at {experts} but the {which} plan {topo.plan_kind!r} "
-                        "does not place them; use FSDP2Plan(experts=ExpertParallel(...))")
     for sub in topo.state_dict.submodules:
         if sub not in _module_paths(model) or sub == "":
             raise SpecError(f"{which} state_dict submodules names {sub!r}, not a submodule path")
@@ -805,6 +800,9 @@ class Scenario:
         if self.model.takes_tokens and self.training.input_requires_grad:
             raise SpecError("training.input_requires_grad=True needs float input, but the model "
                             "starts with an Embedding (token ids cannot require grad)")
+        if self.model.has_batch_statistics() and self.training.batch_size < 2:
+            raise SpecError(f"training.batch_size={self.training.batch_size}: BatchNorm needs at "
+                            "least 2 rows per rank in training mode")
         for which, topo in (("save", self.save), ("load", self.load)):
             if topo is not None:
                 _check_topology(self.model, topo, self.device, self.frozen, which)
@@ -820,6 +818,12 @@ class Scenario:
     def world_size(self) -> int:
         """Ranks the example needs: the larger of the save and load worlds."""
         return max(self.save.world_size, self.load_topology.world_size)
+
+    @property
+    def meshes(self) -> tuple[MeshSpec, ...]:
+        """The device meshes an example over this scenario asks the runner for."""
+        load = self.load_topology.mesh
+        return (self.save.mesh,) if load == self.save.mesh else (self.save.mesh, load)
 
     @property
     def load_topology(self) -> Topology:

@@ -181,7 +181,8 @@ def execute(task: Task, worlds: Worlds, device: torch.device) -> Outcome:
     state = _GlobalState(worlds.known_groups())
     _seed_everything(task.seed)
     try:
-        value = task.fn(RankContext(task, worlds, device), *task.args)
+        fn = resolve(task.fn) if isinstance(task.fn, str) else task.fn
+        value = fn(RankContext(task, worlds, device), *task.args)
         outcome = Outcome(rank, "ok", value=value, seconds=time.perf_counter() - started)
     except KeyboardInterrupt:
         raise
@@ -191,6 +192,17 @@ def execute(task: Task, worlds: Worlds, device: torch.device) -> Outcome:
         state.restore()
         gc.collect()
     return outcome
+
+
+def resolve(ref: str) -> Any:
+    """``"package.module:qualname"`` -> the object."""
+    import importlib
+
+    module, _, qualname = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _error(rank: int, e: BaseException, started: float) -> Outcome:

@@ -1,0 +1,159 @@
+"""Comparing state dicts so that a failure names what differs.
+
+Every mismatch names the key, the rank, the shard (offset into the full tensor for
+a DTensor), and the largest absolute difference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+from dcprop.errors import PropertyFailure
+
+__all__ = ["Mismatch", "assert_same", "flatten", "full_values", "local_values", "mismatches"]
+
+
+class Mismatch:
+    __slots__ = ("detail", "key")
+
+    def __init__(self, key: str, detail: str) -> None:
+        self.key, self.detail = key, detail
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.detail}"
+
+
+def flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Nested dicts and lists as ``("model/fc.weight", value)`` pairs, keys sorted."""
+    if isinstance(tree, Mapping):
+        for k in sorted(tree, key=str):
+            yield from flatten(tree[k], f"{prefix}/{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, x in enumerate(tree):
+            yield from flatten(x, f"{prefix}[{i}]")
+    else:
+        yield prefix, tree
+
+
+def _is_dtensor(x: Any) -> bool:
+    return hasattr(x, "to_local") and hasattr(x, "placements")
+
+
+def _shard_where(x: Any) -> str:
+    """Where this rank's shard of a DTensor sits in the full tensor."""
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(x.shape, x.device_mesh,
+                                                              x.placements)
+        return f"shard offset {tuple(offset)} shape {tuple(shape)} of {tuple(x.shape)}"
+    except Exception:
+        return f"local shard of {tuple(x.shape)}"
+
+
+def local_values(tree: Any) -> dict[str, Any]:
+    """Detached CPU copies of this rank's values (DTensors: their local shard, with
+    their layout), for comparing later without keeping device memory alive."""
+    out: dict[str, Any] = {}
+    for key, x in flatten(tree):
+        if _is_dtensor(x):
+            out[key] = _LocalShard(x)
+        elif isinstance(x, torch.Tensor):
+            out[key] = x.detach().to("cpu", copy=True)
+        else:
+            out[key] = x
+    return out
+
+
+def full_values(tree: Any) -> dict[str, Any]:
+    """Like :func:`local_values`, but DTensors gathered into full tensors (collective)."""
+    out: dict[str, Any] = {}
+    for key, x in flatten(tree):
+        if _is_dtensor(x):
+            out[key] = x.full_tensor().detach().to("cpu", copy=True)
+        elif isinstance(x, torch.Tensor):
+            out[key] = x.detach().to("cpu", copy=True)
+        else:
+            out[key] = x
+    return out
+
+
+class _LocalShard:
+    """A DTensor's local shard plus where it lives, as plain CPU data."""
+
+    __slots__ = ("mesh", "placements", "tensor", "where")
+
+    def __init__(self, x: Any) -> None:
+        self.tensor = x.to_local().detach().to("cpu", copy=True)
+        self.placements = tuple(str(p) for p in x.placements)
+        self.mesh = tuple(x.device_mesh.mesh.flatten().tolist())
+        self.where = _shard_where(x)
+
+
+def _tensor_detail(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> str | None:
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    if a.dtype != b.dtype:
+        return f"dtype {a.dtype} != {b.dtype}"
+    if a.numel() == 0:
+        return None
+    if rtol == 0 and atol == 0:
+        if torch.equal(a, b) or (a.is_floating_point() and
+                                 torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))):
+            return None
+    elif torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol):
+        return None
+    diff = (a.double() - b.double()).abs()
+    idx = int(diff.flatten().argmax())
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape)) \
+        if a.dim() else ()
+    return (f"max abs difference {diff.max().item():.6g} at index {where} "
+            f"(expected {a.flatten()[idx].item():.8g}, got {b.flatten()[idx].item():.8g}; "
+            f"{int((diff > atol + rtol * b.double().abs()).sum())} of {a.numel()} elements differ)")
+
+
+def mismatches(expected: Mapping[str, Any], actual: Mapping[str, Any], *, rtol: float = 0.0,
+               atol: float = 0.0) -> list[Mismatch]:
+    """Every difference between two flattened dicts (bitwise unless rtol/atol given)."""
+    out: list[Mismatch] = []
+    for key in sorted(set(expected) - set(actual)):
+        out.append(Mismatch(key, "missing after load"))
+    for key in sorted(set(actual) - set(expected)):
+        out.append(Mismatch(key, "present after load but not saved"))
+    for key in sorted(set(expected) & set(actual)):
+        a, b = expected[key], actual[key]
+        if isinstance(a, _LocalShard) or isinstance(b, _LocalShard):
+            if not (isinstance(a, _LocalShard) and isinstance(b, _LocalShard)):
+                out.append(Mismatch(key, "DTensor on one side, plain tensor on the other"))
+                continue
+            if (a.mesh, a.placements) != (b.mesh, b.placements):
+                out.append(Mismatch(key, f"layout {a.placements} on ranks {a.mesh} != "
+                                         f"{b.placements} on ranks {b.mesh}"))
+                continue
+            detail = _tensor_detail(a.tensor, b.tensor, rtol, atol)
+            if detail:
+                out.append(Mismatch(key, f"{a.where}: {detail}"))
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            detail = _tensor_detail(a, b, rtol, atol)
+            if detail:
+                out.append(Mismatch(key, detail))
+        elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            out.append(Mismatch(key, f"{type(a).__name__} != {type(b).__name__}"))
+        elif a != b:
+            out.append(Mismatch(key, f"{a!r} != {b!r}"))
+    return out
+
+
+def assert_same(expected: Mapping[str, Any], actual: Mapping[str, Any], *, what: str, rank: int,
+                rtol: float = 0.0, atol: float = 0.0, limit: int = 8) -> None:
+    """Raise :class:`PropertyFailure` listing the first ``limit`` mismatches."""
+    found = mismatches(expected, actual, rtol=rtol, atol=atol)
+    if found:
+        tol = "bitwise" if rtol == atol == 0 else f"rtol={rtol:g}, atol={atol:g}"
+        shown = "\n  ".join(str(m) for m in found[:limit])
+        more = f"\n  ... and {len(found) - limit} more" if len(found) > limit else ""
+        raise PropertyFailure(f"{what} on rank {rank}: {len(found)} entries differ ({tol}):\n  "
+                              f"{shown}{more}")

@@ -1,0 +1,230 @@
+"""What every property does on a rank: build, wrap, train, take and apply state dicts.
+
+Training uses one global batch per step, split across data-parallel ranks (unevenly
+if need be).  Each rank's loss is scaled so that the data-parallel average of the
+gradients is the gradient of the global mean-square loss, whatever the split:
+training under 2 ranks and under 3 computes the same thing, which is what lets
+``reshard`` and ``ddp_parity`` compare across topologies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dcprop import build
+from dcprop import specs as S
+from dcprop.checkpointer import Checkpointer, DCPCheckpointer
+
+__all__ = ["Hooks", "Job", "setup"]
+
+ModelFactory = Callable[[S.ModelSpec, int, torch.device, tuple[str, ...]], nn.Module]
+
+
+def default_model_factory(model: S.ModelSpec, seed: int, device: torch.device,
+                          frozen: tuple[str, ...]) -> nn.Module:
+    return build.build_model(model, seed=seed, device=device, frozen=frozen)
+
+
+@attrs.frozen
+class Hooks:
+    """The user's pieces a property runs with: checkpoint save/load and model factory.
+
+    Both must be importable by reference (they travel to the rank processes).
+    """
+
+    checkpointer: Checkpointer = attrs.field(factory=DCPCheckpointer)
+    model_factory: ModelFactory = attrs.field(default=default_model_factory)
+
+
+DEFAULT_HOOKS = Hooks()
+
+
+def global_rows(scenario: S.Scenario) -> int:
+    """Rows in one global batch: ``batch_size`` per rank of the larger data-parallel world."""
+    dp = max(scenario.save.dp_size, scenario.load_topology.dp_size)
+    return scenario.training.batch_size * dp
+
+
+def state_dict_options(spec: S.StateDictSpec, **overrides: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    fields = dict(full_state_dict=spec.full_state_dict, cpu_offload=spec.cpu_offload,
+                  ignore_frozen_params=spec.ignore_frozen_params,
+                  keep_submodule_prefixes=spec.keep_submodule_prefixes, strict=spec.strict,
+                  flatten_optimizer_state_dict=spec.flatten_optimizer_state_dict,
+                  broadcast_from_rank0=spec.broadcast_from_rank0)
+    fields.update(overrides)
+    return StateDictOptions(**fields)
+
+
+class Job:
+    """One wrapped model with its optimizer on one topology, on this rank."""
+
+    def __init__(self, ctx: Any, scenario: S.Scenario, topology: S.Topology, *,
+                 model: S.ModelSpec | None = None, seed: int | None = None,
+                 frozen: tuple[str, ...] | None = None, hooks: Hooks = DEFAULT_HOOKS) -> None:
+        self.ctx = ctx
+        self.scenario = scenario
+        self.topology = topology
+        self.spec = model or scenario.model
+        self.hooks = hooks
+        self.mesh = ctx.mesh(topology.mesh)
+        self.group = ctx.group(topology.world_size)
+        module = hooks.model_factory(self.spec, scenario.seed if seed is None else seed,
+                                     ctx.device, scenario.frozen if frozen is None else frozen)
+        self.model = build.wrap(module, topology, self.mesh,
+                                flat_mesh=ctx.flat_mesh(topology.world_size), device=ctx.device)
+        self.optimizer = build.optimizer_for(self.model.parameters(), scenario.optimizer)
+        self.shard = build.data_shard(topology, self.mesh)
+        self.rows = global_rows(scenario)
+        self.steps_taken = 0
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    def batch(self, step: int) -> tuple[torch.Tensor, int]:
+        """This rank's rows of the global batch for ``step``, and their count."""
+        return batch_rows(self.spec, self.scenario.training, step, self.shard.index,
+                          self.shard.size, self.rows, self.ctx.device)
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the global mean-square loss (same on every rank)."""
+        x, _ = self.batch(self.steps_taken)
+        out = self.model(x)
+        local_sum = (out.full_tensor() if hasattr(out, "full_tensor") else out).float().square()
+        width = local_sum.shape[-1] if local_sum.dim() else 1
+        total = local_sum.sum()
+        # scaled so that averaging gradients over dp ranks gives the global-mean gradient
+        loss = total * (self.shard.size / (self.rows * width))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        self.sync_buffers()
+        summed = total.detach().reshape(1).to(torch.float64).cpu()
+        dist.all_reduce(summed, group=self.group)
+        replicas = self.topology.world_size // self.shard.size  # tensor-parallel copies
+        return float(summed.item() / replicas / (self.rows * width))
+
+    def sync_buffers(self) -> None:
+        """Make plain (non-DTensor) buffers equal on every rank, as DDP does before each
+        forward: DCP saves one copy of a replicated tensor, so copies must agree."""
+        if isinstance(self.topology.plan, S.DDPPlan):
+            return
+        for _, buf in self.model.named_buffers():
+            if not hasattr(buf, "to_local") and buf.numel():
+                dist.broadcast(buf, group_src=0, group=self.group)
+
+    def state(self, options: S.StateDictSpec | None = None, **overrides: Any) -> dict[str, Any]:
+        """``{"model": ..., "optim": ...}`` from ``get_state_dict``."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        opts = state_dict_options(options or self.topology.state_dict, **overrides)
+        msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
+        return {"model": msd, "optim": osd}
+
+    def apply(self, state: dict[str, Any], options: S.StateDictSpec | None = None,
+              **overrides: Any) -> None:
+        """``set_state_dict``; with ``broadcast_from_rank0``, model and optimizer separately
+        and with empty dicts off rank 0, the way that feature is meant to be used."""
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+            set_state_dict,
+        )
+
+        spec = options or self.topology.state_dict
+        opts = state_dict_options(spec, **overrides)
+        if opts.broadcast_from_rank0:
+            mine = self.ctx.rank == 0
+            set_model_state_dict(self.model, state["model"] if mine else {}, options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer,
+                                     state["optim"] if mine else {}, options=opts)
+            return
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=opts)
+
+    def checkpoint_dir(self, name: str) -> str:
+        return os.path.join(self.ctx.tmpdir, name)
+
+    def save(self, state: dict[str, Any], name: str) -> str:
+        path = self.checkpoint_dir(name)
+        self.hooks.checkpointer.save(state, path, storage=self.scenario.storage, group=self.group)
+        return path
+
+    def load(self, state: dict[str, Any], name: str) -> None:
+        self.hooks.checkpointer.load(state, self.checkpoint_dir(name), group=self.group)
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter as a full CPU tensor under its canonical name (collective)."""
+        out = {}
+        with build.fsdp1_full_params(self.model):
+            for name, p in self.model.named_parameters():
+                t = p.full_tensor() if hasattr(p, "full_tensor") else p
+                out[canonical_name(name)] = t.detach().to("cpu", copy=True)
+        return out
+
+    def perturb(self, keep: Callable[[str], bool] = lambda name: False) -> None:
+        """Change every parameter, buffer and optimizer state entry on this rank (except
+        parameter names for which ``keep`` is true), so that a load that restores
+        nothing cannot pass for one that restores everything."""
+        g = torch.Generator().manual_seed(1_000_003 + self.steps_taken)
+        with torch.no_grad():
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+                if not keep(canonical_name(name)):
+                    _shift(t, g)
+            for param_state in self.optimizer.state.values():
+                for value in param_state.values():
+                    if isinstance(value, torch.Tensor):
+                        _shift(value, g)
+
+
+def _shift(t: torch.Tensor, g: torch.Generator) -> None:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if local.numel() == 0:
+        return
+    if local.is_floating_point():
+        noise = torch.rand(local.shape, generator=g).to(local.device, local.dtype)
+        local.add_(noise + 0.5)
+    else:
+        local.add_(1)
+
+
+_WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without DDP/FSDP1 wrapper prefixes (what state dicts use)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def batch_rows(model: S.ModelSpec, training: S.TrainingSpec, step: int, index: int,
+               parts: int, rows: int, device: Any) -> tuple[torch.Tensor, int]:
+    """Rows ``[index*rows//parts, (index+1)*rows//parts)`` of the global batch for ``step``."""
+    g = torch.Generator().manual_seed(training.data_seed * 7919 + step)
+    if model.takes_tokens:
+        full = torch.randint(0, model.in_features, (rows,), generator=g)
+    else:
+        full = torch.randn(rows, model.in_features, generator=g)
+    lo, hi = index * rows // parts, (index + 1) * rows // parts
+    x = full[lo:hi].to(device)
+    if training.input_requires_grad:
+        x.requires_grad_(True)
+    return x, hi - lo
+
+
+def setup(ctx: Any, scenario: S.Scenario, topology: S.Topology, **kwargs: Any) -> Job | None:
+    """A :class:`Job` on ``topology``, or None on ranks outside its world."""
+    if ctx.rank >= topology.world_size:
+        return None
+    return Job(ctx, scenario, topology, **kwargs)

@@ -1,0 +1,121 @@
+"""reshard (seed 002's HSDP -> FSDP conversion, generalized): save on topology A,
+load on topology B.
+
+A and B may differ in world size (4 -> 2, 2 -> 4, 3 -> 2, ...), mesh, plan (FSDP2,
+HSDP, DDP, TP, sub-mesh) and state-dict options.  After loading under B, the
+gathered full model and optimizer tensors equal those saved under A, bitwise, and
+a training step under B matches the same step under A within a reduction-order
+tolerance (the two shard the sums differently).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+
+from dcprop import specs as S
+from dcprop.compare import assert_same, full_values
+from dcprop.errors import PropertyFailure
+from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup
+from dcprop.properties.roundtrip import _load_overrides
+
+__all__ = ["STEP_RTOL", "reshard"]
+
+# Losses are sums over the same rows in a different order and split: float32
+# reassociation error, well below what a wrongly placed shard produces.
+STEP_RTOL = 1e-4
+
+
+def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
+    a = setup(ctx, scenario, scenario.save, hooks=hooks)
+    failed = None
+    if a is not None:
+        try:
+            for _ in range(scenario.training.steps):
+                a.train_step()
+            state = a.state()
+            a.save(state, "ckpt")
+            expected = full_values(a.state(**_FULL))
+            next_loss = a.train_step()
+            torch.save({"state": expected, "loss": next_loss}, _expected_file(ctx, ctx.rank))
+        except BaseException as e:
+            failed = e
+    ctx.agree(failed is None, "saving under topology A")
+    if failed is not None:
+        raise failed
+
+    # Parameters that the checkpoint may leave out must start equal under B.
+    seed = scenario.seed if _frozen_skipped(scenario) else scenario.seed + 1
+    b = setup(ctx, scenario, scenario.load_topology, seed=seed, hooks=hooks)
+    if b is None:
+        return {}
+    reference: dict[str, Any] = {}
+    for r in range(scenario.save.world_size):
+        part = torch.load(_expected_file(ctx, r), weights_only=False)
+        reference.setdefault("loss", part["loss"])
+        reference.setdefault("state", {}).update(part["state"])
+    target = b.state(**_load_overrides(b.topology.state_dict))
+    b.load(target, "ckpt")
+    b.apply(target)
+    loaded = _comparable(full_values(b.state(**_FULL)), scenario)
+    expected = _owned(_comparable(reference["state"], scenario), loaded, b.topology)
+    assert_same(expected, loaded,
+                what=f"full state after resharding {_describe(scenario.save)} -> "
+                     f"{_describe(scenario.load_topology)}", rank=ctx.rank)
+    b.steps_taken = scenario.training.steps
+    loss = b.train_step()
+    # Batch statistics depend on the split of rows; an expert layout on either side
+    # changes which experts each rank applies: neither is the checkpoint's doing.
+    same_function = all(t.plan_kind != "submesh" for t in (scenario.save, b.topology))
+    same_split = not scenario.model.has_batch_statistics() or scenario.save.dp_size == b.shard.size
+    if same_function and same_split:
+        expected_loss = reference["loss"]
+        if abs(loss - expected_loss) > STEP_RTOL * max(abs(expected_loss), 1e-6):
+            raise PropertyFailure(f"training step after resharding: loss {loss!r} under "
+                                  f"{_describe(b.topology)} != {expected_loss!r} under "
+                                  f"{_describe(scenario.save)} (rtol {STEP_RTOL:g}, rank "
+                                  f"{ctx.rank})")
+    return {"loss": loss}
+
+
+# Which FQNs a param group lists is layout (a rank lists only its own experts), not state.
+_PARAM_LIST = re.compile(r"^optim/param_groups\[\d+\]/params\[\d+\]$")
+
+_FULL = dict(full_state_dict=True, cpu_offload=False, broadcast_from_rank0=False,
+             flatten_optimizer_state_dict=False, ignore_frozen_params=False)
+
+
+def _expected_file(ctx: Any, rank: int) -> str:
+    return os.path.join(ctx.tmpdir, f"expected-rank{rank}.pt")
+
+
+def _frozen_skipped(scenario: S.Scenario) -> bool:
+    return any(t.state_dict.ignore_frozen_params for t in (scenario.save, scenario.load_topology))
+
+
+def _owned(expected: dict[str, Any], loaded: dict[str, Any], topology: S.Topology) -> dict:
+    """Under an expert layout a rank holds only its own experts: expect exactly those."""
+    plan = topology.plan
+    if not (isinstance(plan, S.FSDP2Plan) and plan.experts):
+        return expected
+    experts = plan.experts.module + "."
+    return {k: v for k, v in expected.items() if experts not in k or k in loaded}
+
+
+def _comparable(values: dict[str, Any], scenario: S.Scenario) -> dict[str, Any]:
+    """Entries both topologies must agree on: frozen parameters are left out when either
+    side's options skip them (then they are deliberately not in the checkpoint)."""
+    frozen = set(scenario.frozen) if _frozen_skipped(scenario) else set()
+    out = {}
+    for k, v in values.items():
+        if k.split("/", 1)[-1] in frozen or _PARAM_LIST.match(k):
+            continue
+        out[k] = v
+    return out
+
+
+def _describe(t: S.Topology) -> str:
+    return f"{t.plan_kind} on mesh {t.mesh.shape}"
