@@ -1,0 +1,49 @@
+"""Hypothesis strategies for dcprop's specs.
+
+>>> from dcprop import strategies as dst
+>>> from hypothesis import given
+>>> @given(dst.scenarios("roundtrip", world_sizes=(2,)))
+... def test_roundtrip(scenario): ...
+
+Each strategy checks its arguments when it is built (``InvalidArgument`` names
+the argument and value), generates valid specs by construction, and shrinks
+toward the simplest case: fewest layers, smallest dims and world size, a 1D mesh,
+nothing frozen, default options.
+"""
+
+from dcprop.strategies._models import LAYER_KINDS, dims, frozen_subsets, models
+from dcprop.strategies._options import (
+    OPTIMIZER_KINDS,
+    optimizers,
+    state_dict_options,
+    storage_options,
+    trainings,
+)
+from dcprop.strategies._scenarios import PLAN_KINDS_BY_PROPERTY, PROPERTY_NAMES, scenarios
+from dcprop.strategies._topology import (
+    PLAN_KINDS,
+    factorizations,
+    meshes,
+    parallel_plans,
+    topologies,
+)
+
+__all__ = [
+    "LAYER_KINDS",
+    "OPTIMIZER_KINDS",
+    "PLAN_KINDS",
+    "PLAN_KINDS_BY_PROPERTY",
+    "PROPERTY_NAMES",
+    "dims",
+    "factorizations",
+    "frozen_subsets",
+    "meshes",
+    "models",
+    "optimizers",
+    "parallel_plans",
+    "scenarios",
+    "state_dict_options",
+    "storage_options",
+    "topologies",
+    "trainings",
+]

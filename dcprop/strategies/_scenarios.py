@@ -1,0 +1,191 @@
+"""``scenarios(property)``: whole examples, drawn in the order that keeps them valid.
+
+World size, then plan kind and mesh shape, then a model that fits them (shard
+count for uneven dims, a splittable MLP for tensor parallel, one expert per
+expert-parallel coordinate), then plan details, frozen set and options.  Nothing
+is filtered: every draw is valid by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+from dcprop import specs as S
+from dcprop.errors import SpecError
+from dcprop.strategies._models import LAYER_KINDS, frozen_subsets, models
+from dcprop.strategies._options import (
+    optimizers,
+    state_dict_options,
+    storage_options,
+    trainings,
+)
+from dcprop.strategies._topology import (
+    PLAN_KINDS,
+    _plan,
+    names_for,
+    plan_kinds_for,
+    shapes_for,
+)
+from dcprop.strategies._validation import (
+    check_choices,
+    check_fraction,
+    check_int,
+    check_type,
+)
+
+PROPERTY_NAMES = ("roundtrip", "reshard", "ddp_parity", "finetune_resume", "submesh_layout")
+PLAN_KINDS_BY_PROPERTY = {
+    "roundtrip": PLAN_KINDS,
+    "reshard": PLAN_KINDS,
+    "ddp_parity": ("fsdp2", "hsdp", "fsdp2+tp", "hsdp+tp", "fsdp1"),
+    "finetune_resume": ("fsdp2", "ddp", "hsdp", "fsdp1"),
+    "submesh_layout": ("submesh",),
+}
+
+
+@attrs.frozen
+class _Config:
+    property: str
+    world_sizes: tuple[int, ...]
+    device: str
+    kinds: tuple[str, ...]
+    max_layers: int
+    max_depth: int
+    max_dim: int
+    uneven: float
+    layers: tuple[str, ...]
+    max_steps: int
+    frozen: bool
+
+
+def _shard_count(kind: str, shape: tuple[int, ...]) -> int:
+    if kind in ("fsdp2", "fsdp1"):
+        return shape[-1]
+    if kind in ("hsdp", "hsdp+tp"):
+        return shape[1]
+    if kind == "submesh":
+        return shape[0] * shape[1]
+    if kind == "fsdp2+tp":
+        return shape[0]
+    return 1
+
+
+@st.composite
+def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.ModelSpec:
+    tp_size = shape[-1] if kind.endswith("+tp") else 0
+    experts = shape[1] if kind == "submesh" else 0
+    strategy = models(max_layers=cfg.max_layers, max_depth=cfg.max_depth, max_dim=cfg.max_dim,
+                      shards=_shard_count(kind, shape), uneven=cfg.uneven, layers=cfg.layers,
+                      tp_size=tp_size, experts=experts,
+                      embedding=cfg.property != "finetune_resume")
+    model = draw(strategy)
+    if cfg.property != "finetune_resume":
+        return model
+    head_out = draw(st.integers(1, cfg.max_dim))
+    ties = tuple((f"pretrain.{s}", f"pretrain.{d}") for s, d in model.ties)
+    root = S.Block((("pretrain", model.root), ("act", S.Activation()),
+                    ("head", S.Linear(model.out_features, head_out))))
+    return S.ModelSpec(root, ties)
+
+
+def _kinds(cfg: _Config, allowed: tuple[str, ...]) -> list[str]:
+    return [k for k in allowed if k in cfg.kinds and (k != "fsdp1" or cfg.device == "cuda")]
+
+
+@st.composite
+def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
+    world = draw(st.sampled_from(cfg.world_sizes))
+    kinds = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[cfg.property])
+    fits = [(k, shape) for k in kinds for shape in shapes_for(k, world)]
+    kind, shape = draw(st.sampled_from(fits))
+    mesh = S.MeshSpec(shape, names_for(kind, shape))
+    model = draw(_model_for(cfg, kind, shape))
+    plan = draw(_plan(model, mesh, kind))
+
+    pretrained = "pretrain" if cfg.property == "finetune_resume" else None
+    if pretrained:
+        frozen = tuple(n for n in model.parameter_names() if n.startswith("pretrain."))
+    elif cfg.frozen:
+        module_level = isinstance(plan, S.FSDP1Plan) and not plan.use_orig_params
+        frozen = draw(frozen_subsets(model, granularity="module" if module_level else "parameter"))
+    else:
+        frozen = ()
+
+    options = draw(state_dict_options())
+    if pretrained:
+        options = attrs.evolve(options, submodules=("pretrain",), keep_submodule_prefixes=False,
+                               ignore_frozen_params=True)
+    save = S.Topology(world, mesh, plan, options)
+
+    load = None
+    if cfg.property == "reshard":
+        load_world = draw(st.sampled_from(cfg.world_sizes))
+        load_fits = [(k, s) for k in _kinds(cfg, PLAN_KINDS) for s in shapes_for(k, load_world)
+                     if k in plan_kinds_for(model, S.MeshSpec(s, names_for(k, s)), cfg.device)]
+        load_kind, load_shape = draw(st.sampled_from(load_fits))
+        load_mesh = S.MeshSpec(load_shape, names_for(load_kind, load_shape))
+        load = S.Topology(load_world, load_mesh, draw(_plan(model, load_mesh, load_kind)),
+                          draw(state_dict_options()))
+
+    min_batch = 2 if model.has_batch_statistics() else 1
+    min_steps = 2 if cfg.property == "ddp_parity" else 1
+    training = draw(trainings(min_steps=min_steps, max_steps=max(min_steps, cfg.max_steps),
+                              min_batch=min_batch, max_batch=max(min_batch, 3),
+                              input_requires_grad=not model.takes_tokens))
+    fields = dict(model=model, save=save, load=load, frozen=frozen,
+                  optimizer=draw(optimizers()), training=training,
+                  storage=draw(storage_options()), pretrained=pretrained,
+                  seed=draw(st.integers(0, 2**16)), device=cfg.device)
+    try:
+        return S.Scenario(**fields)
+    except SpecError as e:
+        if "mixes frozen and trainable" not in str(e):
+            raise
+        return S.Scenario(**{**fields, "frozen": ()})  # FSDP1 flat-parameter rule
+
+
+def scenarios(property: str = "roundtrip", *, world_sizes: Any = (1, 2, 3, 4),
+              device: str = "cpu", kinds: Any = PLAN_KINDS, max_layers: int = 3,
+              max_depth: int = 1, max_dim: int = 12, uneven: float = 0.5,
+              layers: Any = LAYER_KINDS, max_steps: int = 3,
+              frozen: bool = True) -> st.SearchStrategy[S.Scenario]:
+    """Whole examples for ``property`` (one of ``PROPERTY_NAMES``).
+
+    ``world_sizes``: the world sizes to draw from (a reshard draws save and load
+    sizes separately).  ``kinds``: allowed plan kinds (FSDP1 only with
+    ``device="cuda"``).  The model arguments are those of :func:`models`;
+    ``frozen=False`` freezes nothing.  Shrinks toward the smallest world size, a
+    1D FSDP2 mesh, one small Linear, nothing frozen and default options.
+
+    >>> from hypothesis import given
+    >>> @given(scenarios("reshard", world_sizes=(2, 4)))             # doctest: +SKIP
+    ... def test_my_checkpointer(scenario): ...
+    """
+    check_choices("property", (property,), PROPERTY_NAMES)
+    if isinstance(world_sizes, int):
+        world_sizes = (world_sizes,)
+    check_type("world_sizes", world_sizes, (tuple, list))
+    if not world_sizes:
+        raise InvalidArgument("world_sizes=() must hold at least one world size")
+    for w in world_sizes:
+        check_int("world_sizes entry", w, min_value=1, max_value=4096)
+    check_choices("device", (device,), S.DEVICES)
+    kinds = check_choices("kinds", kinds, PLAN_KINDS)
+    check_int("max_steps", max_steps, min_value=1, max_value=64)
+    check_fraction("uneven", uneven)
+    check_type("frozen", frozen, bool)
+    cfg = _Config(property, tuple(sorted(set(world_sizes))), device, kinds, max_layers,
+                  max_depth, max_dim, uneven, check_choices("layers", layers, LAYER_KINDS),
+                  max_steps, frozen)
+    usable = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[property])
+    if not usable:
+        raise InvalidArgument(f"kinds={kinds!r} on device={device!r} leaves no plan for "
+                              f"property={property!r} (it uses {PLAN_KINDS_BY_PROPERTY[property]})")
+    # argument checks of models() run now, not at the first draw
+    models(max_layers=max_layers, max_depth=max_depth, max_dim=max_dim, uneven=uneven,
+           layers=cfg.layers)
+    return _scenarios(cfg)
