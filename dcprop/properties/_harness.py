@@ -142,6 +142,10 @@ class Job:
         )
 
         spec = options or self.topology.state_dict
+        if spec.ignore_frozen_params or overrides.get("ignore_frozen_params"):
+            # frozen parameters are deliberately absent: a strict load_state_dict would
+            # reject the state dict that get_state_dict made with the same options
+            overrides.setdefault("strict", False)
         opts = state_dict_options(spec, **overrides)
         if opts.broadcast_from_rank0:
             mine = self.ctx.rank == 0

@@ -46,7 +46,7 @@ from dcprop.specs import MeshSpec
 
 __all__ = ["DEFAULT_TIMEOUT", "Pool", "failure_from_outcomes"]
 
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = 30.0
 TEMP_PREFIX = "dcprop-"
 
 
@@ -374,7 +374,7 @@ def failure_from_outcomes(outcomes: dict[int, Outcome], *, hung: Sequence[int] =
     if hung:
         if not (crashed or blamed):
             cls = RankTimeout
-            signature = "RankTimeout: ranks did not finish"
+            signature = f"RankTimeout: ranks did not finish, waiting in {_hung_in(stacks)}"
             lines.append(f"timed out after {timeout:.0f}s: rank(s) {list(hung)} did not finish")
         else:
             lines.append(f"rank(s) {list(hung)} were still running and were stopped")
@@ -385,6 +385,23 @@ def failure_from_outcomes(outcomes: dict[int, Outcome], *, hung: Sequence[int] =
         if stacks.get(r):
             lines.append(f"\n--- rank {r} stacks at the timeout ---\n{stacks[r]}")
     return cls("\n".join(lines), outcomes=dict(outcomes), signature=signature)
+
+
+_PLUMBING = ("distributed_c10d.py", "c10d_logger.py", "_contextlib.py", "threading.py",
+             "_compile.py", "eval_frame.py")
+
+
+def _hung_in(stacks: dict[int, str]) -> str:
+    """The innermost frame of the first hung rank that is not collective plumbing, as
+    ``function (file)``: where a hang happened, stable across shrink steps."""
+    for _, text in sorted(stacks.items()):
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("File ") and not any(p in line for p in _PLUMBING):
+                path, _, func = line.partition(" in ")
+                filename = os.path.basename(path.split('"')[1]) if '"' in path else path
+                return f"{func} ({filename})"
+    return "an unknown place"
 
 
 def _close_ref(ref: weakref.ref) -> None:
