@@ -1,0 +1,146 @@
+"""Campaigns: a property over many generated scenarios, driven by Hypothesis.
+
+Shared by ``dcprop check`` and the pytest helpers.  A failure that matches a
+known upstream bug is recorded and the search goes on (it is not shrunk unless
+``strict``); any other failure is shrunk by Hypothesis to a minimal scenario and
+written out as a reproducer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import seed as hypothesis_seed
+
+from dcprop import specs as S
+from dcprop.errors import ExampleFailure
+from dcprop.known_bugs import describe, match_known
+from dcprop.properties import run_property
+
+__all__ = ["PropertyReport", "describe_scenario", "run_campaign", "signature_error"]
+
+
+@attrs.define
+class PropertyReport:
+    name: str
+    examples: int = 0
+    seconds: float = 0.0
+    failures: list[dict[str, Any]] = attrs.field(factory=list)
+    known: list[dict[str, Any]] = attrs.field(factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"examples": self.examples, "seconds": round(self.seconds, 3),
+                "failures": self.failures, "known": self.known}
+
+
+def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
+    """Categories worth counting: what a run covered (for ``hypothesis.event``)."""
+    save, load = scenario.save, scenario.load_topology
+    shards = save.shard_count
+    uneven = shards > 1 and any(shape and shape[0] % shards
+                                for shape in scenario.model.parameters().values())
+    out = {
+        "plan": save.plan_kind if save == load else f"{save.plan_kind} -> {load.plan_kind}",
+        "mesh": str(save.mesh.shape) if save.mesh == load.mesh
+        else f"{save.mesh.shape} -> {load.mesh.shape}",
+        "layout": "uneven" if uneven else "even",
+        "frozen": "some frozen" if scenario.frozen else "none frozen",
+        "state dict": "full" if save.state_dict.full_state_dict else "sharded",
+    }
+    return out
+
+
+def record_events(scenario: S.Scenario) -> None:
+    for key, value in describe_scenario(scenario).items():
+        event(f"{key}: {value}")
+
+
+_FAILURE_TYPES: dict[str, type[ExampleFailure]] = {}
+
+
+def signature_error(failure: ExampleFailure) -> ExampleFailure:
+    """The same failure as an exception type of its own per signature, so Hypothesis
+    counts different failures as different bugs and does not slip from one to
+    another while shrinking."""
+    key = hashlib.sha1(failure.signature.encode()).hexdigest()[:8]
+    cls = _FAILURE_TYPES.setdefault(
+        key, type(f"PropertyFailed_{key}", (type(failure),), {"__module__": __name__}))
+    return cls(str(failure), outcomes=failure.outcomes, signature=failure.signature)
+
+
+def run_campaign(runner: Any, property: str, strategy: Any, *, max_examples: int,
+                 seed: int = 0, hooks: Any = None, strict: bool = False,
+                 on_example: Callable[[PropertyReport], None] | None = None,
+                 on_failure: Callable[[S.Scenario, ExampleFailure], str] | None = None,
+                 explicit: tuple[S.Scenario, ...] = ()) -> PropertyReport:
+    """Run ``property`` over ``explicit`` scenarios, then ``max_examples`` drawn from
+    ``strategy``.  ``on_failure(scenario, failure)`` writes a reproducer and returns
+    its path; it is called for the shrunk failure only."""
+    report = PropertyReport(property)
+    started = time.perf_counter()
+    last: dict[str, Any] = {}
+
+    def attempt(scenario: S.Scenario) -> None:
+        report.examples += 1
+        try:
+            run_property(runner, property, scenario, hooks=hooks)
+        except ExampleFailure as failure:
+            known = match_known(failure.signature)
+            if known is not None and not strict:
+                if not any(k["id"] == known.id for k in report.known):
+                    report.known.append({**describe(known), "error": failure.signature,
+                                         "scenario": _json(scenario)})
+                return
+            last["scenario"], last["failure"] = scenario, failure
+            raise signature_error(failure) from None
+        finally:
+            report.seconds = time.perf_counter() - started
+            if on_example:
+                on_example(report)
+
+    for scenario in explicit:
+        try:
+            attempt(scenario)
+        except ExampleFailure as failure:
+            _record(report, scenario, failure, on_failure)
+    if max_examples > 0:
+        @hypothesis_seed(seed)
+        @settings(max_examples=max_examples, deadline=None, database=None,
+                  derandomize=False, report_multiple_bugs=False, print_blob=False,
+                  phases=(Phase.generate, Phase.shrink),
+                  suppress_health_check=(HealthCheck.too_slow,))
+        @given(strategy)
+        def search(scenario: S.Scenario) -> None:
+            record_events(scenario)
+            attempt(scenario)
+
+        try:
+            search()
+        except ExampleFailure:
+            _record(report, last["scenario"], last["failure"], on_failure)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _json(scenario: S.Scenario) -> Any:
+    from dcprop.serialization import to_json
+
+    return to_json(scenario)
+
+
+def _record(report: PropertyReport, scenario: S.Scenario, failure: ExampleFailure,
+            on_failure: Callable[[S.Scenario, ExampleFailure], str] | None) -> None:
+    entry: dict[str, Any] = {"error": str(failure).splitlines()[0],
+                             "signature": failure.signature, "scenario": _json(scenario),
+                             "reproducer": None}
+    known = match_known(failure.signature)
+    if known is not None:
+        entry["known_bug"] = known.id
+    if on_failure is not None:
+        entry["reproducer"] = on_failure(scenario, failure)
+    report.failures.append(entry)

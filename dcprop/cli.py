@@ -1,0 +1,264 @@
+"""The ``dcprop`` command: ``dcprop check`` runs a campaign, ``dcprop repro`` replays one.
+
+Exit codes: 0 no new failure (known upstream bugs are listed, not counted, unless
+``--strict``); 1 failures found, each shrunk and written as a reproducer; 2 bad
+usage or set-up, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import runpy
+import signal
+import sys
+import time
+from typing import Any
+
+from dcprop import __version__
+from dcprop.errors import DcpropError, UsageError
+
+__all__ = ["main"]
+
+PROPERTY_NAMES = ("roundtrip", "reshard", "ddp_parity", "finetune_resume", "submesh_layout")
+# Recipes are data in the repository's top-level strategies/ folder: found from the
+# working directory first, then beside the package source (an editable install).
+RECIPES_DIRS = (os.path.join("strategies", "recipes"),
+                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "strategies", "recipes"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcprop", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dcprop {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="run properties over generated scenarios")
+    check.add_argument("--properties", default=",".join(PROPERTY_NAMES),
+                       help="comma-separated properties (default: all)")
+    check.add_argument("--world-size", type=int, default=4,
+                       help="largest world size; scenarios use 1..N ranks (default 4)")
+    check.add_argument("--max-examples", type=int, default=None,
+                       help="examples per property (default: the recipe's, or 8)")
+    check.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0)")
+    check.add_argument("--recipe", default=None, help="a recipe in strategies/recipes/ "
+                       "(a name, or a path to a JSON file)")
+    check.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    check.add_argument("--timeout", type=float, default=20.0,
+                       help="seconds an example may take before it counts as a hang")
+    check.add_argument("--report", default=None, help="write a JSON report here")
+    check.add_argument("--repro-dir", default="dcprop-repros",
+                       help="where reproducers of failures go (default ./dcprop-repros)")
+    check.add_argument("--checkpointer", default=None,
+                       help="module:attr of your Checkpointer (save/load) to test")
+    check.add_argument("--strict", action="store_true",
+                       help="count known upstream bugs as failures (exit 1)")
+    check.add_argument("--add-to-corpus", default=None, metavar="DIR",
+                       help="also save each new failure as a corpus entry in DIR")
+    repro = sub.add_parser("repro", help="run a reproducer script written by dcprop check")
+    repro.add_argument("file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "repro":
+            return _repro(args.file)
+        return _check(args)
+    except UsageError as e:
+        print(f"dcprop: error: {e}", file=sys.stderr)
+        return 2
+    except DcpropError as e:
+        print(f"dcprop: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+def _repro(path: str) -> int:
+    if not os.path.isfile(path):
+        raise UsageError(f"no reproducer at {path!r}")
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    folders = [d for d in RECIPES_DIRS if os.path.isdir(d)]
+    candidates = [name] if name.endswith(".json") else \
+        [os.path.join(d, f"{name}.json") for d in folders]
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        names = sorted({f[:-5] for d in folders for f in os.listdir(d) if f.endswith(".json")})
+        raise UsageError(f"--recipe {name!r}: no such recipe; choose from {names}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    recipe = load_recipe(args.recipe) if args.recipe else {}
+    names = recipe.get("properties") if args.recipe and "--properties" not in sys.argv \
+        else args.properties.split(",")
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in PROPERTY_NAMES]
+    if unknown or not names:
+        raise UsageError(f"--properties: unknown {unknown or names}; choose from "
+                         f"{', '.join(PROPERTY_NAMES)}")
+    if args.world_size < 1:
+        raise UsageError(f"--world-size {args.world_size}: needs at least 1 rank")
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout}: must be positive")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_sizes = [w for w in recipe.get("world_sizes", range(1, args.world_size + 1))
+                   if w <= args.world_size]
+    if not world_sizes:
+        raise UsageError(f"--world-size {args.world_size} is below every world size of recipe "
+                         f"{args.recipe!r} ({recipe.get('world_sizes')})")
+    max_examples = args.max_examples if args.max_examples is not None \
+        else recipe.get("max_examples", 8)
+    if max_examples < 0:
+        raise UsageError(f"--max-examples {max_examples}: must be 0 or more")
+    return {"properties": names, "device": device, "world_sizes": tuple(world_sizes),
+            "max_examples": max_examples, "recipe": recipe}
+
+
+def _explicit(recipe: dict[str, Any], prop: str, world: int) -> tuple[Any, ...]:
+    from dcprop.serialization import from_json
+
+    out = []
+    for entry in recipe.get("examples", []):
+        if entry["property"] == prop:
+            scenario = from_json(entry["scenario"])
+            if scenario.world_size > world:
+                raise UsageError(f"recipe example for {prop} needs {scenario.world_size} ranks; "
+                                 f"raise --world-size to at least {scenario.world_size}")
+            out.append(scenario)
+    return tuple(out)
+
+
+class _Progress:
+    """One live line per property on a terminal; plain lines elsewhere."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+
+    def update(self, report: Any) -> None:
+        if self.live:
+            self.stream.write("\r" + self._line(report) + "   ")
+            self.stream.flush()
+
+    def done(self, report: Any) -> None:
+        self.stream.write(("\r" if self.live else "") + self._line(report) + "\n")
+        self.stream.flush()
+
+    @staticmethod
+    def _line(r: Any) -> str:
+        rate = r.examples / r.seconds if r.seconds else 0.0
+        return (f"{r.name:<16} {r.examples:>4} examples  {len(r.failures)} failures  "
+                f"{len(r.known)} known  {rate:5.2f} examples/s  {r.seconds:6.1f}s")
+
+
+def _check(args: argparse.Namespace) -> int:
+    cfg = _settings(args)
+    hooks = None
+    if args.checkpointer:
+        from dcprop.checkpointer import load_checkpointer
+        from dcprop.properties._harness import Hooks
+
+        hooks = Hooks(checkpointer=load_checkpointer(args.checkpointer))
+    from dcprop import strategies as dst
+    from dcprop.campaign import run_campaign
+    from dcprop.repro import write_reproducer
+    from dcprop.runner import make_runner, under_torchrun
+
+    explicit = {p: _explicit(cfg["recipe"], p, args.world_size) for p in cfg["properties"]}
+    largest = max([*cfg["world_sizes"], *(s.world_size for v in explicit.values() for s in v)])
+    runner = make_runner(largest, device=cfg["device"], timeout=args.timeout)
+    if under_torchrun() and not runner.is_driver:
+        runner.follow()
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run cleanup on `kill`
+    progress = _Progress(sys.stderr)
+    reports = []
+    started = time.perf_counter()
+    try:
+        for prop in cfg["properties"]:
+            kwargs = dict(cfg["recipe"].get("scenario_kwargs", {}).get(prop, {}))
+            strategy = dst.scenarios(prop, world_sizes=cfg["world_sizes"], device=cfg["device"],
+                                     **kwargs)
+
+            def write(scenario: Any, failure: Any, prop: str = prop) -> str:
+                path = write_reproducer(args.repro_dir, prop, scenario, error=str(failure),
+                                        checkpointer=args.checkpointer)
+                if args.add_to_corpus:
+                    _add_to_corpus(args.add_to_corpus, prop, scenario, failure)
+                return path
+
+            report = run_campaign(runner, prop, strategy, max_examples=cfg["max_examples"],
+                                  seed=args.seed, hooks=hooks, strict=args.strict,
+                                  on_example=progress.update, on_failure=write,
+                                  explicit=explicit[prop])
+            progress.done(report)
+            reports.append(report)
+    finally:
+        runner.close()
+    failures = sum(len(r.failures) for r in reports)
+    known = [k for r in reports for k in r.known]
+    _summary(reports, time.perf_counter() - started)
+    if args.report:
+        _write_report(args.report, cfg, args, reports)
+    for r in reports:
+        for f in r.failures:
+            print(f"FAILED {r.name}: {f['error']}\n  reproducer: {f['reproducer']}")
+    for k in known:
+        print(f"KNOWN upstream bug {k['id']}: {k['title']}")
+    return 1 if failures else 0
+
+
+def _summary(reports: list[Any], seconds: float) -> None:
+    print(f"\n{'property':<16} {'examples':>8} {'failures':>8} {'known':>5} {'seconds':>8}")
+    for r in reports:
+        print(f"{r.name:<16} {r.examples:>8} {len(r.failures):>8} {len(r.known):>5} "
+              f"{r.seconds:>8.1f}")
+    print(f"{'total':<16} {sum(r.examples for r in reports):>8} "
+          f"{sum(len(r.failures) for r in reports):>8} {sum(len(r.known) for r in reports):>5} "
+          f"{seconds:>8.1f}")
+
+
+def _write_report(path: str, cfg: dict[str, Any], args: argparse.Namespace,
+                  reports: list[Any]) -> None:
+    import torch
+
+    data = {
+        "dcprop_version": __version__,
+        "torch_version": torch.__version__,
+        "device": cfg["device"],
+        "world_size": args.world_size,
+        "seed": args.seed,
+        "properties": {r.name: r.to_json() for r in reports},
+        "known": [k for r in reports for k in r.known],
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _add_to_corpus(directory: str, prop: str, scenario: Any, failure: Any) -> str:
+    from dcprop.corpus import write_entry
+    from dcprop.known_bugs import match_known
+
+    known = match_known(failure.signature)
+    return write_entry(directory, prop, scenario,
+                       expect=f"known:{known.id}" if known else "fail",
+                       note=str(failure).splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The regression corpus: saved failing scenarios that the test suite replays.
+
+Each entry is a JSON file ``{"property", "expect", "note", "scenario"}`` where
+``expect`` is ``"pass"`` (a fixed bug that must stay fixed), ``"fail"`` (a dcprop
+self-test), or ``"known:<bug id>"`` (a known upstream bug: the replay must still
+fail with that bug's signature, so the suite notices when upstream fixes it).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import Any
+
+from dcprop.errors import SpecError
+from dcprop.serialization import from_json, to_json
+from dcprop.specs import Scenario
+
+__all__ = ["CorpusEntry", "load_entries", "write_entry"]
+
+
+class CorpusEntry:
+    __slots__ = ("expect", "note", "path", "property", "scenario")
+
+    def __init__(self, path: str, property: str, scenario: Scenario, expect: str,
+                 note: str) -> None:
+        self.path, self.property, self.scenario = path, property, scenario
+        self.expect, self.note = expect, note
+
+    @property
+    def known_bug(self) -> str | None:
+        return self.expect.split(":", 1)[1] if self.expect.startswith("known:") else None
+
+    def __repr__(self) -> str:
+        return f"CorpusEntry({os.path.basename(self.path)!r}, {self.property!r}, {self.expect!r})"
+
+
+def write_entry(directory: str, property: str, scenario: Scenario, *, expect: str,
+                note: str = "") -> str:
+    os.makedirs(directory, exist_ok=True)
+    digest = hashlib.sha1(repr(scenario).encode()).hexdigest()[:10]
+    path = os.path.join(directory, f"{property}-{digest}.json")
+    data = {"property": property, "expect": expect, "note": note, "scenario": to_json(scenario)}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_entries(directory: str) -> list[CorpusEntry]:
+    entries = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(path) as f:
+            data: dict[str, Any] = json.load(f)
+        try:
+            scenario = from_json(data["scenario"])
+        except (KeyError, SpecError) as e:
+            raise SpecError(f"corpus entry {path}: {e}") from e
+        entries.append(CorpusEntry(path, data["property"], scenario, data.get("expect", "pass"),
+                                   data.get("note", "")))
+    return entries

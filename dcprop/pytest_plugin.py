@@ -1,0 +1,105 @@
+"""dcprop's pytest plugin (entry point ``pytest11``).
+
+Registers the ``dcprop-*`` Hypothesis profiles, the ``--dcprop-*`` options, the
+session-scoped ``dcprop_runner`` fixture, and a terminal summary listing the
+reproducer of each failing dcprop test.  It imports neither torch nor dcprop's
+heavy parts until a test asks for the runner.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+_PROFILE_DEFAULTS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                         print_blob=True)
+PROFILES = {
+    "dcprop-ci": dict(max_examples=6, derandomize=True, database=None),
+    "dcprop-dev": dict(max_examples=25),
+    "dcprop-nightly": dict(max_examples=400),
+    "dcprop-gpu": dict(max_examples=50, derandomize=True),
+}
+for _name, _options in PROFILES.items():
+    settings.register_profile(_name, **{**_PROFILE_DEFAULTS, **_options})
+
+_RUNNER_KEY = pytest.StashKey[Any]()
+#: where dcprop.testing writes reproducers in this session (set from --dcprop-repro-dir)
+repro_dir = "dcprop-repros"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dcprop", "dcprop: property-based distributed checkpoint tests")
+    group.addoption("--dcprop-world-size", type=int, default=4,
+                    help="ranks in the session's pool (default 4)")
+    group.addoption("--dcprop-device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="run ranks on cpu (gloo) or cuda (default cpu)")
+    group.addoption("--dcprop-timeout", type=float, default=30.0,
+                    help="seconds an example may take before it counts as a hang")
+    group.addoption("--dcprop-repro-dir", default="dcprop-repros",
+                    help="where reproducers of failing examples are written")
+    group.addoption("--dcprop-torchrun", action="store_true",
+                    help="under torchrun: rank 0 runs the tests, other ranks follow")
+
+
+def _device(config: pytest.Config) -> str:
+    device = config.getoption("--dcprop-device")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "dcprop: a dcprop property test")
+    global repro_dir
+    repro_dir = config.getoption("--dcprop-repro-dir")
+    if config.getoption("--dcprop-torchrun"):
+        from dcprop.runner.spmd import SPMDRunner
+
+        config.stash[_RUNNER_KEY] = SPMDRunner(device=_device(config),
+                                               timeout=config.getoption("--dcprop-timeout"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    runner = session.config.stash.get(_RUNNER_KEY, None)
+    if runner is not None and not runner.is_driver:
+        runner.follow()  # torchrun follower: run what rank 0 sends, no tests of its own
+        return True
+    return None
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    runner = config.stash.get(_RUNNER_KEY, None)
+    if runner is not None:
+        runner.close()
+
+
+@pytest.fixture(scope="session")
+def dcprop_runner(request: pytest.FixtureRequest) -> Any:
+    """The session's runner: a lazily started local Pool, or torchrun's ranks."""
+    config = request.config
+    spmd = config.stash.get(_RUNNER_KEY, None)
+    if spmd is not None:
+        yield spmd
+        return
+    from dcprop.runner import Pool
+
+    pool = Pool(config.getoption("--dcprop-world-size"), device=_device(config),
+                timeout=config.getoption("--dcprop-timeout"))
+    yield pool
+    pool.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    import sys
+
+    testing = sys.modules.get("dcprop.testing")
+    found = getattr(testing, "reproducers", None)
+    if found:
+        terminalreporter.section("dcprop reproducers")
+        for test, path in sorted(found.items()):
+            terminalreporter.write_line(f"{test}: python {path}")

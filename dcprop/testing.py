@@ -1,0 +1,99 @@
+"""Property-testing your own checkpointer or trainer from pytest, in a few lines.
+
+>>> from dcprop.testing import property_test
+>>> @property_test("roundtrip", world_sizes=(2, 4), checkpointer="mypkg.ckpt:MyCheckpointer")
+... def test_my_checkpointer_round_trips(scenario):
+...     pass  # optional: hypothesis.assume(...) or checks on the scenario itself
+
+The test takes the session's ``dcprop_runner`` fixture, draws scenarios with
+:func:`dcprop.strategies.scenarios`, records what it covered as Hypothesis events
+(see ``--hypothesis-show-statistics``), and on failure writes a reproducer that the
+plugin lists at the end of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import given
+
+from dcprop.campaign import record_events, signature_error
+from dcprop.errors import ExampleFailure
+from dcprop.properties import property_ref, run_property
+from dcprop.specs import Scenario
+
+__all__ = ["check", "property_test", "reproducers"]
+
+#: test id -> reproducer path of its final (shrunk) failure; the plugin reports these
+reproducers: dict[str, str] = {}
+
+
+def _hooks(checkpointer: Any, model_factory: Any) -> Any:
+    if checkpointer is None and model_factory is None:
+        return None
+    from dcprop.checkpointer import DCPCheckpointer, load_checkpointer
+    from dcprop.properties._harness import Hooks, default_model_factory
+
+    if isinstance(checkpointer, str):
+        checkpointer = load_checkpointer(checkpointer)
+    return Hooks(checkpointer=checkpointer or DCPCheckpointer(),
+                 model_factory=model_factory or default_model_factory)
+
+
+def _is_final() -> bool:
+    """True in Hypothesis' final replay of the minimal failing example."""
+    try:
+        from hypothesis.control import current_build_context
+
+        return bool(getattr(current_build_context(), "is_final", True))
+    except Exception:
+        return True
+
+
+def check(runner: Any, property: str, scenario: Scenario, *, hooks: Any = None,
+          test_id: str | None = None, checkpointer_ref: str | None = None) -> None:
+    """Run ``property`` on ``scenario`` inside a Hypothesis test: record coverage events,
+    and on failure raise (one exception type per failure signature, so Hypothesis
+    keeps distinct bugs apart) after writing the shrunk example's reproducer."""
+    record_events(scenario)
+    try:
+        run_property(runner, property, scenario, hooks=hooks)
+    except ExampleFailure as failure:
+        if _is_final():
+            from dcprop.pytest_plugin import repro_dir
+            from dcprop.repro import write_reproducer
+
+            path = write_reproducer(repro_dir, property, scenario, error=str(failure),
+                                    checkpointer=checkpointer_ref)
+            reproducers[test_id or property] = path
+        raise signature_error(failure) from None
+
+
+def property_test(property: str, *, checkpointer: Any = None,
+                  model_factory: Callable[..., Any] | None = None,
+                  **scenario_kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+    """Decorate ``fn(scenario)`` into a pytest test of ``property`` over random scenarios.
+
+    ``checkpointer``: a Checkpointer object or ``"module:attr"`` (default: DCP).
+    ``model_factory``: ``(model_spec, seed, device, frozen) -> nn.Module`` (default:
+    dcprop's builder).  Other keyword arguments go to ``dcprop.strategies.scenarios``.
+    Both hooks must be importable module-level objects: they travel to the ranks.
+    """
+    from dcprop.strategies import scenarios
+
+    property_ref(property)
+    strategy = scenarios(property, **scenario_kwargs)
+    ref = checkpointer if isinstance(checkpointer, str) else None
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        def test(dcprop_runner: Any, scenario: Scenario) -> None:
+            fn(scenario)
+            check(dcprop_runner, property, scenario, hooks=_hooks(checkpointer, model_factory),
+                  test_id=f"{fn.__module__}.{fn.__qualname__}", checkpointer_ref=ref)
+
+        for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+            setattr(test, attr, getattr(fn, attr))
+        return given(scenario=strategy)(test)
+
+    return decorate
