@@ -646,7 +646,7 @@ class TrainingSpec:
     """How many optimizer steps, the per-rank batch, and the data seed."""
 
     steps: int = attrs.field(default=1, validator=[v.instance_of(int), v.ge(1), v.le(64)])
-    batch_size: int = attrs.field(default=2, validator=_positive)
+    batch_size: int = attrs.field(default=1, validator=_positive)
     input_requires_grad: bool = attrs.field(default=False, validator=v.instance_of(bool))
     data_seed: int = attrs.field(default=0, validator=_non_negative)
 

@@ -132,12 +132,14 @@ def _wrap_candidates(model: S.ModelSpec, avoid: str | None) -> list[str]:
 @st.composite
 def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
     names = mesh.dim_names
-    if kind == "ddp":
-        return S.DDPPlan()
     experts = _experts_count(model) if kind == "submesh" else None
     candidates = _wrap_candidates(model, experts[0] if experts else None)
+    # wrap and reshard are drawn for every kind (see _optimizers for why)
     wrap = tuple(draw(st.lists(st.sampled_from(candidates), unique=True, max_size=3))) \
         if candidates else ()
+    reshard = not draw(st.booleans())
+    if kind == "ddp":
+        return S.DDPPlan()
     if kind == "fsdp1":
         strategies = S.FSDP1_SHARDING_STRATEGIES[3:] if len(names) == 2 \
             else S.FSDP1_SHARDING_STRATEGIES[:3]
@@ -149,7 +151,6 @@ def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
             backward_prefetch=draw(st.sampled_from((None, "BACKWARD_PRE", "BACKWARD_POST"))),
             wrap=wrap,
         )
-    reshard = not draw(st.booleans())
     if kind == "fsdp2":
         return S.FSDP2Plan(shard_dim=names[0], wrap=wrap, reshard_after_forward=reshard)
     if kind == "hsdp":

@@ -1,0 +1,145 @@
+import math
+
+import pytest
+from hypothesis import HealthCheck, find, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
+
+import dcprop.specs as S
+from dcprop import serialization
+from dcprop import strategies as dst
+
+M = S.ModelSpec(S.Block((("fc", S.Linear(4, 4)),)))
+MESH = S.MeshSpec((2,), ("shard",))
+
+BAD_ARGUMENTS = [
+    (dst.dims, dict(shards=0), "shards=0 must be at least 1"),
+    (dst.dims, dict(min_value=5, max_value=2), "Cannot have max_value=2 < min_value=5"),
+    (dst.dims, dict(uneven=1.5), "uneven=1.5 must be a number between 0 and 1"),
+    (dst.models, dict(max_layers=0), "max_layers=0 must be at least 1"),
+    (dst.models, dict(layers=("conv",)), "unknown entries ['conv']"),
+    (dst.models, dict(layers=("activation",)), "must include 'linear'"),
+    (dst.models, dict(max_dim="8"), "max_dim='8' must be an int"),
+    (dst.models, dict(ties=1), "ties=1 must be a bool"),
+    (dst.frozen_subsets, dict(model="m"), "model='m' must be a ModelSpec"),
+    (dst.frozen_subsets, dict(model=M, min_trainable=5), "min_trainable=5 but the model has only 2"),
+    (dst.frozen_subsets, dict(model=M, granularity="layer"), "unknown entries ['layer']"),
+    (dst.meshes, dict(world_size=0), "world_size=0 must be at least 1"),
+    (dst.meshes, dict(world_size=4, min_dims=3, max_dims=2), "Cannot have max_dims=2 < min_dims=3"),
+    (dst.meshes, dict(world_size=4, dim_names=("a", "b", "c", "d")), "has 4 names"),
+    (dst.parallel_plans, dict(model=M, mesh=S.MeshSpec((1, 1, 2), ("a", "b", "c"))),
+     "no plan of kinds"),
+    (dst.parallel_plans, dict(model=M, mesh=MESH, kinds=("zero3",)), "unknown entries ['zero3']"),
+    (dst.parallel_plans, dict(model=M, mesh=MESH, device="tpu"), "unknown entries ['tpu']"),
+    (dst.optimizers, dict(kinds=("lamb",)), "unknown entries ['lamb']"),
+    (dst.state_dict_options, dict(full_state_dict="yes"), "full_state_dict='yes' must be a bool"),
+    (dst.trainings, dict(max_steps=0), "max_steps=0 must be at least 1"),
+    (dst.scenarios, dict(property="nope"), "unknown entries ['nope']"),
+    (dst.scenarios, dict(world_sizes=()), "world_sizes=() must hold at least one"),
+    (dst.scenarios, dict(world_sizes=(0,)), "world_sizes entry=0 must be at least 1"),
+    (dst.scenarios, dict(property="submesh_layout", kinds=("ddp",)), "leaves no plan"),
+    (dst.scenarios, dict(max_layers=-1), "max_layers=-1 must be at least 1"),
+]
+
+
+@pytest.mark.parametrize(("strategy", "kwargs", "message"), BAD_ARGUMENTS)
+def test_invalid_arguments_raise_when_built(strategy, kwargs, message):
+    with pytest.raises(InvalidArgument) as info:
+        strategy(**kwargs)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("prop", dst.PROPERTY_NAMES)
+@settings(max_examples=60, deadline=None)  # default health checks stay on
+@given(data=st.data())
+def test_every_scenario_validates_pickles_and_round_trips(prop, data):
+    scenario = data.draw(dst.scenarios(prop, device=data.draw(st.sampled_from(S.DEVICES))))
+    assert eval(repr(scenario), vars(S)) == scenario
+    assert serialization.loads(serialization.dumps(scenario)) == scenario
+    assert scenario.save.world_size <= 4
+
+
+def _uneven(scenario):
+    n = scenario.save.shard_count
+    return n > 1 and any(s[0] % n for s in scenario.model.parameters().values())
+
+
+SHRINK = settings(max_examples=2000, deadline=None, database=None)
+
+
+def test_minimal_model_with_a_frozen_parameter():
+    model_and_frozen = dst.models().flatmap(
+        lambda m: st.tuples(st.just(m), dst.frozen_subsets(m, min_trainable=0)))
+    model, frozen = find(model_and_frozen, lambda mf: len(mf[1]) > 0, settings=SHRINK)
+    assert model == S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),)))
+    assert frozen == ("fc0.weight",)
+
+
+def test_minimal_uneven_layout_has_empty_shards():
+    found = find(dst.scenarios(world_sizes=(2, 3, 4)), _uneven, settings=SHRINK)
+    assert found.save.world_size == 2 and found.save.mesh.shape == (2,)
+    # weight (1, 2): one row over two ranks, so one rank holds an empty shard; the
+    # unsharded input width stays an even multiple
+    assert found.model == S.ModelSpec(S.Block((("fc0", S.Linear(2, 1)),)))
+
+
+def test_minimal_reshard_changes_world_size():
+    found = find(dst.scenarios("reshard"), lambda s: s.save.world_size != s.load.world_size,
+                 settings=SHRINK)
+    assert {found.save.world_size, found.load.world_size} == {1, 2}
+    assert found.frozen == () and found.save.plan == S.FSDP2Plan()
+    assert found.save.state_dict == S.StateDictSpec()
+
+
+def test_shrinks_to_simplest_scenario():
+    found = find(dst.scenarios(), lambda s: True, settings=SHRINK)
+    assert found == S.Scenario(S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),))),
+                               S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()))
+
+
+def test_uneven_share_is_a_knob():
+    def share(uneven):
+        draws = []
+
+        @settings(max_examples=300, deadline=None, database=None)
+        @given(dst.dims(4, uneven=uneven))
+        def collect(d):
+            draws.append(d % 4 != 0)
+
+        collect()
+        return sum(draws) / len(draws)
+
+    assert share(0.0) == 0.0
+    assert share(1.0) == 1.0
+    assert 0.2 < share(0.5) < 0.8
+
+
+@pytest.mark.parametrize("world", [4, 6, 8, 12])
+def test_meshes_reach_every_factorization(world):
+    shapes = {m.shape for m in dst._topology.meshes_list(world, (1, 2, 3))}
+    expected = {f for nd in (1, 2, 3) for f in dst.factorizations(world, nd)}
+    assert shapes == expected and all(math.prod(f) == world for f in expected)
+    for shape in expected:
+        found = find(dst.meshes(world), lambda m, shape=shape: m.shape == shape,
+                     settings=settings(max_examples=2000, database=None))
+        assert found.shape == shape
+
+
+def test_scenarios_reach_every_factorization_of_four():
+    for shape in {f for nd in (1, 2, 3) for f in dst.factorizations(4, nd)}:
+        found = find(dst.scenarios("roundtrip", world_sizes=(4,)),
+                     lambda s, shape=shape: s.save.mesh.shape == shape, settings=SHRINK)
+        assert found.save.mesh.shape == shape
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_parallel_plans_fit_their_mesh(data):
+    world = data.draw(st.sampled_from((1, 2, 4)))
+    mesh = data.draw(dst.meshes(world, max_dims=2))
+    model = data.draw(dst.models(tp_size=mesh.shape[-1], experts=mesh.shape[-1]
+                                 if len(mesh.shape) == 2 else 0))
+    plan = data.draw(dst.parallel_plans(model, mesh))
+    names = dst._topology.names_for
+    del names
+    assert plan is not None
