@@ -35,7 +35,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dsd-full-osd-stateless-optimizer",
         title="set_state_dict(full_state_dict=True) asserts for an optimizer without state "
               "tensors (SGD without momentum)",
-        signature=r"^AssertionError: Expected device to be set$",
+        signature=r"^AssertionError: Expected device to be set @ _load_optim_state_dict$",
         explanation="_load_optim_state_dict takes the device from optimizer state tensors with "
                     "dim() > 0; a stateless optimizer has none, so loading a full optimizer "
                     "state dict fails instead of being a no-op.",
@@ -44,7 +44,8 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dsd-flatten-full-osd",
         title="set_state_dict rejects its own full, flattened optimizer state dict "
               "(full_state_dict=True, flatten_optimizer_state_dict=True)",
-        signature=r"^KeyError: '(state|param_groups\.N\.params\.N)'$",
+        signature=r"^KeyError: '(state|param_groups\.N\.params\.N)' @ "
+                  r"(_unflatten_state_dict|load_state_dict)$",
         related=("https://github.com/pytorch/pytorch/issues/192224",
                  "https://github.com/pytorch/pytorch/issues/192225"),
         explanation="_load_optim_state_dict's full_state_dict branch re-flattens the already "
@@ -65,7 +66,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="DCP keeps one copy of each rank's optimizer param_groups FQN list, so under "
               "expert parallelism a rank loads another rank's list",
         signature=r"^ValueError: loaded state dict contains a parameter group that doesn't "
-                  r"match the size of optimizer's group$",
+                  r"match the size of optimizer's group @ load_state_dict$",
         explanation="Non-tensor values are saved as if replicated; with sub-mesh experts (and "
                     "frozen parameters making lists differ in length) the loaded list does not "
                     "fit the rank's optimizer.  Diagnosis by dcprop; no upstream issue found.",

@@ -738,8 +738,8 @@ def _check_topology(model: ModelSpec, topo: Topology, device: str, frozen: tuple
         if plan.experts:
             _check_experts(model, topo, plan.experts)
             for p in plan.wrap:
-                if _is_within(p, plan.experts.module) or _is_within(plan.experts.module, p):
-                    raise SpecError(f"{which} plan wraps {p!r}, which overlaps the experts at "
+                if _is_within(p, plan.experts.module):
+                    raise SpecError(f"{which} plan wraps {p!r}, inside the experts at "
                                     f"{plan.experts.module!r} (they get their own sub-mesh)")
     for sub in topo.state_dict.submodules:
         if sub not in _module_paths(model) or sub == "":

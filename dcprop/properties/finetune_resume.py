@@ -87,12 +87,13 @@ def _finetune_job(ctx: Any, scenario: S.Scenario, frozen: tuple[str, ...], seed:
     job = Job(ctx, scenario, scenario.save, seed=seed, frozen=frozen, hooks=hooks)
     sub = _unwrapped(job.model).get_submodule(scenario.pretrained)
     options = scenario.save.state_dict
+    # The pretrained weights are frozen and are exactly what must be loaded here.
     read = state_dict_options(options, keep_submodule_prefixes=False,
-                              **_template(options))
+                              ignore_frozen_params=False, **_template(options))
     partial = get_model_state_dict(job.model, submodules={sub}, options=read)
     job.hooks.checkpointer.load({"model": partial}, os.path.join(ctx.tmpdir, "pretrain"),
                                 group=job.group)
-    write = state_dict_options(options, strict=False)
+    write = state_dict_options(options, strict=False, ignore_frozen_params=False)
     if write.broadcast_from_rank0 and ctx.rank != 0:
         partial = {}
     set_model_state_dict(job.model, {sub: partial}, options=write)

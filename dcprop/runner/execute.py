@@ -71,12 +71,13 @@ _PATH = re.compile(r"(/[^\s:'\"]+)+")
 _ADDRESS = re.compile(r"0x[0-9a-f]+")
 
 
-def failure_signature(error_type: str, message: str) -> str:
-    """A stable, short identity for a failure: type plus the first line of the message
-    with numbers, paths and addresses blanked (those vary between shrink steps)."""
+def failure_signature(error_type: str, message: str, where: str = "") -> str:
+    """A stable, short identity for a failure: type, the first line of the message with
+    numbers, paths and addresses blanked (those vary between shrink steps), and the
+    function that raised it."""
     first = message.strip().splitlines()[0] if message.strip() else ""
-    first = _ADDRESS.sub("0x?", _PATH.sub("<path>", first))
-    return f"{error_type}: {_NUMBER.sub('N', first)[:240]}"
+    first = _NUMBER.sub("N", _ADDRESS.sub("0x?", _PATH.sub("<path>", first)))[:240]
+    return f"{error_type}: {first}" + (f" @ {where}" if where else "")
 
 
 class _GlobalState:
@@ -208,9 +209,10 @@ def resolve(ref: str) -> Any:
 def _error(rank: int, e: BaseException, started: float) -> Outcome:
     error_type = type(e).__name__
     message = str(e)
+    frames = traceback.extract_tb(e.__traceback__)
     return Outcome(
         rank, "error", error_type=error_type, message=message,
         traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)),
-        signature=failure_signature(error_type, message),
+        signature=failure_signature(error_type, message, frames[-1].name if frames else ""),
         seconds=time.perf_counter() - started,
     )

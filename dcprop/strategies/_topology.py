@@ -120,8 +120,8 @@ def _wrap_candidates(model: S.ModelSpec, avoid: str | None) -> list[str]:
     for path, _ in model.modules():
         if not path:
             continue
-        if avoid and (path == avoid or path.startswith(avoid + ".") or avoid.startswith(path + ".")):
-            continue
+        if avoid and (path == avoid or path.startswith(avoid + ".")):
+            continue  # experts get their own sub-mesh; their ancestors may be wrapped
         if any((s == path or s.startswith(path + ".")) != (d == path or d.startswith(path + "."))
                for s, d in model.ties):
             continue  # would split a shared weight across sharded units
