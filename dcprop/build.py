@@ -11,7 +11,7 @@ import contextlib
 import math
 import zlib
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -26,8 +26,13 @@ __all__ = [
     "wrap",
 ]
 
-_ACT = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
-        "identity": nn.Identity}
+_ACT = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
 
 
 def _call(child: nn.Module, x: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
@@ -174,8 +179,13 @@ def _initial_value(seed: int, name: str, shape: torch.Size, dtype: torch.dtype) 
     return value.to(dtype)
 
 
-def build_model(model: S.ModelSpec, *, seed: int = 0, device: str | torch.device = "cpu",
-                frozen: tuple[str, ...] = ()) -> nn.Module:
+def build_model(
+    model: S.ModelSpec,
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    frozen: tuple[str, ...] = (),
+) -> nn.Module:
     """Build ``model`` on ``device`` with values fixed by ``seed``; freeze ``frozen``.
 
     >>> spec = S.ModelSpec(S.Block((("fc", S.Linear(4, 2)),)))
@@ -221,10 +231,10 @@ def data_shard(topology: S.Topology, mesh: Any) -> DataShard:
 
 
 class DataShard(NamedTuple):
-    """This rank's data-parallel index among ``size`` ranks that see different rows."""
+    """This rank's position ``part`` among ``parts`` data-parallel ranks (different rows)."""
 
-    index: int
-    size: int
+    part: int
+    parts: int
 
 
 def mesh_rank(mesh: Any) -> int:
@@ -237,8 +247,9 @@ def optimizer_for(params: Any, spec: S.OptimizerSpec) -> torch.optim.Optimizer:
     """The optimizer a spec names, over ``params`` (only those that require grad)."""
     params = [p for p in params if p.requires_grad]
     if spec.kind == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum,
-                               weight_decay=spec.weight_decay)
+        return torch.optim.SGD(
+            params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
     if spec.kind == "adam":
         return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -248,8 +259,14 @@ def _depth_first(paths: tuple[str, ...]) -> list[str]:
     return sorted(paths, key=lambda p: (-p.count("."), p))
 
 
-def wrap(module: nn.Module, topology: S.Topology, mesh: Any, *, flat_mesh: Any = None,
-         device: str | torch.device = "cpu") -> nn.Module:
+def wrap(
+    module: nn.Module,
+    topology: S.Topology,
+    mesh: Any,
+    *,
+    flat_mesh: Any = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
     """Apply ``topology.plan`` to ``module`` on ``mesh`` (a ``DeviceMesh`` of the topology's
     shape).  ``flat_mesh`` is a 1D mesh over the same ranks, needed by expert plans."""
     plan = topology.plan
@@ -257,8 +274,11 @@ def wrap(module: nn.Module, topology: S.Topology, mesh: Any, *, flat_mesh: Any =
         from torch.nn.parallel import DistributedDataParallel
 
         device = torch.device(device)
-        ids = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else None
+        ids = (
+            [device.index if device.index is not None else torch.cuda.current_device()]
+            if device.type == "cuda"
+            else None
+        )
         return DistributedDataParallel(module, process_group=mesh.get_group(), device_ids=ids)
     if isinstance(plan, S.FSDP1Plan):
         return _wrap_fsdp1(module, plan, mesh)
@@ -280,21 +300,27 @@ def _wrap_fsdp2(module: nn.Module, plan: S.FSDP2Plan, mesh: Any, flat_mesh: Any)
             layout[col], layout[row] = ColwiseParallel(), RowwiseParallel()
         parallelize_module(module, mesh[plan.tp.dim], layout)
     if plan.experts is not None:
-        experts = module.get_submodule(plan.experts.module)
+        experts = cast(nn.ModuleList, module.get_submodule(plan.experts.module))
         mine = mesh.get_local_rank(plan.experts.dim)
         for i in range(len(experts)):
             if i != mine:
                 experts[i] = AbsentExpert()
-        fully_shard(experts[mine], mesh=mesh[plan.shard_dim],
-                    reshard_after_forward=plan.reshard_after_forward)
+        fully_shard(
+            experts[mine],
+            mesh=mesh[plan.shard_dim],
+            reshard_after_forward=plan.reshard_after_forward,
+        )
         dp_mesh = flat_mesh
     elif plan.replicate_dim is not None:
         dp_mesh = mesh[(plan.replicate_dim, plan.shard_dim)]
     else:
         dp_mesh = mesh[plan.shard_dim] if mesh.ndim > 1 else mesh
     for path in _depth_first(plan.wrap):
-        fully_shard(module.get_submodule(path), mesh=dp_mesh,
-                    reshard_after_forward=plan.reshard_after_forward)
+        fully_shard(
+            module.get_submodule(path),
+            mesh=dp_mesh,
+            reshard_after_forward=plan.reshard_after_forward,
+        )
     fully_shard(module, mesh=dp_mesh, reshard_after_forward=plan.reshard_after_forward)
     return module
 
@@ -314,10 +340,12 @@ def _wrap_fsdp1(module: nn.Module, plan: S.FSDP1Plan, mesh: Any) -> nn.Module:
         sharding_strategy=ShardingStrategy[plan.sharding_strategy],
         use_orig_params=plan.use_orig_params,
         cpu_offload=CPUOffload(offload_params=plan.cpu_offload),
-        mixed_precision=MixedPrecision(param_dtype=dtype, reduce_dtype=dtype,
-                                       buffer_dtype=dtype) if dtype else None,
+        mixed_precision=MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype)
+        if dtype
+        else None,
         backward_prefetch=BackwardPrefetch[plan.backward_prefetch]
-        if plan.backward_prefetch else None,
+        if plan.backward_prefetch
+        else None,
     )
     if not plan.cpu_offload:
         kwargs["device_id"] = torch.cuda.current_device()

@@ -34,19 +34,25 @@ class PropertyReport:
     known: list[dict[str, Any]] = attrs.field(factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"examples": self.examples, "seconds": round(self.seconds, 3),
-                "failures": self.failures, "known": self.known}
+        return {
+            "examples": self.examples,
+            "seconds": round(self.seconds, 3),
+            "failures": self.failures,
+            "known": self.known,
+        }
 
 
 def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
     """Categories worth counting: what a run covered (for ``hypothesis.event``)."""
     save, load = scenario.save, scenario.load_topology
     shards = save.shard_count
-    uneven = shards > 1 and any(shape and shape[0] % shards
-                                for shape in scenario.model.parameters().values())
+    uneven = shards > 1 and any(
+        shape and shape[0] % shards for shape in scenario.model.parameters().values()
+    )
     out = {
         "plan": save.plan_kind if save == load else f"{save.plan_kind} -> {load.plan_kind}",
-        "mesh": str(save.mesh.shape) if save.mesh == load.mesh
+        "mesh": str(save.mesh.shape)
+        if save.mesh == load.mesh
         else f"{save.mesh.shape} -> {load.mesh.shape}",
         "layout": "uneven" if uneven else "even",
         "frozen": "some frozen" if scenario.frozen else "none frozen",
@@ -69,15 +75,24 @@ def signature_error(failure: ExampleFailure) -> ExampleFailure:
     another while shrinking."""
     key = hashlib.sha1(failure.signature.encode()).hexdigest()[:8]
     cls = _FAILURE_TYPES.setdefault(
-        key, type(f"PropertyFailed_{key}", (type(failure),), {"__module__": __name__}))
+        key, type(f"PropertyFailed_{key}", (type(failure),), {"__module__": __name__})
+    )
     return cls(str(failure), outcomes=failure.outcomes, signature=failure.signature)
 
 
-def run_campaign(runner: Any, property: str, strategy: Any, *, max_examples: int,
-                 seed: int = 0, hooks: Any = None, strict: bool = False,
-                 on_example: Callable[[PropertyReport], None] | None = None,
-                 on_failure: Callable[[S.Scenario, ExampleFailure], str] | None = None,
-                 explicit: tuple[S.Scenario, ...] = ()) -> PropertyReport:
+def run_campaign(
+    runner: Any,
+    property: str,
+    strategy: Any,
+    *,
+    max_examples: int,
+    seed: int = 0,
+    hooks: Any = None,
+    strict: bool = False,
+    on_example: Callable[[PropertyReport], None] | None = None,
+    on_failure: Callable[[S.Scenario, ExampleFailure], str] | None = None,
+    explicit: tuple[S.Scenario, ...] = (),
+) -> PropertyReport:
     """Run ``property`` over ``explicit`` scenarios, then ``max_examples`` drawn from
     ``strategy``.  ``on_failure(scenario, failure)`` writes a reproducer and returns
     its path; it is called for the shrunk failure only."""
@@ -93,8 +108,9 @@ def run_campaign(runner: Any, property: str, strategy: Any, *, max_examples: int
             known = match_known(failure.signature)
             if known is not None and not strict:
                 if not any(k["id"] == known.id for k in report.known):
-                    report.known.append({**describe(known), "error": failure.signature,
-                                         "scenario": _json(scenario)})
+                    report.known.append(
+                        {**describe(known), "error": failure.signature, "scenario": _json(scenario)}
+                    )
                 return
             last["scenario"], last["failure"] = scenario, failure
             raise signature_error(failure) from None
@@ -109,11 +125,18 @@ def run_campaign(runner: Any, property: str, strategy: Any, *, max_examples: int
         except ExampleFailure as failure:
             _record(report, scenario, failure, on_failure)
     if max_examples > 0:
+
         @hypothesis_seed(seed)
-        @settings(max_examples=max_examples, deadline=None, database=None,
-                  derandomize=False, report_multiple_bugs=False, print_blob=False,
-                  phases=(Phase.generate, Phase.shrink),
-                  suppress_health_check=(HealthCheck.too_slow,))
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            database=None,
+            derandomize=False,
+            report_multiple_bugs=False,
+            print_blob=False,
+            phases=(Phase.generate, Phase.shrink),
+            suppress_health_check=(HealthCheck.too_slow,),
+        )
         @given(strategy)
         def search(scenario: S.Scenario) -> None:
             record_events(scenario)
@@ -133,11 +156,18 @@ def _json(scenario: S.Scenario) -> Any:
     return to_json(scenario)
 
 
-def _record(report: PropertyReport, scenario: S.Scenario, failure: ExampleFailure,
-            on_failure: Callable[[S.Scenario, ExampleFailure], str] | None) -> None:
-    entry: dict[str, Any] = {"error": str(failure).splitlines()[0],
-                             "signature": failure.signature, "scenario": _json(scenario),
-                             "reproducer": None}
+def _record(
+    report: PropertyReport,
+    scenario: S.Scenario,
+    failure: ExampleFailure,
+    on_failure: Callable[[S.Scenario, ExampleFailure], str] | None,
+) -> None:
+    entry: dict[str, Any] = {
+        "error": str(failure).splitlines()[0],
+        "signature": failure.signature,
+        "scenario": _json(scenario),
+        "reproducer": None,
+    }
     known = match_known(failure.signature)
     if known is not None:
         entry["known_bug"] = known.id

@@ -20,8 +20,9 @@ __all__ = ["Checkpointer", "DCPCheckpointer", "load_checkpointer"]
 
 @runtime_checkable
 class Checkpointer(Protocol):
-    def save(self, state_dict: dict[str, Any], path: str, *, storage: StorageSpec,
-             group: Any) -> None:
+    def save(
+        self, state_dict: dict[str, Any], path: str, *, storage: StorageSpec, group: Any
+    ) -> None:
         """Write ``state_dict`` (this rank's part) under directory ``path``."""
 
     def load(self, state_dict: dict[str, Any], path: str, *, group: Any) -> None:
@@ -31,14 +32,19 @@ class Checkpointer(Protocol):
 class DCPCheckpointer:
     """``torch.distributed.checkpoint`` save/load (or ``async_save``) on a file system."""
 
-    def save(self, state_dict: dict[str, Any], path: str, *, storage: StorageSpec,
-             group: Any) -> None:
+    def save(
+        self, state_dict: dict[str, Any], path: str, *, storage: StorageSpec, group: Any
+    ) -> None:
         import torch.distributed.checkpoint as dcp
 
-        writer = dcp.FileSystemWriter(path, single_file_per_rank=storage.single_file_per_rank,
-                                      thread_count=storage.thread_count)
+        writer = dcp.FileSystemWriter(
+            path,
+            single_file_per_rank=storage.single_file_per_rank,
+            thread_count=storage.thread_count,
+        )
         if storage.async_save:
-            dcp.async_save(state_dict, storage_writer=writer, process_group=group).result()
+            pending: Any = dcp.async_save(state_dict, storage_writer=writer, process_group=group)
+            pending.result()
         else:
             dcp.save(state_dict, storage_writer=writer, process_group=group)
 

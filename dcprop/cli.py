@@ -24,9 +24,12 @@ __all__ = ["main"]
 PROPERTY_NAMES = ("roundtrip", "reshard", "ddp_parity", "finetune_resume", "submesh_layout")
 # Recipes are data in the repository's top-level strategies/ folder: found from the
 # working directory first, then beside the package source (an editable install).
-RECIPES_DIRS = (os.path.join("strategies", "recipes"),
-                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "strategies", "recipes"))
+RECIPES_DIRS = (
+    os.path.join("strategies", "recipes"),
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "strategies", "recipes"
+    ),
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,27 +37,54 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcprop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="run properties over generated scenarios")
-    check.add_argument("--properties", default=",".join(PROPERTY_NAMES),
-                       help="comma-separated properties (default: all)")
-    check.add_argument("--world-size", type=int, default=4,
-                       help="largest world size; scenarios use 1..N ranks (default 4)")
-    check.add_argument("--max-examples", type=int, default=None,
-                       help="examples per property (default: the recipe's, or 8)")
+    check.add_argument(
+        "--properties",
+        default=None,
+        help="comma-separated properties (default: the recipe's, or all)",
+    )
+    check.add_argument(
+        "--world-size",
+        type=int,
+        default=4,
+        help="largest world size; scenarios use 1..N ranks (default 4)",
+    )
+    check.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help="examples per property (default: the recipe's, or 8)",
+    )
     check.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0)")
-    check.add_argument("--recipe", default=None, help="a recipe in strategies/recipes/ "
-                       "(a name, or a path to a JSON file)")
+    check.add_argument(
+        "--recipe",
+        default=None,
+        help="a recipe in strategies/recipes/ (a name, or a path to a JSON file)",
+    )
     check.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
-    check.add_argument("--timeout", type=float, default=20.0,
-                       help="seconds an example may take before it counts as a hang")
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=20.0,
+        help="seconds an example may take before it counts as a hang",
+    )
     check.add_argument("--report", default=None, help="write a JSON report here")
-    check.add_argument("--repro-dir", default="dcprop-repros",
-                       help="where reproducers of failures go (default ./dcprop-repros)")
-    check.add_argument("--checkpointer", default=None,
-                       help="module:attr of your Checkpointer (save/load) to test")
-    check.add_argument("--strict", action="store_true",
-                       help="count known upstream bugs as failures (exit 1)")
-    check.add_argument("--add-to-corpus", default=None, metavar="DIR",
-                       help="also save each new failure as a corpus entry in DIR")
+    check.add_argument(
+        "--repro-dir",
+        default="dcprop-repros",
+        help="where reproducers of failures go (default ./dcprop-repros)",
+    )
+    check.add_argument(
+        "--checkpointer", default=None, help="module:attr of your Checkpointer (save/load) to test"
+    )
+    check.add_argument(
+        "--strict", action="store_true", help="count known upstream bugs as failures (exit 1)"
+    )
+    check.add_argument(
+        "--add-to-corpus",
+        default=None,
+        metavar="DIR",
+        help="also save each new failure as a corpus entry in DIR",
+    )
     repro = sub.add_parser("repro", help="run a reproducer script written by dcprop check")
     repro.add_argument("file")
     return parser
@@ -86,8 +116,9 @@ def _repro(path: str) -> int:
 
 def load_recipe(name: str) -> dict[str, Any]:
     folders = [d for d in RECIPES_DIRS if os.path.isdir(d)]
-    candidates = [name] if name.endswith(".json") else \
-        [os.path.join(d, f"{name}.json") for d in folders]
+    candidates = (
+        [name] if name.endswith(".json") else [os.path.join(d, f"{name}.json") for d in folders]
+    )
     path = next((c for c in candidates if os.path.isfile(c)), None)
     if path is None:
         names = sorted({f[:-5] for d in folders for f in os.listdir(d) if f.endswith(".json")})
@@ -98,13 +129,16 @@ def load_recipe(name: str) -> dict[str, Any]:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     recipe = load_recipe(args.recipe) if args.recipe else {}
-    names = recipe.get("properties") if args.recipe and "--properties" not in sys.argv \
-        else args.properties.split(",")
+    if args.properties is not None:
+        names = args.properties.split(",")
+    else:
+        names = recipe.get("properties") or list(PROPERTY_NAMES)
     names = [n.strip() for n in names if n.strip()]
     unknown = [n for n in names if n not in PROPERTY_NAMES]
     if unknown or not names:
-        raise UsageError(f"--properties: unknown {unknown or names}; choose from "
-                         f"{', '.join(PROPERTY_NAMES)}")
+        raise UsageError(
+            f"--properties: unknown {unknown or names}; choose from {', '.join(PROPERTY_NAMES)}"
+        )
     if args.world_size < 1:
         raise UsageError(f"--world-size {args.world_size}: needs at least 1 rank")
     if args.timeout <= 0:
@@ -114,17 +148,26 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    world_sizes = [w for w in recipe.get("world_sizes", range(1, args.world_size + 1))
-                   if w <= args.world_size]
+    world_sizes = [
+        w for w in recipe.get("world_sizes", range(1, args.world_size + 1)) if w <= args.world_size
+    ]
     if not world_sizes:
-        raise UsageError(f"--world-size {args.world_size} is below every world size of recipe "
-                         f"{args.recipe!r} ({recipe.get('world_sizes')})")
-    max_examples = args.max_examples if args.max_examples is not None \
-        else recipe.get("max_examples", 8)
+        raise UsageError(
+            f"--world-size {args.world_size} is below every world size of recipe "
+            f"{args.recipe!r} ({recipe.get('world_sizes')})"
+        )
+    max_examples = (
+        args.max_examples if args.max_examples is not None else recipe.get("max_examples", 8)
+    )
     if max_examples < 0:
         raise UsageError(f"--max-examples {max_examples}: must be 0 or more")
-    return {"properties": names, "device": device, "world_sizes": tuple(world_sizes),
-            "max_examples": max_examples, "recipe": recipe}
+    return {
+        "properties": names,
+        "device": device,
+        "world_sizes": tuple(world_sizes),
+        "max_examples": max_examples,
+        "recipe": recipe,
+    }
 
 
 def _explicit(recipe: dict[str, Any], prop: str, world: int) -> tuple[Any, ...]:
@@ -135,8 +178,10 @@ def _explicit(recipe: dict[str, Any], prop: str, world: int) -> tuple[Any, ...]:
         if entry["property"] == prop:
             scenario = from_json(entry["scenario"])
             if scenario.world_size > world:
-                raise UsageError(f"recipe example for {prop} needs {scenario.world_size} ranks; "
-                                 f"raise --world-size to at least {scenario.world_size}")
+                raise UsageError(
+                    f"recipe example for {prop} needs {scenario.world_size} ranks; "
+                    f"raise --world-size to at least {scenario.world_size}"
+                )
             out.append(scenario)
     return tuple(out)
 
@@ -160,8 +205,10 @@ class _Progress:
     @staticmethod
     def _line(r: Any) -> str:
         rate = r.examples / r.seconds if r.seconds else 0.0
-        return (f"{r.name:<16} {r.examples:>4} examples  {len(r.failures)} failures  "
-                f"{len(r.known)} known  {rate:5.2f} examples/s  {r.seconds:6.1f}s")
+        return (
+            f"{r.name:<16} {r.examples:>4} examples  {len(r.failures)} failures  "
+            f"{len(r.known)} known  {rate:5.2f} examples/s  {r.seconds:6.1f}s"
+        )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -190,20 +237,34 @@ def _check(args: argparse.Namespace) -> int:
     try:
         for prop in cfg["properties"]:
             kwargs = dict(cfg["recipe"].get("scenario_kwargs", {}).get(prop, {}))
-            strategy = dst.scenarios(prop, world_sizes=cfg["world_sizes"], device=cfg["device"],
-                                     **kwargs)
+            strategy = dst.scenarios(
+                prop, world_sizes=cfg["world_sizes"], device=cfg["device"], **kwargs
+            )
 
             def write(scenario: Any, failure: Any, prop: str = prop) -> str:
-                path = write_reproducer(args.repro_dir, prop, scenario, error=str(failure),
-                                        checkpointer=args.checkpointer)
+                path = write_reproducer(
+                    args.repro_dir,
+                    prop,
+                    scenario,
+                    error=str(failure),
+                    checkpointer=args.checkpointer,
+                )
                 if args.add_to_corpus:
                     _add_to_corpus(args.add_to_corpus, prop, scenario, failure)
                 return path
 
-            report = run_campaign(runner, prop, strategy, max_examples=cfg["max_examples"],
-                                  seed=args.seed, hooks=hooks, strict=args.strict,
-                                  on_example=progress.update, on_failure=write,
-                                  explicit=explicit[prop])
+            report = run_campaign(
+                runner,
+                prop,
+                strategy,
+                max_examples=cfg["max_examples"],
+                seed=args.seed,
+                hooks=hooks,
+                strict=args.strict,
+                on_example=progress.update,
+                on_failure=write,
+                explicit=explicit[prop],
+            )
             progress.done(report)
             reports.append(report)
     finally:
@@ -224,15 +285,19 @@ def _check(args: argparse.Namespace) -> int:
 def _summary(reports: list[Any], seconds: float) -> None:
     print(f"\n{'property':<16} {'examples':>8} {'failures':>8} {'known':>5} {'seconds':>8}")
     for r in reports:
-        print(f"{r.name:<16} {r.examples:>8} {len(r.failures):>8} {len(r.known):>5} "
-              f"{r.seconds:>8.1f}")
-    print(f"{'total':<16} {sum(r.examples for r in reports):>8} "
-          f"{sum(len(r.failures) for r in reports):>8} {sum(len(r.known) for r in reports):>5} "
-          f"{seconds:>8.1f}")
+        print(
+            f"{r.name:<16} {r.examples:>8} {len(r.failures):>8} {len(r.known):>5} {r.seconds:>8.1f}"
+        )
+    print(
+        f"{'total':<16} {sum(r.examples for r in reports):>8} "
+        f"{sum(len(r.failures) for r in reports):>8} {sum(len(r.known) for r in reports):>5} "
+        f"{seconds:>8.1f}"
+    )
 
 
-def _write_report(path: str, cfg: dict[str, Any], args: argparse.Namespace,
-                  reports: list[Any]) -> None:
+def _write_report(
+    path: str, cfg: dict[str, Any], args: argparse.Namespace, reports: list[Any]
+) -> None:
     import torch
 
     data = {
@@ -255,9 +320,13 @@ def _add_to_corpus(directory: str, prop: str, scenario: Any, failure: Any) -> st
     from dcprop.known_bugs import match_known
 
     known = match_known(failure.signature)
-    return write_entry(directory, prop, scenario,
-                       expect=f"known:{known.id}" if known else "fail",
-                       note=str(failure).splitlines()[0])
+    return write_entry(
+        directory,
+        prop,
+        scenario,
+        expect=f"known:{known.id}" if known else "fail",
+        note=str(failure).splitlines()[0],
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,7 @@ def _shard_where(x: Any) -> str:
     try:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        shape, offset = compute_local_shape_and_global_offset(x.shape, x.device_mesh,
-                                                              x.placements)
+        shape, offset = compute_local_shape_and_global_offset(x.shape, x.device_mesh, x.placements)
         return f"shard offset {tuple(offset)} shape {tuple(shape)} of {tuple(x.shape)}"
     except Exception:
         return f"local shard of {tuple(x.shape)}"
@@ -101,22 +100,27 @@ def _tensor_detail(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -
     if a.numel() == 0:
         return None
     if rtol == 0 and atol == 0:
-        if torch.equal(a, b) or (a.is_floating_point() and
-                                 torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))):
+        if torch.equal(a, b) or (
+            a.is_floating_point() and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+        ):
             return None
     elif torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol):
         return None
     diff = (a.double() - b.double()).abs()
     idx = int(diff.flatten().argmax())
-    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape)) \
-        if a.dim() else ()
-    return (f"max abs difference {diff.max().item():.6g} at index {where} "
-            f"(expected {a.flatten()[idx].item():.8g}, got {b.flatten()[idx].item():.8g}; "
-            f"{int((diff > atol + rtol * b.double().abs()).sum())} of {a.numel()} elements differ)")
+    where = (
+        tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape)) if a.dim() else ()
+    )
+    return (
+        f"max abs difference {diff.max().item():.6g} at index {where} "
+        f"(expected {a.flatten()[idx].item():.8g}, got {b.flatten()[idx].item():.8g}; "
+        f"{int((diff > atol + rtol * b.double().abs()).sum())} of {a.numel()} elements differ)"
+    )
 
 
-def mismatches(expected: Mapping[str, Any], actual: Mapping[str, Any], *, rtol: float = 0.0,
-               atol: float = 0.0) -> list[Mismatch]:
+def mismatches(
+    expected: Mapping[str, Any], actual: Mapping[str, Any], *, rtol: float = 0.0, atol: float = 0.0
+) -> list[Mismatch]:
     """Every difference between two flattened dicts (bitwise unless rtol/atol given)."""
     out: list[Mismatch] = []
     for key in sorted(set(expected) - set(actual)):
@@ -130,8 +134,13 @@ def mismatches(expected: Mapping[str, Any], actual: Mapping[str, Any], *, rtol: 
                 out.append(Mismatch(key, "DTensor on one side, plain tensor on the other"))
                 continue
             if (a.mesh, a.placements) != (b.mesh, b.placements):
-                out.append(Mismatch(key, f"layout {a.placements} on ranks {a.mesh} != "
-                                         f"{b.placements} on ranks {b.mesh}"))
+                out.append(
+                    Mismatch(
+                        key,
+                        f"layout {a.placements} on ranks {a.mesh} != "
+                        f"{b.placements} on ranks {b.mesh}",
+                    )
+                )
                 continue
             detail = _tensor_detail(a.tensor, b.tensor, rtol, atol)
             if detail:
@@ -147,13 +156,22 @@ def mismatches(expected: Mapping[str, Any], actual: Mapping[str, Any], *, rtol: 
     return out
 
 
-def assert_same(expected: Mapping[str, Any], actual: Mapping[str, Any], *, what: str, rank: int,
-                rtol: float = 0.0, atol: float = 0.0, limit: int = 8) -> None:
+def assert_same(
+    expected: Mapping[str, Any],
+    actual: Mapping[str, Any],
+    *,
+    what: str,
+    rank: int,
+    rtol: float = 0.0,
+    atol: float = 0.0,
+    limit: int = 8,
+) -> None:
     """Raise :class:`PropertyFailure` listing the first ``limit`` mismatches."""
     found = mismatches(expected, actual, rtol=rtol, atol=atol)
     if found:
         tol = "bitwise" if rtol == atol == 0 else f"rtol={rtol:g}, atol={atol:g}"
         shown = "\n  ".join(str(m) for m in found[:limit])
         more = f"\n  ... and {len(found) - limit} more" if len(found) > limit else ""
-        raise PropertyFailure(f"{what} on rank {rank}: {len(found)} entries differ ({tol}):\n  "
-                              f"{shown}{more}")
+        raise PropertyFailure(
+            f"{what} on rank {rank}: {len(found)} entries differ ({tol}):\n  {shown}{more}"
+        )

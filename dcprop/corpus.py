@@ -24,8 +24,9 @@ __all__ = ["CorpusEntry", "load_entries", "write_entry"]
 class CorpusEntry:
     __slots__ = ("expect", "note", "path", "property", "scenario")
 
-    def __init__(self, path: str, property: str, scenario: Scenario, expect: str,
-                 note: str) -> None:
+    def __init__(
+        self, path: str, property: str, scenario: Scenario, expect: str, note: str
+    ) -> None:
         self.path, self.property, self.scenario = path, property, scenario
         self.expect, self.note = expect, note
 
@@ -37,8 +38,9 @@ class CorpusEntry:
         return f"CorpusEntry({os.path.basename(self.path)!r}, {self.property!r}, {self.expect!r})"
 
 
-def write_entry(directory: str, property: str, scenario: Scenario, *, expect: str,
-                note: str = "") -> str:
+def write_entry(
+    directory: str, property: str, scenario: Scenario, *, expect: str, note: str = ""
+) -> str:
     os.makedirs(directory, exist_ok=True)
     digest = hashlib.sha1(repr(scenario).encode()).hexdigest()[:10]
     path = os.path.join(directory, f"{property}-{digest}.json")
@@ -59,6 +61,9 @@ def load_entries(directory: str) -> list[CorpusEntry]:
             scenario = from_json(data["scenario"])
         except (KeyError, SpecError) as e:
             raise SpecError(f"corpus entry {path}: {e}") from e
-        entries.append(CorpusEntry(path, data["property"], scenario, data.get("expect", "pass"),
-                                   data.get("note", "")))
+        entries.append(
+            CorpusEntry(
+                path, data["property"], scenario, data.get("expect", "pass"), data.get("note", "")
+            )
+        )
     return entries

@@ -56,8 +56,9 @@ class ExampleFailure(AssertionError):
     to match known upstream bugs and to tell Hypothesis which failures are distinct).
     """
 
-    def __init__(self, message: str, *, outcomes: dict[int, Any] | None = None,
-                 signature: str = "") -> None:
+    def __init__(
+        self, message: str, *, outcomes: dict[int, Any] | None = None, signature: str = ""
+    ) -> None:
         super().__init__(message)
         self.outcomes = outcomes or {}
         self.signature = signature

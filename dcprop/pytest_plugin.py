@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-_PROFILE_DEFAULTS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow],
-                         print_blob=True)
-PROFILES = {
+_PROFILE_DEFAULTS: dict[str, Any] = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+PROFILES: dict[str, dict[str, Any]] = {
     "dcprop-ci": dict(max_examples=6, derandomize=True, database=None),
     "dcprop-dev": dict(max_examples=25),
     "dcprop-nightly": dict(max_examples=400),
@@ -31,16 +32,31 @@ repro_dir = "dcprop-repros"
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dcprop", "dcprop: property-based distributed checkpoint tests")
-    group.addoption("--dcprop-world-size", type=int, default=4,
-                    help="ranks in the session's pool (default 4)")
-    group.addoption("--dcprop-device", choices=("cpu", "cuda", "auto"), default="cpu",
-                    help="run ranks on cpu (gloo) or cuda (default cpu)")
-    group.addoption("--dcprop-timeout", type=float, default=30.0,
-                    help="seconds an example may take before it counts as a hang")
-    group.addoption("--dcprop-repro-dir", default="dcprop-repros",
-                    help="where reproducers of failing examples are written")
-    group.addoption("--dcprop-torchrun", action="store_true",
-                    help="under torchrun: rank 0 runs the tests, other ranks follow")
+    group.addoption(
+        "--dcprop-world-size", type=int, default=4, help="ranks in the session's pool (default 4)"
+    )
+    group.addoption(
+        "--dcprop-device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="run ranks on cpu (gloo) or cuda (default cpu)",
+    )
+    group.addoption(
+        "--dcprop-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an example may take before it counts as a hang",
+    )
+    group.addoption(
+        "--dcprop-repro-dir",
+        default="dcprop-repros",
+        help="where reproducers of failing examples are written",
+    )
+    group.addoption(
+        "--dcprop-torchrun",
+        action="store_true",
+        help="under torchrun: rank 0 runs the tests, other ranks follow",
+    )
 
 
 def _device(config: pytest.Config) -> str:
@@ -59,8 +75,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--dcprop-torchrun"):
         from dcprop.runner.spmd import SPMDRunner
 
-        config.stash[_RUNNER_KEY] = SPMDRunner(device=_device(config),
-                                               timeout=config.getoption("--dcprop-timeout"))
+        config.stash[_RUNNER_KEY] = SPMDRunner(
+            device=_device(config), timeout=config.getoption("--dcprop-timeout")
+        )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -88,8 +105,11 @@ def dcprop_runner(request: pytest.FixtureRequest) -> Any:
         return
     from dcprop.runner import Pool
 
-    pool = Pool(config.getoption("--dcprop-world-size"), device=_device(config),
-                timeout=config.getoption("--dcprop-timeout"))
+    pool = Pool(
+        config.getoption("--dcprop-world-size"),
+        device=_device(config),
+        timeout=config.getoption("--dcprop-timeout"),
+    )
     yield pool
     pool.close()
 

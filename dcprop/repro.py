@@ -30,16 +30,10 @@ def pretty(value: Any, indent: int = 0) -> str:
         return flat
     pad = " " * (indent + 4)
     if attrs.has(type(value)):
-        parts = []
-        for a in attrs.fields(type(value)):
-            v = getattr(value, a.name)
-            if a.default is attrs.NOTHING:
-                parts.append(pretty(v, indent + 4))
-            else:
-                default = a.default.factory() if isinstance(a.default, attrs.Factory) \
-                    else a.default
-                if v != default:
-                    parts.append(f"{a.name}={pretty(v, indent + 4 + len(a.name) + 1)}")
+        parts = [
+            pretty(v, indent + 4) if n is None else f"{n}={pretty(v, indent + 5 + len(n))}"
+            for n, v in S.explicit_fields(value)
+        ]
         body = f",\n{pad}".join(parts)
         return f"{type(value).__name__}(\n{pad}{body},\n{' ' * indent})"
     if isinstance(value, tuple) and value:
@@ -48,15 +42,20 @@ def pretty(value: Any, indent: int = 0) -> str:
     return flat
 
 
-def render(property: str, scenario: S.Scenario, *, error: str = "",
-           checkpointer: str | None = None) -> str:
+def render(
+    property: str, scenario: S.Scenario, *, error: str = "", checkpointer: str | None = None
+) -> str:
     """The text of a reproducer script."""
     import torch
 
     from dcprop import __version__
 
-    summary = textwrap.indent(textwrap.shorten(error.strip().splitlines()[0], 300)
-                              if error.strip() else "(no failure recorded)", "    ")
+    summary = textwrap.indent(
+        textwrap.shorten(error.strip().splitlines()[0], 300)
+        if error.strip()
+        else "(no failure recorded)",
+        "    ",
+    )
     hooks = f"\nCHECKPOINTER = {checkpointer!r}" if checkpointer else "\nCHECKPOINTER = None"
     return f'''"""dcprop reproducer: property {property!r} fails.
 
@@ -80,8 +79,15 @@ if __name__ == "__main__":
 '''
 
 
-def write_reproducer(directory: str, property: str, scenario: S.Scenario, *, error: str = "",
-                     checkpointer: str | None = None, name: str | None = None) -> str:
+def write_reproducer(
+    directory: str,
+    property: str,
+    scenario: S.Scenario,
+    *,
+    error: str = "",
+    checkpointer: str | None = None,
+    name: str | None = None,
+) -> str:
     """Write a reproducer under ``directory`` (atomically); return its path."""
     os.makedirs(directory, exist_ok=True)
     digest = hashlib.sha1(repr(scenario).encode()).hexdigest()[:10]
@@ -93,8 +99,13 @@ def write_reproducer(directory: str, property: str, scenario: S.Scenario, *, err
     return path
 
 
-def main(property: str, scenario: S.Scenario, *, checkpointer: str | None = None,
-         timeout: float | None = None) -> None:
+def main(
+    property: str,
+    scenario: S.Scenario,
+    *,
+    checkpointer: str | None = None,
+    timeout: float | None = None,
+) -> None:
     """Run ``property`` on ``scenario`` once, on local ranks or torchrun's, and exit."""
     from dcprop.errors import ExampleFailure
     from dcprop.known_bugs import match_known
@@ -102,8 +113,9 @@ def main(property: str, scenario: S.Scenario, *, checkpointer: str | None = None
     from dcprop.runner import DEFAULT_TIMEOUT, make_runner, under_torchrun
 
     hooks = _hooks(checkpointer)
-    runner = make_runner(scenario.world_size, device=scenario.device,
-                         timeout=timeout or DEFAULT_TIMEOUT)
+    runner = make_runner(
+        scenario.world_size, device=scenario.device, timeout=timeout or DEFAULT_TIMEOUT
+    )
     if under_torchrun() and not runner.is_driver:
         runner.follow()
         sys.exit(0)
@@ -113,8 +125,10 @@ def main(property: str, scenario: S.Scenario, *, checkpointer: str | None = None
         known = match_known(e.signature)
         print(f"FAIL: {property}\n{e}")
         if known:
-            print(f"\nThis is a known upstream bug: {known.id}: {known.title}"
-                  + (f" ({known.upstream})" if known.upstream else ""))
+            print(
+                f"\nThis is a known upstream bug: {known.id}: {known.title}"
+                + (f" ({known.upstream})" if known.upstream else "")
+            )
         runner.close()
         sys.exit(1)
     runner.close()

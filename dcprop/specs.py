@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar, Union
+from typing import Any
 
 import attrs
 from attrs import validators as v
@@ -66,24 +66,33 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # --------------------------------------------------------------------------- repr
 
 
+def explicit_fields(spec: Any) -> list[tuple[str | None, Any]]:
+    """The fields a constructor call must spell out: mandatory ones as ``(None, value)``
+    (positional), then those that differ from their default as ``(name, value)``."""
+    out: list[tuple[str | None, Any]] = []
+    for a in attrs.fields(type(spec)):
+        value = getattr(spec, a.name)
+        if a.default is attrs.NOTHING:
+            out.append((None, value))
+            continue
+        default = a.default.factory() if hasattr(a.default, "factory") else a.default
+        if value != default:
+            out.append((a.name, value))
+    return out
+
+
 def _spec_repr(self: Any) -> str:
     """Constructor-call repr that omits defaults: short, and valid Python."""
-    parts = []
-    for a in attrs.fields(type(self)):
-        value = getattr(self, a.name)
-        if a.default is attrs.NOTHING:
-            parts.append(repr(value))
-            continue
-        default = a.default.factory() if isinstance(a.default, attrs.Factory) else a.default
-        if value != default:
-            parts.append(f"{a.name}={value!r}")
+    parts = [repr(v) if n is None else f"{n}={v!r}" for n, v in explicit_fields(self)]
     return f"{type(self).__name__}({', '.join(parts)})"
 
 
-def spec(cls: type) -> type:
-    """Decorator for every spec class: frozen, slotted, hashable, short valid repr."""
-    cls.__repr__ = _spec_repr  # type: ignore[method-assign]
-    return attrs.frozen(cls, repr=False)
+class _Spec:
+    """Base of every spec: the short, valid-Python repr (attrs' own is turned off)."""
+
+    __slots__ = ()
+
+    __repr__ = _spec_repr
 
 
 _positive = [v.instance_of(int), v.ge(1)]
@@ -96,14 +105,16 @@ def _names(value: Any) -> tuple[str, ...]:
 
 def _check_ident(_inst: Any, attribute: attrs.Attribute, value: str) -> None:
     if not _IDENT.match(value):
-        raise SpecError(f"{attribute.name}={value!r} is not a valid module name (a Python identifier)")
+        raise SpecError(
+            f"{attribute.name}={value!r} is not a valid module name (a Python identifier)"
+        )
 
 
 # ---------------------------------------------------------------------- the model
 
 
-@spec
-class Linear:
+@attrs.frozen(repr=False)
+class Linear(_Spec):
     """``nn.Linear``; with ``unused_input`` it also takes the model input and ignores it."""
 
     in_features: int = attrs.field(validator=_positive)
@@ -112,26 +123,26 @@ class Linear:
     unused_input: bool = attrs.field(default=False, validator=v.instance_of(bool))
 
 
-@spec
-class Activation:
+@attrs.frozen(repr=False)
+class Activation(_Spec):
     kind: str = attrs.field(default="relu", validator=v.in_(ACTIVATIONS))
 
 
-@spec
-class LayerNorm:
+@attrs.frozen(repr=False)
+class LayerNorm(_Spec):
     dim: int = attrs.field(validator=_positive)
     elementwise_affine: bool = attrs.field(default=True, validator=v.instance_of(bool))
 
 
-@spec
-class BatchNorm:
+@attrs.frozen(repr=False)
+class BatchNorm(_Spec):
     """``nn.BatchNorm1d``: parameters plus running-statistics buffers."""
 
     dim: int = attrs.field(validator=_positive)
 
 
-@spec
-class Embedding:
+@attrs.frozen(repr=False)
+class Embedding(_Spec):
     """``nn.Embedding``; only valid as the model's first layer (its input is token ids)."""
 
     num_embeddings: int = attrs.field(validator=_positive)
@@ -161,22 +172,22 @@ def _unique_child_names(_inst: Any, attribute: attrs.Attribute, value: tuple) ->
         raise SpecError(f"{attribute.name} has duplicate child names {dupes}")
 
 
-@spec
-class Sequential:
+@attrs.frozen(repr=False)
+class Sequential(_Spec):
     """``nn.Sequential``: children named ``0, 1, ...``, applied in order."""
 
     layers: tuple[Layer, ...] = attrs.field(converter=_layer_tuple, validator=_non_empty)
 
 
-@spec
-class ModuleList:
+@attrs.frozen(repr=False)
+class ModuleList(_Spec):
     """``nn.ModuleList`` whose entries are applied in order (like seed 000's ``module_list``)."""
 
     layers: tuple[Layer, ...] = attrs.field(converter=_layer_tuple, validator=_non_empty)
 
 
-@spec
-class Block:
+@attrs.frozen(repr=False)
+class Block(_Spec):
     """A module with named children applied in order (``pretrain``, ``layer1``, ...)."""
 
     children: tuple[tuple[str, Layer], ...] = attrs.field(
@@ -184,8 +195,8 @@ class Block:
     )
 
 
-@spec
-class Branches:
+@attrs.frozen(repr=False)
+class Branches(_Spec):
     """Children applied to the same input; outputs concatenated on the last dim.
 
     With ``concat_input`` the input itself is concatenated too, so a model input
@@ -196,8 +207,8 @@ class Branches:
     concat_input: bool = attrs.field(default=False, validator=v.instance_of(bool))
 
 
-@spec
-class Repeat:
+@attrs.frozen(repr=False)
+class Repeat(_Spec):
     """One module applied ``times`` times in one forward (seed 003's multi-traversal).
 
     With ``no_grad_residual`` each pass also adds ``body(x)`` computed under
@@ -209,18 +220,27 @@ class Repeat:
     no_grad_residual: bool = attrs.field(default=False, validator=v.instance_of(bool))
 
 
-@spec
-class Experts:
+@attrs.frozen(repr=False)
+class Experts(_Spec):
     """Expert modules (``x + sum(expert(x))``) that an :class:`ExpertParallel` plan
     places one per expert-parallel coordinate, each sharded on its own sub-mesh."""
 
     layers: tuple[Layer, ...] = attrs.field(converter=_layer_tuple, validator=_non_empty)
 
 
-Layer = Union[
-    Linear, Activation, LayerNorm, BatchNorm, Embedding, Sequential, ModuleList, Block,
-    Branches, Repeat, Experts,
-]
+Layer = (
+    Linear
+    | Activation
+    | LayerNorm
+    | BatchNorm
+    | Embedding
+    | Sequential
+    | ModuleList
+    | Block
+    | Branches
+    | Repeat
+    | Experts
+)
 LEAVES = (Linear, Activation, LayerNorm, BatchNorm, Embedding)
 CONTAINERS = (Sequential, ModuleList, Block, Branches, Repeat, Experts)
 
@@ -252,8 +272,11 @@ def own_parameters(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
 
 def own_buffers(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     if isinstance(layer, BatchNorm):
-        return (("running_mean", (layer.dim,)), ("running_var", (layer.dim,)),
-                ("num_batches_tracked", ()))
+        return (
+            ("running_mean", (layer.dim,)),
+            ("running_var", (layer.dim,)),
+            ("num_batches_tracked", ()),
+        )
     return ()
 
 
@@ -282,17 +305,23 @@ def _flow(layer: Any, width: int | None, path: str) -> int:
         if isinstance(layer, (Sequential, ModuleList, Block)):
             pass  # the first child decides
         else:
-            raise SpecError(f"{type(layer).__name__} at {where!r} receives token ids; only an "
-                            "Embedding may be the first layer of a token model")
+            raise SpecError(
+                f"{type(layer).__name__} at {where!r} receives token ids; only an "
+                "Embedding may be the first layer of a token model"
+            )
     if isinstance(layer, Linear):
         if layer.in_features != width:
-            raise SpecError(f"Linear at {where!r} has in_features={layer.in_features} but its "
-                            f"input has width {width}")
+            raise SpecError(
+                f"Linear at {where!r} has in_features={layer.in_features} but its "
+                f"input has width {width}"
+            )
         return layer.out_features
     if isinstance(layer, (LayerNorm, BatchNorm)):
         if layer.dim != width:
-            raise SpecError(f"{type(layer).__name__} at {where!r} has dim={layer.dim} but its "
-                            f"input has width {width}")
+            raise SpecError(
+                f"{type(layer).__name__} at {where!r} has dim={layer.dim} but its "
+                f"input has width {width}"
+            )
         return width  # type: ignore[return-value]
     if isinstance(layer, Activation):
         return width  # type: ignore[return-value]
@@ -308,8 +337,10 @@ def _flow(layer: Any, width: int | None, path: str) -> int:
         for name, child in children_of(layer):
             out = _flow(child, width, _join(path, name))
             if out != width:
-                raise SpecError(f"{type(layer).__name__} at {where!r} needs children that keep the "
-                                f"width, but {_join(path, name)!r} maps {width} -> {out}")
+                raise SpecError(
+                    f"{type(layer).__name__} at {where!r} needs children that keep the "
+                    f"width, but {_join(path, name)!r} maps {width} -> {out}"
+                )
         return width  # type: ignore[return-value]
     raise SpecError(f"unknown layer {layer!r} at {where!r}")
 
@@ -318,8 +349,8 @@ def _tie_tuple(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple((str(a), str(b)) for a, b in value)
 
 
-@spec
-class ModelSpec:
+@attrs.frozen(repr=False)
+class ModelSpec(_Spec):
     """A whole model: a root :class:`Block`, and weight ties.
 
     ``ties`` holds ``(source, target)`` module paths: the target's ``weight`` is the
@@ -342,8 +373,10 @@ class ModelSpec:
                     raise SpecError(f"tie ({src!r}, {dst!r}): no module at {p!r}")
             shapes = [dict(own_parameters(modules[p])).get("weight") for p in (src, dst)]
             if None in shapes or shapes[0] != shapes[1]:
-                raise SpecError(f"tie ({src!r}, {dst!r}): weights must exist and have one shape, "
-                                f"got {shapes[0]} and {shapes[1]}")
+                raise SpecError(
+                    f"tie ({src!r}, {dst!r}): weights must exist and have one shape, "
+                    f"got {shapes[0]} and {shapes[1]}"
+                )
         targets = [d for _, d in self.ties]
         if len(set(targets)) != len(targets) or set(targets) & {s for s, _ in self.ties}:
             raise SpecError(f"ties {self.ties} must not chain or repeat a target")
@@ -369,8 +402,10 @@ class ModelSpec:
             return first.in_features
         if isinstance(first, (LayerNorm, BatchNorm)):
             return first.dim
-        raise SpecError("the model's first layer must fix the input width (Linear, LayerNorm, "
-                        f"BatchNorm or Embedding), got {first!r}")
+        raise SpecError(
+            "the model's first layer must fix the input width (Linear, LayerNorm, "
+            f"BatchNorm or Embedding), got {first!r}"
+        )
 
     @property
     def out_features(self) -> int:
@@ -403,6 +438,10 @@ class ModelSpec:
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(self.parameters())
 
+    def state_dict_names(self) -> tuple[str, ...]:
+        """Parameter names as a model state dict lists them: a tied weight under each name."""
+        return tuple(_join(p, n) for p, layer in self.modules() for n, _ in own_parameters(layer))
+
     def buffers(self) -> dict[str, tuple[int, ...]]:
         return {_join(p, n): s for p, layer in self.modules() for n, s in own_buffers(layer)}
 
@@ -417,8 +456,8 @@ def _shape(value: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in value)
 
 
-@spec
-class MeshSpec:
+@attrs.frozen(repr=False)
+class MeshSpec(_Spec):
     """A ``DeviceMesh`` shape with dim names; 1 to 3 dims, dims of size 1 allowed.
 
     >>> MeshSpec((2, 2), ("replicate", "shard")).size
@@ -434,8 +473,10 @@ class MeshSpec:
         if any(s < 1 for s in self.shape):
             raise SpecError(f"mesh shape {self.shape} has a dim smaller than 1")
         if len(self.dim_names) != len(self.shape):
-            raise SpecError(f"mesh shape {self.shape} has {len(self.shape)} dims but dim_names "
-                            f"{self.dim_names} has {len(self.dim_names)}")
+            raise SpecError(
+                f"mesh shape {self.shape} has {len(self.shape)} dims but dim_names "
+                f"{self.dim_names} has {len(self.dim_names)}"
+            )
         if len(set(self.dim_names)) != len(self.dim_names):
             raise SpecError(f"mesh dim_names {self.dim_names} repeat a name")
         for n in self.dim_names:
@@ -450,21 +491,21 @@ class MeshSpec:
         return self.shape[self.dim_names.index(name)]
 
 
-@spec
-class DDPPlan:
+@attrs.frozen(repr=False)
+class DDPPlan(_Spec):
     """``DistributedDataParallel`` over a 1D mesh."""
 
 
-@spec
-class TensorParallel:
+@attrs.frozen(repr=False)
+class TensorParallel(_Spec):
     """Tensor parallel on mesh dim ``dim``: each pair is (colwise Linear, rowwise Linear)."""
 
     dim: str = attrs.field(validator=_check_ident)
     pairs: tuple[tuple[str, str], ...] = attrs.field(converter=_tie_tuple, validator=_non_empty)
 
 
-@spec
-class ExpertParallel:
+@attrs.frozen(repr=False)
+class ExpertParallel(_Spec):
     """Seed 004's layout: the experts of the :class:`Experts` module at ``module`` are
     spread over mesh dim ``dim`` (expert ``e`` lives on the ranks whose coordinate on
     ``dim`` is ``e``) and each is sharded on the sub-mesh of the remaining dim; every
@@ -474,8 +515,8 @@ class ExpertParallel:
     dim: str = attrs.field(default="ep", validator=_check_ident)
 
 
-@spec
-class FSDP2Plan:
+@attrs.frozen(repr=False)
+class FSDP2Plan(_Spec):
     """``fully_shard`` on each path in ``wrap`` (deepest first), then on the root.
 
     ``replicate_dim`` set makes it HSDP (replicate x shard); ``tp`` applies tensor
@@ -486,10 +527,12 @@ class FSDP2Plan:
     wrap: tuple[str, ...] = attrs.field(default=(), converter=_names)
     reshard_after_forward: bool = attrs.field(default=True, validator=v.instance_of(bool))
     replicate_dim: str | None = attrs.field(default=None, validator=v.optional(_check_ident))
-    tp: TensorParallel | None = attrs.field(default=None,
-                                            validator=v.optional(v.instance_of(TensorParallel)))
+    tp: TensorParallel | None = attrs.field(
+        default=None, validator=v.optional(v.instance_of(TensorParallel))
+    )
     experts: ExpertParallel | None = attrs.field(
-        default=None, validator=v.optional(v.instance_of(ExpertParallel)))
+        default=None, validator=v.optional(v.instance_of(ExpertParallel))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.experts is not None and (self.tp is not None or self.replicate_dim is not None):
@@ -507,18 +550,21 @@ class FSDP2Plan:
         return tuple(dims)
 
 
-@spec
-class FSDP1Plan:
+@attrs.frozen(repr=False)
+class FSDP1Plan(_Spec):
     """``FullyShardedDataParallel`` (FSDP1). Validates anywhere; runs on CUDA only."""
 
-    sharding_strategy: str = attrs.field(default="FULL_SHARD",
-                                         validator=v.in_(FSDP1_SHARDING_STRATEGIES))
+    sharding_strategy: str = attrs.field(
+        default="FULL_SHARD", validator=v.in_(FSDP1_SHARDING_STRATEGIES)
+    )
     use_orig_params: bool = attrs.field(default=True, validator=v.instance_of(bool))
     cpu_offload: bool = attrs.field(default=False, validator=v.instance_of(bool))
-    mixed_precision: str | None = attrs.field(default=None,
-                                              validator=v.optional(v.in_(("fp16", "bf16"))))
+    mixed_precision: str | None = attrs.field(
+        default=None, validator=v.optional(v.in_(("fp16", "bf16")))
+    )
     backward_prefetch: str | None = attrs.field(
-        default=None, validator=v.optional(v.in_(("BACKWARD_PRE", "BACKWARD_POST"))))
+        default=None, validator=v.optional(v.in_(("BACKWARD_PRE", "BACKWARD_POST")))
+    )
     wrap: tuple[str, ...] = attrs.field(default=(), converter=_names)
 
     @property
@@ -526,11 +572,11 @@ class FSDP1Plan:
         return "HYBRID" in self.sharding_strategy
 
 
-Plan = Union[DDPPlan, FSDP2Plan, FSDP1Plan]
+Plan = DDPPlan | FSDP2Plan | FSDP1Plan
 
 
-@spec
-class StateDictSpec:
+@attrs.frozen(repr=False)
+class StateDictSpec(_Spec):
     """``torch.distributed.checkpoint.state_dict.StateDictOptions``, as data."""
 
     full_state_dict: bool = attrs.field(default=False, validator=v.instance_of(bool))
@@ -538,22 +584,25 @@ class StateDictSpec:
     ignore_frozen_params: bool = attrs.field(default=False, validator=v.instance_of(bool))
     keep_submodule_prefixes: bool = attrs.field(default=True, validator=v.instance_of(bool))
     strict: bool = attrs.field(default=True, validator=v.instance_of(bool))
-    flatten_optimizer_state_dict: bool = attrs.field(default=False,
-                                                     validator=v.instance_of(bool))
+    flatten_optimizer_state_dict: bool = attrs.field(default=False, validator=v.instance_of(bool))
     broadcast_from_rank0: bool = attrs.field(default=False, validator=v.instance_of(bool))
     submodules: tuple[str, ...] = attrs.field(default=(), converter=_names)
 
     def __attrs_post_init__(self) -> None:
         if self.broadcast_from_rank0 and not self.full_state_dict:
-            raise SpecError("broadcast_from_rank0=True needs full_state_dict=True "
-                            "(torch only broadcasts full state dicts)")
+            raise SpecError(
+                "broadcast_from_rank0=True needs full_state_dict=True "
+                "(torch only broadcasts full state dicts)"
+            )
         if not self.keep_submodule_prefixes and not self.submodules:
-            raise SpecError("keep_submodule_prefixes=False only means something with "
-                            "submodules=(...); set submodules or keep the prefixes")
+            raise SpecError(
+                "keep_submodule_prefixes=False only means something with "
+                "submodules=(...); set submodules or keep the prefixes"
+            )
 
 
-@spec
-class StorageSpec:
+@attrs.frozen(repr=False)
+class StorageSpec(_Spec):
     """DCP ``FileSystemWriter`` options and the save mode."""
 
     single_file_per_rank: bool = attrs.field(default=True, validator=v.instance_of(bool))
@@ -561,35 +610,48 @@ class StorageSpec:
     async_save: bool = attrs.field(default=False, validator=v.instance_of(bool))
 
 
-@spec
-class Topology:
+@attrs.frozen(repr=False)
+class Topology(_Spec):
     """Where a state dict lives: world size, mesh, parallel plan, state-dict options."""
 
     world_size: int = attrs.field(validator=_positive)
     mesh: MeshSpec = attrs.field(validator=v.instance_of(MeshSpec))
     plan: Plan = attrs.field(validator=v.instance_of((DDPPlan, FSDP2Plan, FSDP1Plan)))
-    state_dict: StateDictSpec = attrs.field(factory=StateDictSpec,
-                                            validator=v.instance_of(StateDictSpec))
+    state_dict: StateDictSpec = attrs.field(
+        factory=StateDictSpec, validator=v.instance_of(StateDictSpec)
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.mesh.size != self.world_size:
-            raise SpecError(f"mesh {self.mesh.shape} has {self.mesh.size} ranks but world_size "
-                            f"is {self.world_size}")
+            raise SpecError(
+                f"mesh {self.mesh.shape} has {self.mesh.size} ranks but world_size "
+                f"is {self.world_size}"
+            )
         names = set(self.mesh.dim_names)
         if isinstance(self.plan, DDPPlan) and len(self.mesh.shape) != 1:
             raise SpecError(f"DDPPlan needs a 1D mesh, got shape {self.mesh.shape}")
         if isinstance(self.plan, FSDP2Plan) and set(self.plan.mesh_dims) != names:
-            raise SpecError(f"{self.plan!r} uses mesh dims {sorted(self.plan.mesh_dims)} but the "
-                            f"mesh has dims {sorted(names)}; name every mesh dim in the plan")
+            raise SpecError(
+                f"{self.plan!r} uses mesh dims {sorted(self.plan.mesh_dims)} but the "
+                f"mesh has dims {sorted(names)}; name every mesh dim in the plan"
+            )
         if isinstance(self.plan, FSDP1Plan):
             want = 2 if self.plan.hybrid else 1
             if len(self.mesh.shape) != want:
-                raise SpecError(f"FSDP1Plan(sharding_strategy={self.plan.sharding_strategy!r}) "
-                                f"needs a {want}D mesh, got shape {self.mesh.shape}")
-        if self.plan_kind == "hsdp" and self.mesh.dim_names.index(
-                self.plan.replicate_dim) > self.mesh.dim_names.index(self.plan.shard_dim):
-            raise SpecError(f"HSDP needs the replicate dim before the shard dim, got "
-                            f"{self.mesh.dim_names}")
+                raise SpecError(
+                    f"FSDP1Plan(sharding_strategy={self.plan.sharding_strategy!r}) "
+                    f"needs a {want}D mesh, got shape {self.mesh.shape}"
+                )
+        plan = self.plan
+        if (
+            isinstance(plan, FSDP2Plan)
+            and plan.replicate_dim is not None
+            and self.mesh.dim_names.index(plan.replicate_dim)
+            > self.mesh.dim_names.index(plan.shard_dim)
+        ):
+            raise SpecError(
+                f"HSDP needs the replicate dim before the shard dim, got {self.mesh.dim_names}"
+            )
 
     @property
     def plan_kind(self) -> str:
@@ -627,8 +689,8 @@ class Topology:
         return self.world_size
 
 
-@spec
-class OptimizerSpec:
+@attrs.frozen(repr=False)
+class OptimizerSpec(_Spec):
     """SGD (with or without momentum), Adam, or AdamW."""
 
     kind: str = attrs.field(default="sgd", validator=v.in_(("sgd", "adam", "adamw")))
@@ -641,8 +703,8 @@ class OptimizerSpec:
             raise SpecError(f"momentum={self.momentum} is an SGD option; {self.kind} has betas")
 
 
-@spec
-class TrainingSpec:
+@attrs.frozen(repr=False)
+class TrainingSpec(_Spec):
     """How many optimizer steps, the per-rank batch, and the data seed."""
 
     steps: int = attrs.field(default=1, validator=[v.instance_of(int), v.ge(1), v.le(64)])
@@ -659,17 +721,21 @@ def _check_wrap(model: ModelSpec, wrap: tuple[str, ...], what: str) -> None:
     modules = _module_paths(model)
     for p in wrap:
         if p not in modules or p == "":
-            raise SpecError(f"{what} wraps {p!r}, which is not a submodule path of the model "
-                            f"(paths: {sorted(m for m in modules if m)[:12]})")
+            raise SpecError(
+                f"{what} wraps {p!r}, which is not a submodule path of the model "
+                f"(paths: {sorted(m for m in modules if m)[:12]})"
+            )
     if len(set(wrap)) != len(wrap):
         raise SpecError(f"{what} wraps a path twice: {wrap}")
     for src, dst in model.ties:
         for p in wrap:
             inside = [_is_within(x, p) for x in (src, dst)]
             if inside[0] != inside[1]:
-                raise SpecError(f"{what} wraps {p!r}, which holds one side of the tie "
-                                f"({src!r}, {dst!r}) but not the other; a shared weight must "
-                                "live in one sharded unit")
+                raise SpecError(
+                    f"{what} wraps {p!r}, which holds one side of the tie "
+                    f"({src!r}, {dst!r}) but not the other; a shared weight must "
+                    "live in one sharded unit"
+                )
 
 
 def _is_within(path: str, prefix: str) -> bool:
@@ -688,24 +754,31 @@ def _check_tp(model: ModelSpec, topo: Topology, tp: TensorParallel) -> None:
                 raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}): {p!r} has a tied weight")
         c, r = modules[col], modules[row]
         if c.out_features != r.in_features:
-            raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}): colwise out_features="
-                            f"{c.out_features} != rowwise in_features={r.in_features}")
+            raise SpecError(
+                f"tensor-parallel pair ({col!r}, {row!r}): colwise out_features="
+                f"{c.out_features} != rowwise in_features={r.in_features}"
+            )
         if c.out_features % size:
-            raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}): the hidden width "
-                            f"{c.out_features} must be divisible by mesh dim {tp.dim!r} of size "
-                            f"{size} ({c.out_features} % {size} = {c.out_features % size})")
+            raise SpecError(
+                f"tensor-parallel pair ({col!r}, {row!r}): the hidden width "
+                f"{c.out_features} must be divisible by mesh dim {tp.dim!r} of size "
+                f"{size} ({c.out_features} % {size} = {c.out_features % size})"
+            )
         parent_c, _, name_c = col.rpartition(".")
         parent_r, _, name_r = row.rpartition(".")
         parent = modules.get(parent_c)
         ok = parent_c == parent_r and isinstance(parent, (Sequential, ModuleList, Block))
         if ok:
             names = [n for n, _ in children_of(parent)]
-            between = children_of(parent)[names.index(name_c) + 1: names.index(name_r)]
+            between = children_of(parent)[names.index(name_c) + 1 : names.index(name_r)]
             ok = names.index(name_c) < names.index(name_r) and all(
-                isinstance(x, Activation) for _, x in between)
+                isinstance(x, Activation) for _, x in between
+            )
         if not ok:
-            raise SpecError(f"tensor-parallel pair ({col!r}, {row!r}) must be siblings in order "
-                            "with only activations between them")
+            raise SpecError(
+                f"tensor-parallel pair ({col!r}, {row!r}) must be siblings in order "
+                "with only activations between them"
+            )
 
 
 def _check_experts(model: ModelSpec, topo: Topology, ep: ExpertParallel) -> None:
@@ -714,20 +787,25 @@ def _check_experts(model: ModelSpec, topo: Topology, ep: ExpertParallel) -> None
         raise SpecError(f"ExpertParallel(module={ep.module!r}) must name an Experts module")
     size = topo.mesh.dim_size(ep.dim)
     if len(layer.layers) != size:
-        raise SpecError(f"Experts at {ep.module!r} has {len(layer.layers)} experts but mesh dim "
-                        f"{ep.dim!r} has size {size}; one expert per coordinate")
+        raise SpecError(
+            f"Experts at {ep.module!r} has {len(layer.layers)} experts but mesh dim "
+            f"{ep.dim!r} has size {size}; one expert per coordinate"
+        )
     for src, dst in model.ties:
         if _is_within(src, ep.module) or _is_within(dst, ep.module):
             raise SpecError(f"tie ({src!r}, {dst!r}) reaches into the experts at {ep.module!r}")
 
 
-def _check_topology(model: ModelSpec, topo: Topology, device: str, frozen: tuple[str, ...],
-                    which: str) -> None:
+def _check_topology(
+    model: ModelSpec, topo: Topology, device: str, frozen: tuple[str, ...], which: str
+) -> None:
     plan = topo.plan
     if isinstance(plan, FSDP1Plan):
         if device != "cuda":
-            raise SpecError(f"{which} topology uses {plan!r}, which needs device='cuda' "
-                            f"(FSDP1 refuses CPU ranks), got device={device!r}")
+            raise SpecError(
+                f"{which} topology uses {plan!r}, which needs device='cuda' "
+                f"(FSDP1 refuses CPU ranks), got device={device!r}"
+            )
         _check_wrap(model, plan.wrap, f"{which} plan")
         if not plan.use_orig_params:
             _check_uniform_frozen(model, plan.wrap, frozen, which)
@@ -737,17 +815,39 @@ def _check_topology(model: ModelSpec, topo: Topology, device: str, frozen: tuple
             _check_tp(model, topo, plan.tp)
         if plan.experts:
             _check_experts(model, topo, plan.experts)
+            _check_every_rank_trains(model, plan.experts, frozen, which)
             for p in plan.wrap:
                 if _is_within(p, plan.experts.module):
-                    raise SpecError(f"{which} plan wraps {p!r}, inside the experts at "
-                                    f"{plan.experts.module!r} (they get their own sub-mesh)")
+                    raise SpecError(
+                        f"{which} plan wraps {p!r}, inside the experts at "
+                        f"{plan.experts.module!r} (they get their own sub-mesh)"
+                    )
     for sub in topo.state_dict.submodules:
         if sub not in _module_paths(model) or sub == "":
             raise SpecError(f"{which} state_dict submodules names {sub!r}, not a submodule path")
 
 
-def _check_uniform_frozen(model: ModelSpec, wrap: tuple[str, ...], frozen: tuple[str, ...],
-                          which: str) -> None:
+def _check_every_rank_trains(
+    model: ModelSpec, ep: ExpertParallel, frozen: tuple[str, ...], which: str
+) -> None:
+    """Under an expert layout a rank holds the shared parameters and its own expert; an
+    optimizer over nothing is an error, so each rank needs something trainable."""
+    trainable = [n for n in model.parameter_names() if n not in set(frozen)]
+    prefix = ep.module + "."
+    if any(not n.startswith(prefix) for n in trainable):
+        return
+    experts = len(model.module(ep.module).layers)
+    idle = [e for e in range(experts) if not any(n.startswith(f"{prefix}{e}.") for n in trainable)]
+    if idle:
+        raise SpecError(
+            f"{which} plan: the ranks of expert(s) {idle} have nothing to train "
+            "(their expert and every shared parameter are frozen)"
+        )
+
+
+def _check_uniform_frozen(
+    model: ModelSpec, wrap: tuple[str, ...], frozen: tuple[str, ...], which: str
+) -> None:
     """FSDP1 without use_orig_params flattens a unit's parameters into one tensor,
     which cannot mix requires_grad values."""
     units: dict[str, set[bool]] = {}
@@ -757,16 +857,18 @@ def _check_uniform_frozen(model: ModelSpec, wrap: tuple[str, ...], frozen: tuple
         units.setdefault(unit, set()).add(name in frozen)
     for unit, flags in units.items():
         if len(flags) > 1:
-            raise SpecError(f"{which} FSDP1 plan with use_orig_params=False: unit "
-                            f"{unit or '<root>'!r} mixes frozen and trainable parameters")
+            raise SpecError(
+                f"{which} FSDP1 plan with use_orig_params=False: unit "
+                f"{unit or '<root>'!r} mixes frozen and trainable parameters"
+            )
 
 
 def _frozen_tuple(value: Any) -> tuple[str, ...]:
     return tuple(sorted(value))
 
 
-@spec
-class Scenario:
+@attrs.frozen(repr=False)
+class Scenario(_Spec):
     """Everything one property run needs.
 
     ``load`` is the topology the checkpoint is loaded on (``None``: the same as
@@ -782,10 +884,12 @@ class Scenario:
     save: Topology = attrs.field(validator=v.instance_of(Topology))
     load: Topology | None = attrs.field(default=None, validator=v.optional(v.instance_of(Topology)))
     frozen: tuple[str, ...] = attrs.field(default=(), converter=_frozen_tuple)
-    optimizer: OptimizerSpec = attrs.field(factory=OptimizerSpec,
-                                           validator=v.instance_of(OptimizerSpec))
-    training: TrainingSpec = attrs.field(factory=TrainingSpec,
-                                         validator=v.instance_of(TrainingSpec))
+    optimizer: OptimizerSpec = attrs.field(
+        factory=OptimizerSpec, validator=v.instance_of(OptimizerSpec)
+    )
+    training: TrainingSpec = attrs.field(
+        factory=TrainingSpec, validator=v.instance_of(TrainingSpec)
+    )
     storage: StorageSpec = attrs.field(factory=StorageSpec, validator=v.instance_of(StorageSpec))
     pretrained: str | None = attrs.field(default=None)
     seed: int = attrs.field(default=0, validator=_non_negative)
@@ -795,14 +899,20 @@ class Scenario:
         params = set(self.model.parameter_names())
         unknown = sorted(set(self.frozen) - params)
         if unknown:
-            raise SpecError(f"frozen names {unknown} are not parameters of the model "
-                            f"(parameters: {sorted(params)[:12]})")
+            raise SpecError(
+                f"frozen names {unknown} are not parameters of the model "
+                f"(parameters: {sorted(params)[:12]})"
+            )
         if self.model.takes_tokens and self.training.input_requires_grad:
-            raise SpecError("training.input_requires_grad=True needs float input, but the model "
-                            "starts with an Embedding (token ids cannot require grad)")
+            raise SpecError(
+                "training.input_requires_grad=True needs float input, but the model "
+                "starts with an Embedding (token ids cannot require grad)"
+            )
         if self.model.has_batch_statistics() and self.training.batch_size < 2:
-            raise SpecError(f"training.batch_size={self.training.batch_size}: BatchNorm needs at "
-                            "least 2 rows per rank in training mode")
+            raise SpecError(
+                f"training.batch_size={self.training.batch_size}: BatchNorm needs at "
+                "least 2 rows per rank in training mode"
+            )
         for which, topo in (("save", self.save), ("load", self.load)):
             if topo is not None:
                 _check_topology(self.model, topo, self.device, self.frozen, which)
@@ -811,8 +921,10 @@ class Scenario:
             if self.pretrained == "" or layer is None:
                 raise SpecError(f"pretrained={self.pretrained!r} is not a submodule path")
             if self.pretrained_model is None:
-                raise SpecError(f"pretrained={self.pretrained!r} must be a Block directly under "
-                                "the root, so it can be saved and loaded as a model of its own")
+                raise SpecError(
+                    f"pretrained={self.pretrained!r} must be a Block directly under "
+                    "the root, so it can be saved and loaded as a model of its own"
+                )
 
     @property
     def world_size(self) -> int:
@@ -836,6 +948,9 @@ class Scenario:
         layer = dict(self.model.root.children).get(self.pretrained)
         if not isinstance(layer, Block):
             return None
-        ties = tuple((s.split(".", 1)[1], d.split(".", 1)[1]) for s, d in self.model.ties
-                     if _is_within(s, self.pretrained) and _is_within(d, self.pretrained))
+        ties = tuple(
+            (s.split(".", 1)[1], d.split(".", 1)[1])
+            for s, d in self.model.ties
+            if _is_within(s, self.pretrained) and _is_within(d, self.pretrained)
+        )
         return ModelSpec(layer, ties)

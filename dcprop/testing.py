@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hypothesis import given
+from hypothesis import event, given
 
 from dcprop.campaign import record_events, signature_error
 from dcprop.errors import ExampleFailure
+from dcprop.known_bugs import match_known
 from dcprop.properties import property_ref, run_property
 from dcprop.specs import Scenario
 
@@ -37,8 +38,10 @@ def _hooks(checkpointer: Any, model_factory: Any) -> Any:
 
     if isinstance(checkpointer, str):
         checkpointer = load_checkpointer(checkpointer)
-    return Hooks(checkpointer=checkpointer or DCPCheckpointer(),
-                 model_factory=model_factory or default_model_factory)
+    return Hooks(
+        checkpointer=checkpointer or DCPCheckpointer(),
+        model_factory=model_factory or default_model_factory,
+    )
 
 
 def _is_final() -> bool:
@@ -51,33 +54,53 @@ def _is_final() -> bool:
         return True
 
 
-def check(runner: Any, property: str, scenario: Scenario, *, hooks: Any = None,
-          test_id: str | None = None, checkpointer_ref: str | None = None) -> None:
+def check(
+    runner: Any,
+    property: str,
+    scenario: Scenario,
+    *,
+    hooks: Any = None,
+    test_id: str | None = None,
+    checkpointer_ref: str | None = None,
+    strict: bool = False,
+) -> None:
     """Run ``property`` on ``scenario`` inside a Hypothesis test: record coverage events,
     and on failure raise (one exception type per failure signature, so Hypothesis
-    keeps distinct bugs apart) after writing the shrunk example's reproducer."""
+    keeps distinct bugs apart) after writing the shrunk example's reproducer.  A known
+    upstream bug (:mod:`dcprop.known_bugs`) passes as an event unless ``strict``."""
     record_events(scenario)
     try:
         run_property(runner, property, scenario, hooks=hooks)
     except ExampleFailure as failure:
+        known = match_known(failure.signature)
+        if known is not None and not strict:
+            event(f"known upstream bug: {known.id}")  # reported, as dcprop check does
+            return
         if _is_final():
             from dcprop.pytest_plugin import repro_dir
             from dcprop.repro import write_reproducer
 
-            path = write_reproducer(repro_dir, property, scenario, error=str(failure),
-                                    checkpointer=checkpointer_ref)
+            path = write_reproducer(
+                repro_dir, property, scenario, error=str(failure), checkpointer=checkpointer_ref
+            )
             reproducers[test_id or property] = path
         raise signature_error(failure) from None
 
 
-def property_test(property: str, *, checkpointer: Any = None,
-                  model_factory: Callable[..., Any] | None = None,
-                  **scenario_kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+def property_test(
+    property: str,
+    *,
+    checkpointer: Any = None,
+    model_factory: Callable[..., Any] | None = None,
+    strict: bool = False,
+    **scenario_kwargs: Any,
+) -> Callable[[Callable[..., Any]], Any]:
     """Decorate ``fn(scenario)`` into a pytest test of ``property`` over random scenarios.
 
     ``checkpointer``: a Checkpointer object or ``"module:attr"`` (default: DCP).
     ``model_factory``: ``(model_spec, seed, device, frozen) -> nn.Module`` (default:
-    dcprop's builder).  Other keyword arguments go to ``dcprop.strategies.scenarios``.
+    dcprop's builder).  ``strict``: fail on known upstream bugs too.  Other keyword
+    arguments go to ``dcprop.strategies.scenarios``.
     Both hooks must be importable module-level objects: they travel to the ranks.
     """
     from dcprop.strategies import scenarios
@@ -89,8 +112,15 @@ def property_test(property: str, *, checkpointer: Any = None,
     def decorate(fn: Callable[..., Any]) -> Any:
         def test(dcprop_runner: Any, scenario: Scenario) -> None:
             fn(scenario)
-            check(dcprop_runner, property, scenario, hooks=_hooks(checkpointer, model_factory),
-                  test_id=f"{fn.__module__}.{fn.__qualname__}", checkpointer_ref=ref)
+            check(
+                dcprop_runner,
+                property,
+                scenario,
+                hooks=_hooks(checkpointer, model_factory),
+                test_id=f"{fn.__module__}.{fn.__qualname__}",
+                checkpointer_ref=ref,
+                strict=strict,
+            )
 
         for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
             setattr(test, attr, getattr(fn, attr))

@@ -2,11 +2,11 @@
 
 import pytest
 from hypothesis import find, settings
+from seeds import CPU_SEEDS, SEED_003_FSDP1, SEED_004_WORLD8
 
 import dcprop.specs as S
 from dcprop import strategies as dst
 from dcprop.properties import run_property
-from seeds import CPU_SEEDS, SEED_003_FSDP1, SEED_004_WORLD8
 
 FIND = settings(max_examples=20000, deadline=None, database=None, derandomize=True)
 
@@ -22,37 +22,84 @@ def _uneven_linear(s):
 
 COVERAGE = {
     # seed 002: an uneven 4-layer model on a (2, 2) HSDP mesh, and HSDP -> 1D FSDP
-    "002-hsdp-uneven": (dst.scenarios("roundtrip", world_sizes=(4,), max_layers=4, layers=(
-        "linear", "activation")), lambda s: s.save.plan_kind == "hsdp"
-        and s.save.mesh.shape == (2, 2) and len(_linears(s.model)) >= 4 and _uneven_linear(s)),
-    "002-hsdp-to-fsdp": (dst.scenarios("reshard", world_sizes=(4,)), lambda s: (
-        s.save.plan_kind, s.save.mesh.shape, s.load.plan_kind, s.load.mesh.shape)
-        == ("hsdp", (2, 2), "fsdp2", (4,))),
+    "002-hsdp-uneven": (
+        dst.scenarios("roundtrip", world_sizes=(4,), max_layers=4, layers=("linear", "activation")),
+        lambda s: (
+            s.save.plan_kind == "hsdp"
+            and s.save.mesh.shape == (2, 2)
+            and len(_linears(s.model)) >= 4
+            and _uneven_linear(s)
+        ),
+    ),
+    "002-hsdp-to-fsdp": (
+        dst.scenarios("reshard", world_sizes=(4,)),
+        lambda s: (
+            (s.save.plan_kind, s.save.mesh.shape, s.load.plan_kind, s.load.mesh.shape)
+            == ("hsdp", (2, 2), "fsdp2", (4,))
+        ),
+    ),
     # seeds 000/001: a pretrained submodule holding a Sequential and a ModuleList
-    "000-finetune": (dst.scenarios("finetune_resume", world_sizes=(4,), max_layers=4), lambda s:
-        {type(layer) for _, layer in dict(s.model.root.children)["pretrain"].children}
-        >= {S.Sequential, S.ModuleList} and s.save.plan_kind == "fsdp2"),
+    "000-finetune": (
+        dst.scenarios("finetune_resume", world_sizes=(4,), max_layers=4),
+        lambda s: (
+            {type(layer) for _, layer in dict(s.model.root.children)["pretrain"].children}
+            >= {S.Sequential, S.ModuleList}
+            and s.save.plan_kind == "fsdp2"
+        ),
+    ),
     # seed 003: alternating frozen linears; unused inputs; multi-traversal with frozen
-    "003-alternating-frozen": (dst.scenarios("ddp_parity", world_sizes=(2,), max_layers=4,
-                                             layers=("linear", "activation")), lambda s: (
-        len(_linears(s.model)) >= 3 and all(
-            (f"{p}.weight" in s.frozen) == (i % 2 == 0) for i, p in enumerate(
-                p for p, layer in s.model.modules() if isinstance(layer, S.Linear))))),
-    "003-unused-input": (dst.scenarios("ddp_parity", world_sizes=(2,)), lambda s: any(
-        isinstance(layer, S.Branches) and layer.concat_input and any(
-            isinstance(c, S.Linear) and c.unused_input for c in layer.layers)
-        for _, layer in s.model.modules()) and s.training.input_requires_grad and bool(s.frozen)),
-    "003-multi-traversal": (dst.scenarios("ddp_parity", world_sizes=(2,)), lambda s: any(
-        isinstance(layer, S.Repeat) and layer.no_grad_residual and layer.times > 1
-        and any(n.startswith(p + ".") for n in s.frozen)
-        for p, layer in s.model.modules())),
+    "003-alternating-frozen": (
+        dst.scenarios(
+            "ddp_parity", world_sizes=(2,), max_layers=4, layers=("linear", "activation")
+        ),
+        lambda s: (
+            len(_linears(s.model)) >= 3
+            and all(
+                (f"{p}.weight" in s.frozen) == (i % 2 == 0)
+                for i, p in enumerate(
+                    p for p, layer in s.model.modules() if isinstance(layer, S.Linear)
+                )
+            )
+        ),
+    ),
+    "003-unused-input": (
+        dst.scenarios("ddp_parity", world_sizes=(2,)),
+        lambda s: (
+            any(
+                isinstance(layer, S.Branches)
+                and layer.concat_input
+                and any(isinstance(c, S.Linear) and c.unused_input for c in layer.layers)
+                for _, layer in s.model.modules()
+            )
+            and s.training.input_requires_grad
+            and bool(s.frozen)
+        ),
+    ),
+    "003-multi-traversal": (
+        dst.scenarios("ddp_parity", world_sizes=(2,)),
+        lambda s: any(
+            isinstance(layer, S.Repeat)
+            and layer.no_grad_residual
+            and layer.times > 1
+            and any(n.startswith(p + ".") for n in s.frozen)
+            for p, layer in s.model.modules()
+        ),
+    ),
     # seed 004: experts on (2, 4) at 8 ranks, each sharded on its 2-rank sub-mesh
-    "004-expert-submesh": (dst.scenarios("submesh_layout", world_sizes=(8,)), lambda s:
-        s.save.mesh.shape == (2, 4)),
+    "004-expert-submesh": (
+        dst.scenarios("submesh_layout", world_sizes=(8,)),
+        lambda s: s.save.mesh.shape == (2, 4),
+    ),
     # seed 003 upstream runs FSDP1 with every sharding strategy: generated for GPU
-    "003-fsdp1": (dst.scenarios("ddp_parity", world_sizes=(2,), device="cuda"), lambda s:
-        isinstance(s.save.plan, S.FSDP1Plan) and not s.save.plan.use_orig_params
-        and s.save.plan.sharding_strategy == "SHARD_GRAD_OP" and bool(s.frozen)),
+    "003-fsdp1": (
+        dst.scenarios("ddp_parity", world_sizes=(2,), device="cuda"),
+        lambda s: (
+            isinstance(s.save.plan, S.FSDP1Plan)
+            and not s.save.plan.use_orig_params
+            and s.save.plan.sharding_strategy == "SHARD_GRAD_OP"
+            and bool(s.frozen)
+        ),
+    ),
 }
 
 

@@ -16,43 +16,87 @@ def scenario(**kw):
 
 
 INVALID = [
-    (lambda: S.Topology(4, S.MeshSpec((2, 3), ("a", "b")), S.DDPPlan()),
-     "mesh (2, 3) has 6 ranks but world_size is 4"),
+    (
+        lambda: S.Topology(4, S.MeshSpec((2, 3), ("a", "b")), S.DDPPlan()),
+        "mesh (2, 3) has 6 ranks but world_size is 4",
+    ),
     (lambda: S.MeshSpec((2, 2, 2, 2), ("a", "b", "c", "d")), "must have 1 to 3 dims"),
     (lambda: S.MeshSpec((2,), ("a", "b")), "has 1 dims but dim_names"),
     (lambda: S.Topology(4, S.MeshSpec((2, 2), ("a", "b")), S.DDPPlan()), "DDPPlan needs a 1D mesh"),
     (lambda: S.Topology(2, S.MeshSpec((2,), ("x",)), S.FSDP2Plan()), "uses mesh dims ['shard']"),
-    (lambda: S.ModelSpec(S.Block((("a", S.Linear(4, 8)), ("b", S.Linear(4, 2))))),
-     "Linear at 'b' has in_features=4 but its input has width 8"),
-    (lambda: S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("e", S.Embedding(3, 4))))),
-     "must be the model's first layer"),
-    (lambda: S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("b", S.Linear(4, 8)))), (("a", "b"),)),
-     "weights must exist and have one shape"),
+    (
+        lambda: S.ModelSpec(S.Block((("a", S.Linear(4, 8)), ("b", S.Linear(4, 2))))),
+        "Linear at 'b' has in_features=4 but its input has width 8",
+    ),
+    (
+        lambda: S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("e", S.Embedding(3, 4))))),
+        "must be the model's first layer",
+    ),
+    (
+        lambda: S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("b", S.Linear(4, 8)))), (("a", "b"),)),
+        "weights must exist and have one shape",
+    ),
     (lambda: S.StateDictSpec(broadcast_from_rank0=True), "needs full_state_dict=True"),
     (lambda: S.StateDictSpec(keep_submodule_prefixes=False), "only means something with"),
     (lambda: S.OptimizerSpec("adam", momentum=0.9), "momentum=0.9 is an SGD option"),
     (lambda: scenario(frozen=("nope.weight",)), "frozen names ['nope.weight']"),
-    (lambda: scenario(save=S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP1Plan())),
-     "needs device='cuda'"),
-    (lambda: scenario(save=S.Topology(2, S.MeshSpec((1, 2), ("shard", "tp")), S.FSDP2Plan(
-        tp=S.TensorParallel("tp", (("fc", "out"),))))), None),
-    (lambda: S.Scenario(S.ModelSpec(S.Block((("fc", S.Linear(4, 3)), ("act", S.Activation()),
-                                             ("out", S.Linear(3, 4))))),
-                        S.Topology(2, S.MeshSpec((1, 2), ("shard", "tp")), S.FSDP2Plan(
-                            tp=S.TensorParallel("tp", (("fc", "out"),))))),
-     "hidden width 3 must be divisible by mesh dim 'tp' of size 2 (3 % 2 = 1)"),
-    (lambda: scenario(save=S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(
-        wrap=("missing",)))), "wraps 'missing', which is not a submodule path"),
-    (lambda: S.Scenario(S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("b", S.Linear(4, 4)))),
-                                    (("a", "b"),)),
-                        S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(wrap=("b",)))),
-     "holds one side of the tie"),
-    (lambda: S.Scenario(S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("bn", S.BatchNorm(4))))),
-                        FSDP2, training=S.TrainingSpec(batch_size=1)), "BatchNorm needs at least 2"),
-    (lambda: S.Scenario(S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("x", S.Experts(
-        (S.Linear(4, 4),) * 3))))), S.Topology(4, S.MeshSpec((2, 2), ("shard", "ep")),
-        S.FSDP2Plan(experts=S.ExpertParallel("x")))),
-     "has 3 experts but mesh dim 'ep' has size 2"),
+    (
+        lambda: scenario(save=S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP1Plan())),
+        "needs device='cuda'",
+    ),
+    (
+        lambda: scenario(
+            save=S.Topology(
+                2,
+                S.MeshSpec((1, 2), ("shard", "tp")),
+                S.FSDP2Plan(tp=S.TensorParallel("tp", (("fc", "out"),))),
+            )
+        ),
+        None,
+    ),
+    (
+        lambda: S.Scenario(
+            S.ModelSpec(
+                S.Block((("fc", S.Linear(4, 3)), ("act", S.Activation()), ("out", S.Linear(3, 4))))
+            ),
+            S.Topology(
+                2,
+                S.MeshSpec((1, 2), ("shard", "tp")),
+                S.FSDP2Plan(tp=S.TensorParallel("tp", (("fc", "out"),))),
+            ),
+        ),
+        "hidden width 3 must be divisible by mesh dim 'tp' of size 2 (3 % 2 = 1)",
+    ),
+    (
+        lambda: scenario(
+            save=S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(wrap=("missing",)))
+        ),
+        "wraps 'missing', which is not a submodule path",
+    ),
+    (
+        lambda: S.Scenario(
+            S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("b", S.Linear(4, 4)))), (("a", "b"),)),
+            S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(wrap=("b",))),
+        ),
+        "holds one side of the tie",
+    ),
+    (
+        lambda: S.Scenario(
+            S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("bn", S.BatchNorm(4))))),
+            FSDP2,
+            training=S.TrainingSpec(batch_size=1),
+        ),
+        "BatchNorm needs at least 2",
+    ),
+    (
+        lambda: S.Scenario(
+            S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("x", S.Experts((S.Linear(4, 4),) * 3))))),
+            S.Topology(
+                4, S.MeshSpec((2, 2), ("shard", "ep")), S.FSDP2Plan(experts=S.ExpertParallel("x"))
+            ),
+        ),
+        "has 3 experts but mesh dim 'ep' has size 2",
+    ),
 ]
 
 
@@ -77,8 +121,12 @@ def test_spec_classes_are_frozen_and_slotted():
 
 
 def test_repr_pickle_json_round_trip():
-    s = scenario(frozen=("fc.bias",), load=S.Topology(
-        4, S.MeshSpec((2, 2), ("replicate", "shard")), S.FSDP2Plan(replicate_dim="replicate")))
+    s = scenario(
+        frozen=("fc.bias",),
+        load=S.Topology(
+            4, S.MeshSpec((2, 2), ("replicate", "shard")), S.FSDP2Plan(replicate_dim="replicate")
+        ),
+    )
     assert eval(repr(s), vars(S)) == s
     assert pickle.loads(pickle.dumps(s)) == s
     assert serialization.loads(serialization.dumps(s)) == s
@@ -93,9 +141,17 @@ def test_json_rejects_unknown_types():
 def test_parameter_names_match_torch_with_ties():
     from dcprop.build import build_model
 
-    model = S.ModelSpec(S.Block((("embed", S.Embedding(5, 3)), ("fc", S.Linear(3, 3)),
-                                 ("bn", S.BatchNorm(3)), ("head", S.Linear(3, 5, bias=False)))),
-                        (("embed", "head"),))
+    model = S.ModelSpec(
+        S.Block(
+            (
+                ("embed", S.Embedding(5, 3)),
+                ("fc", S.Linear(3, 3)),
+                ("bn", S.BatchNorm(3)),
+                ("head", S.Linear(3, 5, bias=False)),
+            )
+        ),
+        (("embed", "head"),),
+    )
     built = build_model(model)
     assert list(model.parameter_names()) == [n for n, _ in built.named_parameters()]
     assert set(model.buffers()) == {n for n, _ in built.named_buffers()}
@@ -103,6 +159,9 @@ def test_parameter_names_match_torch_with_ties():
 
 
 def test_plan_kinds_and_counts():
-    t = S.Topology(8, S.MeshSpec((2, 2, 2), ("replicate", "shard", "tp")),
-                   S.FSDP2Plan(replicate_dim="replicate", tp=S.TensorParallel("tp", (("a", "b"),))))
+    t = S.Topology(
+        8,
+        S.MeshSpec((2, 2, 2), ("replicate", "shard", "tp")),
+        S.FSDP2Plan(replicate_dim="replicate", tp=S.TensorParallel("tp", (("a", "b"),))),
+    )
     assert (t.plan_kind, t.shard_count, t.dp_size) == ("hsdp+tp", 2, 4)

@@ -22,13 +22,20 @@ BAD_ARGUMENTS = [
     (dst.models, dict(max_dim="8"), "max_dim='8' must be an int"),
     (dst.models, dict(ties=1), "ties=1 must be a bool"),
     (dst.frozen_subsets, dict(model="m"), "model='m' must be a ModelSpec"),
-    (dst.frozen_subsets, dict(model=M, min_trainable=5), "min_trainable=5 but the model has only 2"),
+    (
+        dst.frozen_subsets,
+        dict(model=M, min_trainable=5),
+        "min_trainable=5 but the model has only 2",
+    ),
     (dst.frozen_subsets, dict(model=M, granularity="layer"), "unknown entries ['layer']"),
     (dst.meshes, dict(world_size=0), "world_size=0 must be at least 1"),
     (dst.meshes, dict(world_size=4, min_dims=3, max_dims=2), "Cannot have max_dims=2 < min_dims=3"),
     (dst.meshes, dict(world_size=4, dim_names=("a", "b", "c", "d")), "has 4 names"),
-    (dst.parallel_plans, dict(model=M, mesh=S.MeshSpec((1, 1, 2), ("a", "b", "c"))),
-     "no plan of kinds"),
+    (
+        dst.parallel_plans,
+        dict(model=M, mesh=S.MeshSpec((1, 1, 2), ("a", "b", "c"))),
+        "no plan of kinds",
+    ),
     (dst.parallel_plans, dict(model=M, mesh=MESH, kinds=("zero3",)), "unknown entries ['zero3']"),
     (dst.parallel_plans, dict(model=M, mesh=MESH, device="tpu"), "unknown entries ['tpu']"),
     (dst.optimizers, dict(kinds=("lamb",)), "unknown entries ['lamb']"),
@@ -69,7 +76,8 @@ SHRINK = settings(max_examples=2000, deadline=None, database=None, derandomize=T
 
 def test_minimal_model_with_a_frozen_parameter():
     model_and_frozen = dst.models().flatmap(
-        lambda m: st.tuples(st.just(m), dst.frozen_subsets(m, min_trainable=0)))
+        lambda m: st.tuples(st.just(m), dst.frozen_subsets(m, min_trainable=0))
+    )
     model, frozen = find(model_and_frozen, lambda mf: len(mf[1]) > 0, settings=SHRINK)
     assert model == S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),)))
     assert frozen == ("fc0.weight",)
@@ -84,8 +92,9 @@ def test_minimal_uneven_layout_has_empty_shards():
 
 
 def test_minimal_reshard_changes_world_size():
-    found = find(dst.scenarios("reshard"), lambda s: s.save.world_size != s.load.world_size,
-                 settings=SHRINK)
+    found = find(
+        dst.scenarios("reshard"), lambda s: s.save.world_size != s.load.world_size, settings=SHRINK
+    )
     assert {found.save.world_size, found.load.world_size} == {1, 2}
     assert found.frozen == () and found.save.plan == S.FSDP2Plan()
     assert found.save.state_dict == S.StateDictSpec()
@@ -93,8 +102,10 @@ def test_minimal_reshard_changes_world_size():
 
 def test_shrinks_to_simplest_scenario():
     found = find(dst.scenarios(), lambda s: True, settings=SHRINK)
-    assert found == S.Scenario(S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),))),
-                               S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()))
+    assert found == S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),))),
+        S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
+    )
 
 
 def test_uneven_share_is_a_knob():
@@ -120,15 +131,21 @@ def test_meshes_reach_every_factorization(world):
     expected = {f for nd in (1, 2, 3) for f in dst.factorizations(world, nd)}
     assert shapes == expected and all(math.prod(f) == world for f in expected)
     for shape in expected:
-        found = find(dst.meshes(world), lambda m, shape=shape: m.shape == shape,
-                     settings=settings(max_examples=2000, database=None))
+        found = find(
+            dst.meshes(world),
+            lambda m, shape=shape: m.shape == shape,
+            settings=settings(max_examples=2000, database=None),
+        )
         assert found.shape == shape
 
 
 def test_scenarios_reach_every_factorization_of_four():
     for shape in {f for nd in (1, 2, 3) for f in dst.factorizations(4, nd)}:
-        found = find(dst.scenarios("roundtrip", world_sizes=(4,)),
-                     lambda s, shape=shape: s.save.mesh.shape == shape, settings=SHRINK)
+        found = find(
+            dst.scenarios("roundtrip", world_sizes=(4,)),
+            lambda s, shape=shape: s.save.mesh.shape == shape,
+            settings=SHRINK,
+        )
         assert found.save.mesh.shape == shape
 
 
@@ -137,8 +154,9 @@ def test_scenarios_reach_every_factorization_of_four():
 def test_parallel_plans_fit_their_mesh(data):
     world = data.draw(st.sampled_from((1, 2, 4)))
     mesh = data.draw(dst.meshes(world, max_dims=2))
-    model = data.draw(dst.models(tp_size=mesh.shape[-1], experts=mesh.shape[-1]
-                                 if len(mesh.shape) == 2 else 0))
+    model = data.draw(
+        dst.models(tp_size=mesh.shape[-1], experts=mesh.shape[-1] if len(mesh.shape) == 2 else 0)
+    )
     plan = data.draw(dst.parallel_plans(model, mesh))
     names = dst._topology.names_for
     del names

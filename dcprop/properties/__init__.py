@@ -33,9 +33,16 @@ def property_ref(name: str) -> str:
     return PROPERTIES[name]
 
 
-def run_property(runner: Any, name: str, scenario: Scenario, *, hooks: Any = None,
-                 timeout: float | None = None) -> dict[int, Any]:
+def run_property(
+    runner: Any, name: str, scenario: Scenario, *, hooks: Any = None, timeout: float | None = None
+) -> dict[int, Any]:
     """Run property ``name`` over ``scenario`` on ``runner`` (a Pool or SPMDRunner)."""
     args: tuple[Any, ...] = (scenario,) if hooks is None else (scenario, hooks)
-    return runner.run(property_ref(name), *args, world_size=scenario.world_size,
-                      meshes=scenario.meshes, seed=scenario.seed, timeout=timeout)
+    return runner.run(
+        property_ref(name),
+        *args,
+        world_size=scenario.world_size,
+        meshes=scenario.meshes,
+        seed=scenario.seed,
+        timeout=timeout,
+    )

@@ -27,8 +27,9 @@ __all__ = ["Hooks", "Job", "setup"]
 ModelFactory = Callable[[S.ModelSpec, int, torch.device, tuple[str, ...]], nn.Module]
 
 
-def default_model_factory(model: S.ModelSpec, seed: int, device: torch.device,
-                          frozen: tuple[str, ...]) -> nn.Module:
+def default_model_factory(
+    model: S.ModelSpec, seed: int, device: torch.device, frozen: tuple[str, ...]
+) -> nn.Module:
     return build.build_model(model, seed=seed, device=device, frozen=frozen)
 
 
@@ -47,19 +48,24 @@ DEFAULT_HOOKS = Hooks()
 
 
 def global_rows(scenario: S.Scenario) -> int:
-    """Rows in one global batch: ``batch_size`` per rank of the larger data-parallel world."""
-    dp = max(scenario.save.dp_size, scenario.load_topology.dp_size)
-    return scenario.training.batch_size * dp
+    """Rows in one global batch: ``batch_size`` per rank of the example's whole world, so
+    any data-parallel split of it (DDP over every rank included) keeps at least
+    ``batch_size`` rows per rank."""
+    return scenario.training.batch_size * scenario.world_size
 
 
 def state_dict_options(spec: S.StateDictSpec, **overrides: Any) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    fields = dict(full_state_dict=spec.full_state_dict, cpu_offload=spec.cpu_offload,
-                  ignore_frozen_params=spec.ignore_frozen_params,
-                  keep_submodule_prefixes=spec.keep_submodule_prefixes, strict=spec.strict,
-                  flatten_optimizer_state_dict=spec.flatten_optimizer_state_dict,
-                  broadcast_from_rank0=spec.broadcast_from_rank0)
+    fields: dict[str, Any] = dict(
+        full_state_dict=spec.full_state_dict,
+        cpu_offload=spec.cpu_offload,
+        ignore_frozen_params=spec.ignore_frozen_params,
+        keep_submodule_prefixes=spec.keep_submodule_prefixes,
+        strict=spec.strict,
+        flatten_optimizer_state_dict=spec.flatten_optimizer_state_dict,
+        broadcast_from_rank0=spec.broadcast_from_rank0,
+    )
     fields.update(overrides)
     return StateDictOptions(**fields)
 
@@ -67,9 +73,17 @@ def state_dict_options(spec: S.StateDictSpec, **overrides: Any) -> Any:
 class Job:
     """One wrapped model with its optimizer on one topology, on this rank."""
 
-    def __init__(self, ctx: Any, scenario: S.Scenario, topology: S.Topology, *,
-                 model: S.ModelSpec | None = None, seed: int | None = None,
-                 frozen: tuple[str, ...] | None = None, hooks: Hooks = DEFAULT_HOOKS) -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        scenario: S.Scenario,
+        topology: S.Topology,
+        *,
+        model: S.ModelSpec | None = None,
+        seed: int | None = None,
+        frozen: tuple[str, ...] | None = None,
+        hooks: Hooks = DEFAULT_HOOKS,
+    ) -> None:
         self.ctx = ctx
         self.scenario = scenario
         self.topology = topology
@@ -77,10 +91,19 @@ class Job:
         self.hooks = hooks
         self.mesh = ctx.mesh(topology.mesh)
         self.group = ctx.group(topology.world_size)
-        module = hooks.model_factory(self.spec, scenario.seed if seed is None else seed,
-                                     ctx.device, scenario.frozen if frozen is None else frozen)
-        self.model = build.wrap(module, topology, self.mesh,
-                                flat_mesh=ctx.flat_mesh(topology.world_size), device=ctx.device)
+        module = hooks.model_factory(
+            self.spec,
+            scenario.seed if seed is None else seed,
+            ctx.device,
+            scenario.frozen if frozen is None else frozen,
+        )
+        self.model = build.wrap(
+            module,
+            topology,
+            self.mesh,
+            flat_mesh=ctx.flat_mesh(topology.world_size),
+            device=ctx.device,
+        )
         self.optimizer = build.optimizer_for(self.model.parameters(), scenario.optimizer)
         self.shard = build.data_shard(topology, self.mesh)
         self.rows = global_rows(scenario)
@@ -92,8 +115,15 @@ class Job:
 
     def batch(self, step: int) -> tuple[torch.Tensor, int]:
         """This rank's rows of the global batch for ``step``, and their count."""
-        return batch_rows(self.spec, self.scenario.training, step, self.shard.index,
-                          self.shard.size, self.rows, self.ctx.device)
+        return batch_rows(
+            self.spec,
+            self.scenario.training,
+            step,
+            self.shard.part,
+            self.shard.parts,
+            self.rows,
+            self.ctx.device,
+        )
 
     def train_step(self) -> float:
         """One optimizer step; returns the global mean-square loss (same on every rank)."""
@@ -103,7 +133,7 @@ class Job:
         width = local_sum.shape[-1] if local_sum.dim() else 1
         total = local_sum.sum()
         # scaled so that averaging gradients over dp ranks gives the global-mean gradient
-        loss = total * (self.shard.size / (self.rows * width))
+        loss = total * (self.shard.parts / (self.rows * width))
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -111,7 +141,7 @@ class Job:
         self.sync_buffers()
         summed = total.detach().reshape(1).to(torch.float64).cpu()
         dist.all_reduce(summed, group=self.group)
-        replicas = self.topology.world_size // self.shard.size  # tensor-parallel copies
+        replicas = self.topology.world_size // self.shard.parts  # tensor-parallel copies
         return float(summed.item() / replicas / (self.rows * width))
 
     def sync_buffers(self) -> None:
@@ -131,8 +161,9 @@ class Job:
         msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
         return {"model": msd, "optim": osd}
 
-    def apply(self, state: dict[str, Any], options: S.StateDictSpec | None = None,
-              **overrides: Any) -> None:
+    def apply(
+        self, state: dict[str, Any], options: S.StateDictSpec | None = None, **overrides: Any
+    ) -> None:
         """``set_state_dict``; with ``broadcast_from_rank0``, model and optimizer separately
         and with empty dicts off rank 0, the way that feature is meant to be used."""
         from torch.distributed.checkpoint.state_dict import (
@@ -150,11 +181,17 @@ class Job:
         if opts.broadcast_from_rank0:
             mine = self.ctx.rank == 0
             set_model_state_dict(self.model, state["model"] if mine else {}, options=opts)
-            set_optimizer_state_dict(self.model, self.optimizer,
-                                     state["optim"] if mine else {}, options=opts)
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optim"] if mine else {}, options=opts
+            )
             return
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=opts)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=opts,
+        )
 
     def checkpoint_dir(self, name: str) -> str:
         return os.path.join(self.ctx.tmpdir, name)
@@ -212,8 +249,15 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def batch_rows(model: S.ModelSpec, training: S.TrainingSpec, step: int, index: int,
-               parts: int, rows: int, device: Any) -> tuple[torch.Tensor, int]:
+def batch_rows(
+    model: S.ModelSpec,
+    training: S.TrainingSpec,
+    step: int,
+    index: int,
+    parts: int,
+    rows: int,
+    device: Any,
+) -> tuple[torch.Tensor, int]:
     """Rows ``[index*rows//parts, (index+1)*rows//parts)`` of the global batch for ``step``."""
     g = torch.Generator().manual_seed(training.data_seed * 7919 + step)
     if model.takes_tokens:

@@ -48,31 +48,48 @@ def ddp_parity(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> 
     for _ in range(steps):
         runs["sharded"].append(sharded.train_step())
         runs["ddp"].append(ddp.train_step())
-    reference_losses, reference_params = reference_run(scenario, sharded.shard.size,
-                                                       sharded.rows, ctx.device, hooks)
+    reference_losses, reference_params = reference_run(
+        scenario, sharded.shard.parts, sharded.rows, ctx.device, hooks
+    )
     runs["reference"] = reference_losses
 
     # Batch statistics depend on how rows are split: compare DDP only on the same split.
-    compare_ddp = not scenario.model.has_batch_statistics() or ddp.shard.size == sharded.shard.size
+    compare_ddp = (
+        not scenario.model.has_batch_statistics() or ddp.shard.parts == sharded.shard.parts
+    )
     for other in ("ddp", "reference") if compare_ddp else ("reference",):
         for step, (a, b) in enumerate(zip(runs[other], runs["sharded"])):
             if not _close(a, b, rtol, atol):
                 raise PropertyFailure(
                     f"step {step}: {scenario.save.plan_kind} loss {b!r} != {other} loss {a!r} "
                     f"(rtol={rtol:g}, atol={atol:g}) on rank {ctx.rank}; losses so far: "
-                    f"sharded {runs['sharded'][:step + 1]}, {other} {runs[other][:step + 1]}")
+                    f"sharded {runs['sharded'][: step + 1]}, {other} {runs[other][: step + 1]}"
+                )
     final = sharded.full_parameters()
-    assert_same(reference_params, final, what=f"parameters after {steps} steps, "
-                f"{scenario.save.plan_kind} vs single-process reference", rank=ctx.rank,
-                rtol=rtol, atol=atol)
+    assert_same(
+        reference_params,
+        final,
+        what=f"parameters after {steps} steps, "
+        f"{scenario.save.plan_kind} vs single-process reference",
+        rank=ctx.rank,
+        rtol=rtol,
+        atol=atol,
+    )
     if compare_ddp:
-        assert_same(ddp.full_parameters(), final, what=f"parameters after {steps} steps, "
-                    f"{scenario.save.plan_kind} vs DDP", rank=ctx.rank, rtol=rtol, atol=atol)
+        assert_same(
+            ddp.full_parameters(),
+            final,
+            what=f"parameters after {steps} steps, {scenario.save.plan_kind} vs DDP",
+            rank=ctx.rank,
+            rtol=rtol,
+            atol=atol,
+        )
     return {"losses": runs["sharded"]}
 
 
-def reference_run(scenario: S.Scenario, parts: int, rows: int, device: Any,
-                  hooks: Hooks = DEFAULT_HOOKS) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference_run(
+    scenario: S.Scenario, parts: int, rows: int, device: Any, hooks: Hooks = DEFAULT_HOOKS
+) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Train in this process alone, replaying ``parts`` data-parallel ranks per step."""
     module = hooks.model_factory(scenario.model, scenario.seed, device, scenario.frozen)
     optimizer = build.optimizer_for(module.parameters(), scenario.optimizer)
@@ -80,8 +97,7 @@ def reference_run(scenario: S.Scenario, parts: int, rows: int, device: Any,
     for step in range(scenario.training.steps):
         total = 0.0
         for index in range(parts):
-            x, _ = batch_rows(scenario.model, scenario.training, step, index, parts, rows,
-                              device)
+            x, _ = batch_rows(scenario.model, scenario.training, step, index, parts, rows, device)
             out = module(x).float().square()
             width = out.shape[-1]
             part_sum = out.sum()

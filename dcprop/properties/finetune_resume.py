@@ -18,7 +18,7 @@ and the pretrained weights are exactly the saved ones throughout.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import torch
@@ -31,8 +31,7 @@ from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, setup, state_d
 __all__ = ["finetune_resume", "pretrain_scenario"]
 
 
-def finetune_resume(ctx: Any, scenario: S.Scenario,
-                    hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
+def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
     if scenario.pretrained is None:
         raise PropertyFailure("finetune_resume needs a scenario with pretrained=<submodule>")
     prefix = scenario.pretrained + "."
@@ -46,8 +45,12 @@ def finetune_resume(ctx: Any, scenario: S.Scenario,
     pre.save(pre.state(), "pretrain")
     pretrained = {prefix + k: v for k, v in pre.full_parameters().items()}
 
-    frozen = tuple(sorted(set(scenario.frozen) | {n for n in scenario.model.parameter_names()
-                                                 if n.startswith(prefix)}))
+    frozen = tuple(
+        sorted(
+            set(scenario.frozen)
+            | {n for n in scenario.model.parameter_names() if n.startswith(prefix)}
+        )
+    )
     first = _finetune_job(ctx, scenario, frozen, scenario.seed + 1, hooks)
     _check_pretrained(first, pretrained, "after loading the pretrain checkpoint")
     for _ in range(steps):
@@ -63,21 +66,25 @@ def finetune_resume(ctx: Any, scenario: S.Scenario,
     second.steps_taken = steps
     resumed = [second.train_step() for _ in range(steps)]
     if resumed != uninterrupted:
-        raise PropertyFailure(f"resumed losses {resumed} != uninterrupted {uninterrupted} "
-                              f"(rank {ctx.rank})")
-    assert_same(expected, second.full_parameters(), what="parameters after resuming",
-                rank=ctx.rank)
+        raise PropertyFailure(
+            f"resumed losses {resumed} != uninterrupted {uninterrupted} (rank {ctx.rank})"
+        )
+    assert_same(expected, second.full_parameters(), what="parameters after resuming", rank=ctx.rank)
     _check_pretrained(second, pretrained, "after resuming")
     return {"losses": resumed}
 
 
 def _template(options: S.StateDictSpec) -> dict[str, Any]:
-    return {"cpu_offload": False} if options.full_state_dict and options.cpu_offload \
-        and not options.broadcast_from_rank0 else {}
+    return (
+        {"cpu_offload": False}
+        if options.full_state_dict and options.cpu_offload and not options.broadcast_from_rank0
+        else {}
+    )
 
 
-def _finetune_job(ctx: Any, scenario: S.Scenario, frozen: tuple[str, ...], seed: int,
-                  hooks: Hooks) -> Job:
+def _finetune_job(
+    ctx: Any, scenario: S.Scenario, frozen: tuple[str, ...], seed: int, hooks: Hooks
+) -> Job:
     """A fresh fine-tuning job whose pretrained submodule is loaded the way seed 000 does."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -85,18 +92,22 @@ def _finetune_job(ctx: Any, scenario: S.Scenario, frozen: tuple[str, ...], seed:
     )
 
     job = Job(ctx, scenario, scenario.save, seed=seed, frozen=frozen, hooks=hooks)
+    assert scenario.pretrained is not None
     sub = _unwrapped(job.model).get_submodule(scenario.pretrained)
     options = scenario.save.state_dict
     # The pretrained weights are frozen and are exactly what must be loaded here.
-    read = state_dict_options(options, keep_submodule_prefixes=False,
-                              ignore_frozen_params=False, **_template(options))
+    read = state_dict_options(
+        options, keep_submodule_prefixes=False, ignore_frozen_params=False, **_template(options)
+    )
     partial = get_model_state_dict(job.model, submodules={sub}, options=read)
-    job.hooks.checkpointer.load({"model": partial}, os.path.join(ctx.tmpdir, "pretrain"),
-                                group=job.group)
+    job.hooks.checkpointer.load(
+        {"model": partial}, os.path.join(ctx.tmpdir, "pretrain"), group=job.group
+    )
     write = state_dict_options(options, strict=False, ignore_frozen_params=False)
     if write.broadcast_from_rank0 and ctx.rank != 0:
         partial = {}
-    set_model_state_dict(job.model, {sub: partial}, options=write)
+    # keyed by module, as seed 000 does
+    set_model_state_dict(job.model, cast(Any, {sub: partial}), options=write)
     return job
 
 
@@ -113,26 +124,34 @@ def pretrain_scenario(scenario: S.Scenario) -> S.Scenario:
     """The pretrain phase: the pretrained submodule alone, on the same topology."""
     assert scenario.pretrained is not None and scenario.pretrained_model is not None
     prefix = scenario.pretrained + "."
-    save = attrs.evolve(scenario.save, plan=_restrict(scenario.save.plan, prefix),
-                        state_dict=attrs.evolve(scenario.save.state_dict, submodules=(),
-                                                keep_submodule_prefixes=True))
-    return attrs.evolve(scenario, model=scenario.pretrained_model, save=save, load=None,
-                        frozen=(), pretrained=None)
+    save = attrs.evolve(
+        scenario.save,
+        plan=_restrict(scenario.save.plan, prefix),
+        state_dict=attrs.evolve(
+            scenario.save.state_dict, submodules=(), keep_submodule_prefixes=True
+        ),
+    )
+    return attrs.evolve(
+        scenario, model=scenario.pretrained_model, save=save, load=None, frozen=(), pretrained=None
+    )
 
 
 def _restrict(plan: Any, prefix: str) -> Any:
     def inside(paths: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(p[len(prefix):] for p in paths if p.startswith(prefix))
+        return tuple(p[len(prefix) :] for p in paths if p.startswith(prefix))
 
     if isinstance(plan, S.FSDP2Plan):
         tp = plan.tp
         if tp is not None:
-            pairs = tuple((c[len(prefix):], r[len(prefix):]) for c, r in tp.pairs
-                          if c.startswith(prefix))
+            pairs = tuple(
+                (c[len(prefix) :], r[len(prefix) :]) for c, r in tp.pairs if c.startswith(prefix)
+            )
             tp = attrs.evolve(tp, pairs=pairs) if pairs else None
             if tp is None:
-                raise PropertyFailure("a tensor-parallel plan must place a pair inside the "
-                                      f"pretrained submodule {prefix[:-1]!r} too")
+                raise PropertyFailure(
+                    "a tensor-parallel plan must place a pair inside the "
+                    f"pretrained submodule {prefix[:-1]!r} too"
+                )
         return attrs.evolve(plan, wrap=inside(plan.wrap), tp=tp)
     if isinstance(plan, S.FSDP1Plan):
         return attrs.evolve(plan, wrap=inside(plan.wrap))

@@ -62,30 +62,41 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
     b.apply(target)
     loaded = _comparable(full_values(b.state(**_FULL)), scenario)
     expected = _owned(_comparable(reference["state"], scenario), loaded, b.topology)
-    assert_same(expected, loaded,
-                what=f"full state after resharding {_describe(scenario.save)} -> "
-                     f"{_describe(scenario.load_topology)}", rank=ctx.rank)
+    assert_same(
+        expected,
+        loaded,
+        what=f"full state after resharding {_describe(scenario.save)} -> "
+        f"{_describe(scenario.load_topology)}",
+        rank=ctx.rank,
+    )
     b.steps_taken = scenario.training.steps
     loss = b.train_step()
     # Batch statistics depend on the split of rows; an expert layout on either side
     # changes which experts each rank applies: neither is the checkpoint's doing.
     same_function = all(t.plan_kind != "submesh" for t in (scenario.save, b.topology))
-    same_split = not scenario.model.has_batch_statistics() or scenario.save.dp_size == b.shard.size
+    same_split = not scenario.model.has_batch_statistics() or scenario.save.dp_size == b.shard.parts
     if same_function and same_split:
         expected_loss = reference["loss"]
         if abs(loss - expected_loss) > STEP_RTOL * max(abs(expected_loss), 1e-6):
-            raise PropertyFailure(f"training step after resharding: loss {loss!r} under "
-                                  f"{_describe(b.topology)} != {expected_loss!r} under "
-                                  f"{_describe(scenario.save)} (rtol {STEP_RTOL:g}, rank "
-                                  f"{ctx.rank})")
+            raise PropertyFailure(
+                f"training step after resharding: loss {loss!r} under "
+                f"{_describe(b.topology)} != {expected_loss!r} under "
+                f"{_describe(scenario.save)} (rtol {STEP_RTOL:g}, rank "
+                f"{ctx.rank})"
+            )
     return {"loss": loss}
 
 
 # Which FQNs a param group lists is layout (a rank lists only its own experts), not state.
 _PARAM_LIST = re.compile(r"^optim/param_groups\[\d+\]/params\[\d+\]$")
 
-_FULL = dict(full_state_dict=True, cpu_offload=False, broadcast_from_rank0=False,
-             flatten_optimizer_state_dict=False, ignore_frozen_params=False)
+_FULL: dict[str, Any] = dict(
+    full_state_dict=True,
+    cpu_offload=False,
+    broadcast_from_rank0=False,
+    flatten_optimizer_state_dict=False,
+    ignore_frozen_params=False,
+)
 
 
 def _expected_file(ctx: Any, rank: int) -> str:

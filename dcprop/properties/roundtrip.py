@@ -28,8 +28,9 @@ def roundtrip(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> d
     if job is None:
         return {}
     losses = [job.train_step() for _ in range(scenario.training.steps)]
-    return check_roundtrip(job, uninterrupted=lambda: _uninterrupted(ctx, scenario, hooks),
-                           losses=losses)
+    return check_roundtrip(
+        job, uninterrupted=lambda: _uninterrupted(ctx, scenario, hooks), losses=losses
+    )
 
 
 def _uninterrupted(ctx: Any, scenario: S.Scenario, hooks: Hooks) -> float:
@@ -39,8 +40,9 @@ def _uninterrupted(ctx: Any, scenario: S.Scenario, hooks: Hooks) -> float:
     return twin.train_step()
 
 
-def check_roundtrip(job: Job, *, uninterrupted: Any, losses: list[float],
-                    name: str = "ckpt") -> dict[str, Any]:
+def check_roundtrip(
+    job: Job, *, uninterrupted: Any, losses: list[float], name: str = "ckpt"
+) -> dict[str, Any]:
     """The round trip on a trained job (shared with ``submesh_layout``)."""
     options = job.topology.state_dict
     state = job.state()
@@ -53,12 +55,19 @@ def check_roundtrip(job: Job, *, uninterrupted: Any, losses: list[float],
     job.train_step()
     job.perturb(keep=lambda n: n in frozen)
     before_load = local_values(job.state())
-    unchanged = [k for k in saved if k in before_load and _has_elements(saved[k])
-                 and not mismatches({k: saved[k]}, {k: before_load[k]})]
+    unchanged = [
+        k
+        for k in saved
+        if k in before_load
+        and _has_elements(saved[k])
+        and not mismatches({k: saved[k]}, {k: before_load[k]})
+    ]
     job.ctx.agree(not unchanged, "perturbation")
     if unchanged:
-        raise PropertyFailure(f"perturbation left {unchanged[:5]} unchanged on rank {job.rank}; "
-                              "comparing identical states would prove nothing")
+        raise PropertyFailure(
+            f"perturbation left {unchanged[:5]} unchanged on rank {job.rank}; "
+            "comparing identical states would prove nothing"
+        )
 
     target = job.state(**_load_overrides(options))
     job.load(target, name)
@@ -71,8 +80,10 @@ def check_roundtrip(job: Job, *, uninterrupted: Any, losses: list[float],
     resumed = job.train_step()
     expected = uninterrupted()
     if resumed != expected:
-        raise PropertyFailure(f"next step after load: loss {resumed!r} != {expected!r} from an "
-                              f"uninterrupted run (rank {job.rank}, step {job.steps_taken - 1})")
+        raise PropertyFailure(
+            f"next step after load: loss {resumed!r} != {expected!r} from an "
+            f"uninterrupted run (rank {job.rank}, step {job.steps_taken - 1})"
+        )
     return {"entries": len(saved), "losses": losses}
 
 
@@ -91,8 +102,13 @@ def _load_overrides(options: S.StateDictSpec) -> dict[str, Any]:
 
 
 def _check_frozen_absent(job: Job, saved: dict[str, Any]) -> None:
-    present = sorted(k for k in saved if k.startswith("model/")
-                     and k[len("model/"):] in set(job.scenario.frozen))
+    present = sorted(
+        k
+        for k in saved
+        if k.startswith("model/") and k[len("model/") :] in set(job.scenario.frozen)
+    )
     if present:
-        raise PropertyFailure(f"ignore_frozen_params=True but the model state dict on rank "
-                              f"{job.rank} holds frozen parameters {present[:5]}")
+        raise PropertyFailure(
+            f"ignore_frozen_params=True but the model state dict on rank "
+            f"{job.rank} holds frozen parameters {present[:5]}"
+        )

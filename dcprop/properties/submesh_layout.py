@@ -20,8 +20,7 @@ from dcprop.properties.roundtrip import check_roundtrip
 __all__ = ["expected_layout", "submesh_layout"]
 
 
-def submesh_layout(ctx: Any, scenario: S.Scenario,
-                   hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
+def submesh_layout(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
     topology = scenario.save
     plan = topology.plan
     if not (isinstance(plan, S.FSDP2Plan) and plan.experts):
@@ -33,8 +32,17 @@ def submesh_layout(ctx: Any, scenario: S.Scenario,
     state = job.state()
     expected = expected_layout(scenario, ctx.rank)
     _check_model(state["model"], expected, topology.state_dict, ctx.rank)
-    _check_optimizer(state["optim"], state["model"], expected, topology.state_dict,
-                     scenario.frozen, ctx.rank)
+    stateless = scenario.optimizer.kind == "sgd" and not scenario.optimizer.momentum
+    trained = (
+        set()
+        if stateless
+        else {
+            n
+            for n in scenario.model.parameter_names()
+            if n in expected and n not in scenario.frozen
+        }
+    )
+    _check_optimizer(state["optim"], expected, trained, topology.state_dict, ctx.rank)
 
     def uninterrupted() -> float:
         twin = Job(ctx, scenario, topology, hooks=hooks)
@@ -56,9 +64,9 @@ def expected_layout(scenario: S.Scenario, rank: int) -> dict[str, tuple[int, ...
     mine = int((grid == rank).nonzero()[0][axis])
     module = plan.experts.module
     out = {}
-    for name in scenario.model.parameter_names():
+    for name in scenario.model.state_dict_names():
         if name.startswith(module + "."):
-            expert = int(name[len(module) + 1:].split(".", 1)[0])
+            expert = int(name[len(module) + 1 :].split(".", 1)[0])
             if expert == mine:
                 out[name] = tuple(grid.select(axis, mine).flatten().tolist())
         else:
@@ -68,39 +76,47 @@ def expected_layout(scenario: S.Scenario, rank: int) -> dict[str, tuple[int, ...
     return out
 
 
-def _check_model(msd: dict[str, Any], expected: dict[str, tuple[int, ...]],
-                 options: S.StateDictSpec, rank: int) -> None:
+def _check_model(
+    msd: dict[str, Any], expected: dict[str, tuple[int, ...]], options: S.StateDictSpec, rank: int
+) -> None:
     if options.full_state_dict and options.cpu_offload and rank != 0:
         return  # only rank 0 keeps a full, offloaded state dict
     params = {k for k in msd if not _is_buffer_key(k, msd)}
     missing, extra = sorted(set(expected) - params), sorted(params - set(expected))
     if missing or extra:
-        raise PropertyFailure(f"model state dict on rank {rank}: missing {missing[:6]}, "
-                              f"unexpected {extra[:6]}")
+        raise PropertyFailure(
+            f"model state dict on rank {rank}: missing {missing[:6]}, unexpected {extra[:6]}"
+        )
     if options.full_state_dict:
         return
     for key, ranks in expected.items():
         _check_dtensor(msd[key], ranks, f"model state dict {key!r}", rank)
 
 
-def _check_optimizer(osd: dict[str, Any], msd: dict[str, Any],
-                     expected: dict[str, tuple[int, ...]], options: S.StateDictSpec,
-                     frozen: tuple[str, ...], rank: int) -> None:
+def _check_optimizer(
+    osd: dict[str, Any],
+    expected: dict[str, tuple[int, ...]],
+    trainable: set[str],
+    options: S.StateDictSpec,
+    rank: int,
+) -> None:
+    """Optimizer state exists for exactly the parameters this rank trains (none for a
+    stateless optimizer), each value on its parameter's mesh."""
     if options.full_state_dict and options.cpu_offload and rank != 0:
         return
     if options.flatten_optimizer_state_dict:
         entries: dict[str, dict[str, Any]] = {}
         for k, v in osd.items():
             if k.startswith("state."):
-                fqn, _, name = k[len("state."):].rpartition(".")
+                fqn, _, name = k[len("state.") :].rpartition(".")
                 entries.setdefault(fqn, {})[name] = v
     else:
         entries = osd["state"]
-    trainable = {k for k in expected if k not in set(frozen)}
     if set(entries) != trainable:
         raise PropertyFailure(
             f"optimizer state on rank {rank} has keys for {sorted(set(entries) - trainable)[:6]}"
-            f" that the model does not train here, and lacks {sorted(trainable - set(entries))[:6]}")
+            f" that the model does not train here, and lacks {sorted(trainable - set(entries))[:6]}"
+        )
     if options.full_state_dict:
         return
     for key, values in entries.items():
@@ -115,9 +131,11 @@ def _is_buffer_key(key: str, msd: dict[str, Any]) -> bool:
 
 def _check_dtensor(value: Any, ranks: tuple[int, ...], what: str, rank: int) -> None:
     if not hasattr(value, "device_mesh"):
-        raise PropertyFailure(f"{what} on rank {rank} is a {type(value).__name__}, "
-                              "expected a DTensor")
+        raise PropertyFailure(
+            f"{what} on rank {rank} is a {type(value).__name__}, expected a DTensor"
+        )
     got = tuple(value.device_mesh.mesh.flatten().tolist())
     if got != ranks:
-        raise PropertyFailure(f"{what} on rank {rank} is a DTensor on ranks {got}, "
-                              f"expected ranks {ranks}")
+        raise PropertyFailure(
+            f"{what} on rank {rank} is a DTensor on ranks {got}, expected ranks {ranks}"
+        )

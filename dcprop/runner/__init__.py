@@ -19,8 +19,9 @@ def under_torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
 
 
-def make_runner(world_size: int, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT,
-                **pool_options: Any) -> Any:
+def make_runner(
+    world_size: int, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, **pool_options: Any
+) -> Any:
     """A :class:`SPMDRunner` under torchrun, else a lazily started :class:`Pool`."""
     if under_torchrun():
         from dcprop.runner.spmd import SPMDRunner

@@ -174,7 +174,7 @@ def execute(task: Task, worlds: Worlds, device: torch.device) -> Outcome:
     rank = dist.get_rank()
     started = time.perf_counter()
     try:
-        worlds.prepare(task.meshes)
+        worlds.prepare(task.meshes, task.world_size)
     except Exception as e:
         return _error(rank, e, started)
     if rank >= task.world_size:
@@ -211,7 +211,10 @@ def _error(rank: int, e: BaseException, started: float) -> Outcome:
     message = str(e)
     frames = traceback.extract_tb(e.__traceback__)
     return Outcome(
-        rank, "error", error_type=error_type, message=message,
+        rank,
+        "error",
+        error_type=error_type,
+        message=message,
         traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)),
         signature=failure_signature(error_type, message, frames[-1].name if frames else ""),
         seconds=time.perf_counter() - started,

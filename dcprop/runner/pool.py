@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 from dcprop.errors import (
     ExampleFailure,
@@ -65,7 +65,7 @@ def remove_stale_tempdirs(root: str | None = None) -> list[str]:
     removed = []
     for path in glob.glob(os.path.join(root or tempfile.gettempdir(), f"{TEMP_PREFIX}*-*")):
         try:
-            pid = int(os.path.basename(path)[len(TEMP_PREFIX):].split("-", 1)[0])
+            pid = int(os.path.basename(path)[len(TEMP_PREFIX) :].split("-", 1)[0])
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
@@ -77,8 +77,9 @@ def remove_stale_tempdirs(root: str | None = None) -> list[str]:
 class _Rank:
     __slots__ = ("conn", "log", "proc", "rank", "stacks")
 
-    def __init__(self, rank: int, proc: subprocess.Popen, conn: Connection, log: str,
-                 stacks: str) -> None:
+    def __init__(
+        self, rank: int, proc: subprocess.Popen, conn: Connection, log: str, stacks: str
+    ) -> None:
         self.rank, self.proc, self.conn, self.log, self.stacks = rank, proc, conn, log, stacks
 
 
@@ -93,10 +94,17 @@ class Pool:
     restarts after hangs and crashes over the pool's life.
     """
 
-    def __init__(self, world_size: int, *, device: str = "cpu",
-                 timeout: float = DEFAULT_TIMEOUT, grace: float = 3.0,
-                 max_restarts: int = 32, start_timeout: float = 180.0,
-                 tmp_root: str | None = None) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        *,
+        device: str = "cpu",
+        timeout: float = DEFAULT_TIMEOUT,
+        grace: float = 3.0,
+        max_restarts: int = 32,
+        start_timeout: float = 180.0,
+        tmp_root: str | None = None,
+    ) -> None:
         if not isinstance(world_size, int) or world_size < 1:
             raise RunnerError(f"world_size={world_size!r} must be a positive int")
         if device not in ("cpu", "cuda"):
@@ -145,13 +153,13 @@ class Pool:
             if self.restarts >= self.max_restarts:
                 raise PoolExhausted(
                     f"the pool was restarted {self.restarts} times (max_restarts="
-                    f"{self.max_restarts}); raise max_restarts or fix what hangs or crashes")
+                    f"{self.max_restarts}); raise max_restarts or fix what hangs or crashes"
+                )
             self.restarts += 1
             self._needs_restart = False
         remove_stale_tempdirs(self._tmp_root)
         if self._base is None:
-            self._base = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-",
-                                          dir=self._tmp_root)
+            self._base = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self._tmp_root)
         incarnation = tempfile.mkdtemp(prefix=f"pool{self.starts}-", dir=self._base)
         self.starts += 1
         store = os.path.join(incarnation, "store")
@@ -167,15 +175,37 @@ class Pool:
         ours, theirs = socket.socketpair()
         log = os.path.join(incarnation, f"rank{rank}.log")
         stacks = os.path.join(incarnation, f"rank{rank}.stacks")
-        cmd = [sys.executable, "-m", "dcprop.runner.worker", "--fd", str(theirs.fileno()),
-               "--rank", str(rank), "--world-size", str(self.world_size), "--store", store,
-               "--device", self.device, "--pg-timeout", str(self.timeout + 60.0),
-               "--stacks", stacks]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(
-            p for p in sys.path if p))
+        cmd = [
+            sys.executable,
+            "-m",
+            "dcprop.runner.worker",
+            "--fd",
+            str(theirs.fileno()),
+            "--rank",
+            str(rank),
+            "--world-size",
+            str(self.world_size),
+            "--store",
+            store,
+            "--device",
+            self.device,
+            "--pg-timeout",
+            str(self.timeout + 60.0),
+            "--stacks",
+            stacks,
+        ]
+        env = dict(
+            os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p)
+        )
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdout=out,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=False)
+            proc = subprocess.Popen(
+                cmd,
+                pass_fds=(theirs.fileno(),),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=False,
+            )
         theirs.close()
         conn = Connection(ours.detach())
         conn.send([p for p in sys.path])
@@ -187,15 +217,18 @@ class Pool:
         while waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise RunnerError(f"ranks {sorted(r.rank for r in waiting.values())} did not "
-                                  f"start within {self.start_timeout:.0f}s")
+                raise RunnerError(
+                    f"ranks {sorted(r.rank for r in waiting.values())} did not "
+                    f"start within {self.start_timeout:.0f}s"
+                )
             for conn in wait(list(waiting), timeout=remaining):
                 r = waiting.pop(conn)  # type: ignore[call-overload]
                 try:
-                    _, info = conn.recv()  # type: ignore[union-attr]
+                    _, info = cast(Connection, conn).recv()
                 except EOFError:
-                    raise RunnerError(f"rank {r.rank} exited during start-up:\n"
-                                      f"{_tail(r.log)}") from None
+                    raise RunnerError(
+                        f"rank {r.rank} exited during start-up:\n{_tail(r.log)}"
+                    ) from None
                 self.backend = info["backend"]
 
     def close(self) -> None:
@@ -225,9 +258,15 @@ class Pool:
         self._ranks = []
 
     # -- examples ------------------------------------------------------------------
-    def run(self, fn: Callable[..., Any], *args: Any, world_size: int | None = None,
-            meshes: Sequence[MeshSpec] = (), seed: int = 0,
-            timeout: float | None = None) -> dict[int, Any]:
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        world_size: int | None = None,
+        meshes: Sequence[MeshSpec] = (),
+        seed: int = 0,
+        timeout: float | None = None,
+    ) -> dict[int, Any]:
         """Call ``fn(ctx, *args)`` on ranks ``0..world_size-1``; return ``{rank: value}``.
 
         ``fn`` must be importable by reference (a module-level function).  Raises
@@ -238,13 +277,22 @@ class Pool:
             raise RunnerError(f"world_size={k} does not fit in a pool of {self.world_size} ranks")
         for m in meshes:
             if m.size > self.world_size:
-                raise RunnerError(f"mesh {m.shape} needs {m.size} ranks but the pool has "
-                                  f"{self.world_size}")
+                raise RunnerError(
+                    f"mesh {m.shape} needs {m.size} ranks but the pool has {self.world_size}"
+                )
         self.start()
         assert self._base is not None
         example_dir = tempfile.mkdtemp(prefix="example-", dir=self._base)
-        task = Task(id=next(self._ids), fn=fn, args=tuple(args), world_size=k,
-                    meshes=tuple(meshes), tmpdir=example_dir, seed=seed, device=self.device)
+        task = Task(
+            id=next(self._ids),
+            fn=fn,
+            args=tuple(args),
+            world_size=k,
+            meshes=tuple(meshes),
+            tmpdir=example_dir,
+            seed=seed,
+            device=self.device,
+        )
         try:
             payload = pickle.dumps(task)
         except Exception as e:
@@ -263,8 +311,9 @@ class Pool:
         stacks = self._stacks(hung) if hung else {}
         if hung or crashed:
             self._kill()
-        failure = failure_from_outcomes(outcomes, hung=hung, crashed=crashed, stacks=stacks,
-                                        timeout=timeout or self.timeout)
+        failure = failure_from_outcomes(
+            outcomes, hung=hung, crashed=crashed, stacks=stacks, timeout=timeout or self.timeout
+        )
         if failure is not None:
             raise failure
         return {r: o.value for r, o in outcomes.items() if o.status == "ok"}
@@ -282,7 +331,7 @@ class Pool:
             for conn in wait(list(pending), timeout=remaining):
                 r = pending.pop(conn)  # type: ignore[call-overload]
                 try:
-                    _, outcome = conn.recv()  # type: ignore[union-attr]
+                    _, outcome = cast(Connection, conn).recv()
                 except (EOFError, OSError):
                     crashed[r.rank] = _exit_code(r.proc)
                     deadline = min(deadline, time.monotonic() + self.grace)
@@ -343,10 +392,14 @@ def _describe_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
-def failure_from_outcomes(outcomes: dict[int, Outcome], *, hung: Sequence[int] = (),
-                          crashed: dict[int, int] | None = None,
-                          stacks: dict[int, str] | None = None,
-                          timeout: float = 0.0) -> ExampleFailure | None:
+def failure_from_outcomes(
+    outcomes: dict[int, Outcome],
+    *,
+    hung: Sequence[int] = (),
+    crashed: dict[int, int] | None = None,
+    stacks: dict[int, str] | None = None,
+    timeout: float = 0.0,
+) -> ExampleFailure | None:
     """The exception that describes a set of per-rank outcomes, or None if all passed.
 
     Shared by the pool and the torchrun mode.  Ranks that stopped only because a
@@ -369,8 +422,9 @@ def failure_from_outcomes(outcomes: dict[int, Outcome], *, hung: Sequence[int] =
     if blamed:
         first = next(iter(blamed.values()))
         signature = signature or first.signature
-        lines.append(f"example failed on rank(s) {sorted(blamed)}: {first.error_type}: "
-                     f"{first.message}")
+        lines.append(
+            f"example failed on rank(s) {sorted(blamed)}: {first.error_type}: {first.message}"
+        )
     if hung:
         if not (crashed or blamed):
             cls = RankTimeout
@@ -387,8 +441,14 @@ def failure_from_outcomes(outcomes: dict[int, Outcome], *, hung: Sequence[int] =
     return cls("\n".join(lines), outcomes=dict(outcomes), signature=signature)
 
 
-_PLUMBING = ("distributed_c10d.py", "c10d_logger.py", "_contextlib.py", "threading.py",
-             "_compile.py", "eval_frame.py")
+_PLUMBING = (
+    "distributed_c10d.py",
+    "c10d_logger.py",
+    "_contextlib.py",
+    "threading.py",
+    "_compile.py",
+    "eval_frame.py",
+)
 
 
 def _hung_in(stacks: dict[int, str]) -> str:

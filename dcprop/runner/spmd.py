@@ -39,11 +39,14 @@ __all__ = ["SPMDRunner"]
 class SPMDRunner:
     """The :class:`~dcprop.runner.pool.Pool` interface over torchrun's processes."""
 
-    def __init__(self, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT,
-                 tmp_root: str | None = None) -> None:
+    def __init__(
+        self, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, tmp_root: str | None = None
+    ) -> None:
         if not under_torchrun():
-            raise RunnerError("SPMDRunner needs torchrun's environment (RANK, WORLD_SIZE, "
-                              "LOCAL_RANK, MASTER_ADDR); use Pool outside torchrun")
+            raise RunnerError(
+                "SPMDRunner needs torchrun's environment (RANK, WORLD_SIZE, "
+                "LOCAL_RANK, MASTER_ADDR); use Pool outside torchrun"
+            )
         world = int(os.environ["WORLD_SIZE"])
         backend, device_type = backend_for(device, world)
         if device_type == "cuda":
@@ -62,8 +65,11 @@ class SPMDRunner:
         self._worlds = Worlds(device_type)
         self._ids = itertools.count()
         self._broken = False
-        base = [tempfile.mkdtemp(prefix=f"dcprop-{os.getpid()}-", dir=tmp_root)
-                if self.rank == 0 else None]
+        base = [
+            tempfile.mkdtemp(prefix=f"dcprop-{os.getpid()}-", dir=tmp_root)
+            if self.rank == 0
+            else None
+        ]
         dist.broadcast_object_list(base, src=0, group=self._control)
         self._base: str | None = base[0]
 
@@ -71,21 +77,37 @@ class SPMDRunner:
     def is_driver(self) -> bool:
         return self.rank == 0
 
-    def run(self, fn: Callable[..., Any], *args: Any, world_size: int | None = None,
-            meshes: Sequence[MeshSpec] = (), seed: int = 0,
-            timeout: float | None = None) -> dict[int, Any]:
+    def run(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        world_size: int | None = None,
+        meshes: Sequence[MeshSpec] = (),
+        seed: int = 0,
+        timeout: float | None = None,
+    ) -> dict[int, Any]:
         if not self.is_driver:
             raise RunnerError("only rank 0 drives; other ranks call follow()")
         if self._broken:
-            raise RunnerError("an earlier example hung; torchrun's processes cannot be "
-                              "restarted from inside, so this run cannot continue")
+            raise RunnerError(
+                "an earlier example hung; torchrun's processes cannot be "
+                "restarted from inside, so this run cannot continue"
+            )
         k = self.world_size if world_size is None else world_size
         if not 1 <= k <= self.world_size:
             raise RunnerError(f"world_size={k} does not fit in {self.world_size} torchrun ranks")
         assert self._base is not None
         tmpdir = tempfile.mkdtemp(prefix="example-", dir=self._base)
-        task = Task(id=next(self._ids), fn=fn, args=tuple(args), world_size=k,
-                    meshes=tuple(meshes), tmpdir=tmpdir, seed=seed, device=self.device)
+        task = Task(
+            id=next(self._ids),
+            fn=fn,
+            args=tuple(args),
+            world_size=k,
+            meshes=tuple(meshes),
+            tmpdir=tmpdir,
+            seed=seed,
+            device=self.device,
+        )
         try:
             outcomes = self._round(("run", task))
         finally:
@@ -102,12 +124,12 @@ class SPMDRunner:
         outcome = execute(box[0][1], self._worlds, self._device)
         gathered: list[Any] = [None] * self.world_size if self.is_driver else []
         try:
-            dist.gather_object(outcome, gathered if self.is_driver else None, dst=0,
-                               group=self._control)
+            dist.gather_object(
+                outcome, gathered if self.is_driver else None, dst=0, group=self._control
+            )
         except Exception as e:
             self._broken = True
-            raise RunnerError(f"ranks did not report within the process-group timeout: {e}") \
-                from e
+            raise RunnerError(f"ranks did not report within the process-group timeout: {e}") from e
         return gathered
 
     def follow(self) -> int:

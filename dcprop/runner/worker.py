@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         device = torch.device("cpu")
     dist.init_process_group(
-        backend, store=dist.FileStore(args.store, args.world_size), rank=args.rank,
-        world_size=args.world_size, timeout=timedelta(seconds=args.pg_timeout),
+        backend,
+        store=dist.FileStore(args.store, args.world_size),
+        rank=args.rank,
+        world_size=args.world_size,
+        timeout=timedelta(seconds=args.pg_timeout),
     )
     worlds = Worlds(device_type)
     conn.send(("ready", {"rank": args.rank, "backend": backend, "device": str(device)}))

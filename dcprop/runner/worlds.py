@@ -9,7 +9,7 @@ a world seen before costs nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,16 @@ class Worlds:
         return {g for g in self._groups.values() if g is not None}
 
     def group(self, ranks: tuple[int, ...]) -> Any:
-        """The group over ``ranks``; None on ranks outside it.  Collective on first use."""
+        """The group over ``ranks`` (None on ranks outside it), created by :meth:`prepare`."""
+        if ranks not in self._groups:
+            raise KeyError(
+                f"no process group over ranks {list(ranks)} was prepared for this "
+                "example; declare its world size or mesh in the task"
+            )
+        return self._groups[ranks]
+
+    def _create_group(self, ranks: tuple[int, ...]) -> Any:
+        """Collective over every pool rank the first time; cached after."""
         if ranks not in self._groups:
             if len(ranks) == dist.get_world_size():
                 self._groups[ranks] = dist.group.WORLD
@@ -42,8 +51,11 @@ class Worlds:
                 self._groups[ranks] = g if dist.get_rank() in ranks else None
         return self._groups[ranks]
 
-    def prepare(self, meshes: tuple[MeshSpec, ...]) -> None:
-        """Create (collectively) everything ``meshes`` need, including each world's flat mesh."""
+    def prepare(self, meshes: tuple[MeshSpec, ...], world_size: int) -> None:
+        """Create (collectively: every pool rank calls this) the example's world group and
+        everything ``meshes`` need, including each world's flat mesh."""
+        for k in sorted({world_size, *(m.size for m in meshes)}):
+            self._create_group(tuple(range(k)))
         for spec in meshes:
             for s in (spec, _flat(spec.size)):
                 if s not in self._meshes:
@@ -52,8 +64,10 @@ class Worlds:
     def mesh(self, spec: MeshSpec) -> Any:
         """The ``DeviceMesh`` for ``spec`` over ranks ``0..spec.size-1``; None off the mesh."""
         if spec not in self._meshes:
-            raise KeyError(f"mesh {spec!r} was not declared for this example; list it in the "
-                           "task's meshes so that every rank creates it")
+            raise KeyError(
+                f"mesh {spec!r} was not declared for this example; list it in the "
+                "task's meshes so that every rank creates it"
+            )
         return self._meshes[spec]
 
     def flat_mesh(self, world_size: int) -> Any:
@@ -71,17 +85,19 @@ class Worlds:
             mine = None
             moved = layout.movedim(d, -1).reshape(-1, spec.shape[d])
             for row in moved.tolist():
-                g = self.group(tuple(row))
+                g = self._create_group(tuple(row))
                 if dist.get_rank() in row:
                     mine = g
             per_dim.append(mine)
         if dist.get_rank() >= spec.size:
             return None
         if len(spec.shape) == 1:
-            return DeviceMesh.from_group(per_dim[0], self.device_type,
-                                         mesh_dim_names=spec.dim_names)
-        return DeviceMesh.from_group(per_dim, self.device_type, mesh=layout,
-                                     mesh_dim_names=spec.dim_names)
+            return DeviceMesh.from_group(
+                cast(Any, per_dim[0]), self.device_type, mesh_dim_names=spec.dim_names
+            )
+        return DeviceMesh.from_group(
+            cast(Any, per_dim), self.device_type, mesh=layout, mesh_dim_names=spec.dim_names
+        )
 
 
 def _flat(world_size: int) -> MeshSpec:
@@ -90,4 +106,3 @@ def _flat(world_size: int) -> MeshSpec:
 
 def world_size_of(meshes: tuple[MeshSpec, ...]) -> int:
     return max((m.size for m in meshes), default=1)
-

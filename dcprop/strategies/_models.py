@@ -16,12 +16,31 @@ from dcprop.strategies._validation import (
     check_type,
 )
 
-LAYER_KINDS = ("linear", "activation", "layernorm", "batchnorm", "unused_input",
-               "sequential", "module_list", "block", "branches", "repeat")
+LAYER_KINDS = (
+    "linear",
+    "activation",
+    "layernorm",
+    "batchnorm",
+    "unused_input",
+    "sequential",
+    "module_list",
+    "block",
+    "branches",
+    "repeat",
+)
 _CONTAINERS = ("sequential", "module_list", "block", "branches", "repeat")
-_NAMES = {"linear": "fc", "activation": "act", "layernorm": "norm", "batchnorm": "bn",
-          "unused_input": "unused", "sequential": "seq", "module_list": "list",
-          "block": "block", "branches": "branches", "repeat": "repeat"}
+_NAMES = {
+    "linear": "fc",
+    "activation": "act",
+    "layernorm": "norm",
+    "batchnorm": "bn",
+    "unused_input": "unused",
+    "sequential": "seq",
+    "module_list": "list",
+    "block": "block",
+    "branches": "branches",
+    "repeat": "repeat",
+}
 
 
 def _uneven_share(draw: Any, uneven: float) -> bool:
@@ -42,8 +61,9 @@ def _dims(draw: Any, shards: int, min_value: int, max_value: int, uneven: float)
     return draw(st.sampled_from(evens))
 
 
-def dims(shards: int = 1, *, min_value: int = 1, max_value: int = 16,
-         uneven: float = 0.5) -> st.SearchStrategy[int]:
+def dims(
+    shards: int = 1, *, min_value: int = 1, max_value: int = 16, uneven: float = 0.5
+) -> st.SearchStrategy[int]:
     """Sizes of a dim that is split ``shards`` ways (a parameter's dim 0 under FSDP).
 
     About ``uneven`` of the draws are deliberately not divisible by ``shards``,
@@ -64,16 +84,18 @@ def dims(shards: int = 1, *, min_value: int = 1, max_value: int = 16,
 class _ModelConfig:
     __slots__ = ("dim", "kinds", "max_depth", "max_layers")
 
-    def __init__(self, kinds: tuple[str, ...], max_layers: int, max_depth: int,
-                 dim: st.SearchStrategy[int]) -> None:
+    def __init__(
+        self, kinds: tuple[str, ...], max_layers: int, max_depth: int, dim: st.SearchStrategy[int]
+    ) -> None:
         self.kinds, self.max_layers, self.max_depth, self.dim = kinds, max_layers, max_depth, dim
 
 
 def _layer(draw: Any, kind: str, width: int, depth: int, cfg: _ModelConfig) -> tuple[Any, int]:
     if kind in ("linear", "unused_input"):
         out = draw(cfg.dim)
-        return S.Linear(width, out, bias=not draw(st.booleans()),
-                        unused_input=kind == "unused_input"), out
+        return S.Linear(
+            width, out, bias=not draw(st.booleans()), unused_input=kind == "unused_input"
+        ), out
     if kind == "activation":
         return S.Activation(draw(st.sampled_from(S.ACTIVATIONS))), width
     if kind == "layernorm":
@@ -81,19 +103,29 @@ def _layer(draw: Any, kind: str, width: int, depth: int, cfg: _ModelConfig) -> t
     if kind == "batchnorm":
         return S.BatchNorm(width), width
     if kind == "repeat":
-        body = S.Linear(width, width, unused_input="unused_input" in cfg.kinds
-                        and draw(st.booleans()))
+        body: Any = S.Linear(
+            width, width, unused_input="unused_input" in cfg.kinds and draw(st.booleans())
+        )
         if draw(st.booleans()):
             body = S.Sequential((body, S.Activation("tanh")))  # bounded, so repeats stay finite
-        return S.Repeat(body, times=draw(st.integers(1, 3)),
-                        no_grad_residual=draw(st.booleans())), width
+        return S.Repeat(
+            body, times=draw(st.integers(1, 3)), no_grad_residual=draw(st.booleans())
+        ), width
     if kind == "branches":
         count = draw(st.integers(1, 3))
         branches, out = [], 0
         for _ in range(count):
-            child, w = _layer(draw, draw(st.sampled_from(
-                [k for k in ("linear", "unused_input") if k in cfg.kinds] or ["linear"])),
-                width, depth + 1, cfg)
+            child, w = _layer(
+                draw,
+                draw(
+                    st.sampled_from(
+                        [k for k in ("linear", "unused_input") if k in cfg.kinds] or ["linear"]
+                    )
+                ),
+                width,
+                depth + 1,
+                cfg,
+            )
             branches.append(child)
             out += w
         concat = draw(st.booleans())
@@ -105,8 +137,12 @@ def _layer(draw: Any, kind: str, width: int, depth: int, cfg: _ModelConfig) -> t
     return (S.Sequential(layers) if kind == "sequential" else S.ModuleList(layers)), out
 
 
-def _chain(draw: Any, width: int, depth: int, cfg: _ModelConfig,
-           ) -> tuple[tuple[tuple[str, Any], ...], int]:
+def _chain(
+    draw: Any,
+    width: int,
+    depth: int,
+    cfg: _ModelConfig,
+) -> tuple[tuple[tuple[str, Any], ...], int]:
     kinds = [k for k in cfg.kinds if depth < cfg.max_depth or k not in _CONTAINERS]
     children = []
     for i in range(draw(st.integers(1, cfg.max_layers))):
@@ -118,13 +154,17 @@ def _chain(draw: Any, width: int, depth: int, cfg: _ModelConfig,
 
 
 def _square_linears(root: S.Block) -> list[str]:
-    return [p for p, layer in S.walk(root)
-            if isinstance(layer, S.Linear) and layer.in_features == layer.out_features]
+    return [
+        p
+        for p, layer in S.walk(root)
+        if isinstance(layer, S.Linear) and layer.in_features == layer.out_features
+    ]
 
 
 @st.composite
-def _models(draw: Any, cfg: _ModelConfig, embedding: bool, ties: bool, tp_size: int,
-            experts: int) -> S.ModelSpec:
+def _models(
+    draw: Any, cfg: _ModelConfig, embedding: bool, ties: bool, tp_size: int, experts: int
+) -> S.ModelSpec:
     head: list[tuple[str, Any]] = []
     width = draw(cfg.dim)
     vocab = None
@@ -135,8 +175,9 @@ def _models(draw: Any, cfg: _ModelConfig, embedding: bool, ties: bool, tp_size: 
     body = [*head, *children]
     if tp_size:
         hidden = tp_size * draw(st.integers(1, max(1, 16 // tp_size)))
-        body.append(("mlp", S.Sequential((S.Linear(out, hidden), S.Activation(),
-                                          S.Linear(hidden, out)))))
+        body.append(
+            ("mlp", S.Sequential((S.Linear(out, hidden), S.Activation(), S.Linear(hidden, out))))
+        )
     if experts:
         hidden = draw(cfg.dim)
         expert = S.Sequential((S.Linear(out, hidden), S.Activation(), S.Linear(hidden, out)))
@@ -151,17 +192,31 @@ def _models(draw: Any, cfg: _ModelConfig, embedding: bool, ties: bool, tp_size: 
     if ties and not tied:
         modules = dict(S.walk(root))
         square = [p for p in _square_linears(root) if not p.startswith(("mlp", "experts"))]
-        pairs = [(a, b) for i, a in enumerate(square) for b in square[i + 1:]
-                 if modules[a].in_features == modules[b].in_features]
+        pairs = [
+            (a, b)
+            for i, a in enumerate(square)
+            for b in square[i + 1 :]
+            if modules[a].in_features == modules[b].in_features
+        ]
         if pairs and draw(st.booleans()):
             tied.append(draw(st.sampled_from(pairs)))
     return S.ModelSpec(root, tuple(tied))
 
 
-def models(*, max_layers: int = 3, max_depth: int = 1, min_dim: int = 1, max_dim: int = 12,
-           shards: int = 1, uneven: float = 0.5, layers: Any = LAYER_KINDS,
-           embedding: bool = True, ties: bool = True, tp_size: int = 0,
-           experts: int = 0) -> st.SearchStrategy[S.ModelSpec]:
+def models(
+    *,
+    max_layers: int = 3,
+    max_depth: int = 1,
+    min_dim: int = 1,
+    max_dim: int = 12,
+    shards: int = 1,
+    uneven: float = 0.5,
+    layers: Any = LAYER_KINDS,
+    embedding: bool = True,
+    ties: bool = True,
+    tp_size: int = 0,
+    experts: int = 0,
+) -> st.SearchStrategy[S.ModelSpec]:
     """Random layered models: a root block of up to ``max_layers`` children, nested up
     to ``max_depth`` containers deep, widths from :func:`dims`.
 
@@ -193,10 +248,14 @@ def models(*, max_layers: int = 3, max_depth: int = 1, min_dim: int = 1, max_dim
 
 
 @st.composite
-def _frozen(draw: Any, model: S.ModelSpec, granularity: str, min_trainable: int,
-            exclude: tuple[str, ...]) -> tuple[str, ...]:
-    names = [n for n in model.parameter_names() if not n.startswith(exclude)] if exclude \
+def _frozen(
+    draw: Any, model: S.ModelSpec, granularity: str, min_trainable: int, exclude: tuple[str, ...]
+) -> tuple[str, ...]:
+    names = (
+        [n for n in model.parameter_names() if not n.startswith(exclude)]
+        if exclude
         else list(model.parameter_names())
+    )
     if granularity == "module":
         owners = sorted({n.rsplit(".", 1)[0] for n in names})
         picked = draw(st.lists(st.sampled_from(owners), unique=True)) if owners else []
@@ -209,9 +268,13 @@ def _frozen(draw: Any, model: S.ModelSpec, granularity: str, min_trainable: int,
     return tuple(sorted(chosen))
 
 
-def frozen_subsets(model: S.ModelSpec, *, granularity: str = "parameter",
-                   min_trainable: int = 1, exclude: tuple[str, ...] = (),
-                   ) -> st.SearchStrategy[tuple[str, ...]]:
+def frozen_subsets(
+    model: S.ModelSpec,
+    *,
+    granularity: str = "parameter",
+    min_trainable: int = 1,
+    exclude: tuple[str, ...] = (),
+) -> st.SearchStrategy[tuple[str, ...]]:
     """Subsets of ``model``'s parameter names to freeze (``requires_grad=False``).
 
     ``granularity="module"`` freezes whole modules (all of a layer's parameters),
@@ -223,6 +286,8 @@ def frozen_subsets(model: S.ModelSpec, *, granularity: str = "parameter",
     check_choices("granularity", (granularity,), ("parameter", "module"))
     check_int("min_trainable", min_trainable, min_value=0)
     if min_trainable > len(model.parameter_names()):
-        raise InvalidArgument(f"min_trainable={min_trainable} but the model has only "
-                              f"{len(model.parameter_names())} parameters")
+        raise InvalidArgument(
+            f"min_trainable={min_trainable} but the model has only "
+            f"{len(model.parameter_names())} parameters"
+        )
     return _frozen(model, granularity, min_trainable, tuple(exclude))

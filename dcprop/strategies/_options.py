@@ -20,8 +20,12 @@ def _optimizers(draw: Any, kinds: tuple[str, ...]) -> S.OptimizerSpec:
     lr = draw(st.sampled_from((0.01, 0.1, 0.001)))
     momentum = draw(st.sampled_from((0.0, 0.9)))
     decay = draw(st.sampled_from((0.0, 0.01)))
-    return S.OptimizerSpec(kind, lr=lr, momentum=momentum if kind == "sgd" else 0.0,
-                           weight_decay=0.0 if kind == "adam" else decay)
+    return S.OptimizerSpec(
+        kind,
+        lr=lr,
+        momentum=momentum if kind == "sgd" else 0.0,
+        weight_decay=0.0 if kind == "adam" else decay,
+    )
 
 
 def optimizers(kinds: Any = OPTIMIZER_KINDS) -> st.SearchStrategy[S.OptimizerSpec]:
@@ -44,8 +48,10 @@ def _state_dicts(draw: Any, full: bool | None) -> S.StateDictSpec:
     )
 
 
-def state_dict_options(*, full_state_dict: bool | None = None,
-                       ) -> st.SearchStrategy[S.StateDictSpec]:
+def state_dict_options(
+    *,
+    full_state_dict: bool | None = None,
+) -> st.SearchStrategy[S.StateDictSpec]:
     """``StateDictOptions`` as data: full or sharded, cpu_offload, ignore_frozen_params,
     flatten_optimizer_state_dict, broadcast_from_rank0 (full only).  ``full_state_dict``
     fixes that choice.  Shrinks toward the defaults (sharded, nothing set)."""
@@ -56,8 +62,11 @@ def state_dict_options(*, full_state_dict: bool | None = None,
 
 @st.composite
 def _storage(draw: Any) -> S.StorageSpec:
-    return S.StorageSpec(single_file_per_rank=not draw(st.booleans()),
-                         thread_count=draw(st.integers(1, 2)), async_save=draw(st.booleans()))
+    return S.StorageSpec(
+        single_file_per_rank=not draw(st.booleans()),
+        thread_count=draw(st.integers(1, 2)),
+        async_save=draw(st.booleans()),
+    )
 
 
 def storage_options() -> st.SearchStrategy[S.StorageSpec]:
@@ -66,8 +75,9 @@ def storage_options() -> st.SearchStrategy[S.StorageSpec]:
 
 
 @st.composite
-def _trainings(draw: Any, min_steps: int, max_steps: int, min_batch: int, max_batch: int,
-               input_grad: bool) -> S.TrainingSpec:
+def _trainings(
+    draw: Any, min_steps: int, max_steps: int, min_batch: int, max_batch: int, input_grad: bool
+) -> S.TrainingSpec:
     return S.TrainingSpec(
         steps=draw(st.integers(min_steps, max_steps)),
         batch_size=draw(st.integers(min_batch, max_batch)),
@@ -76,8 +86,14 @@ def _trainings(draw: Any, min_steps: int, max_steps: int, min_batch: int, max_ba
     )
 
 
-def trainings(*, min_steps: int = 1, max_steps: int = 3, min_batch: int = 1, max_batch: int = 4,
-              input_requires_grad: bool = True) -> st.SearchStrategy[S.TrainingSpec]:
+def trainings(
+    *,
+    min_steps: int = 1,
+    max_steps: int = 3,
+    min_batch: int = 1,
+    max_batch: int = 4,
+    input_requires_grad: bool = True,
+) -> st.SearchStrategy[S.TrainingSpec]:
     """Steps, per-rank batch size, whether the input requires grad, and the data seed.
     Shrinks toward one step of the smallest batch."""
     check_int("min_steps", min_steps, min_value=1, max_value=64)

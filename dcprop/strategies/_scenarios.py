@@ -78,17 +78,29 @@ def _shard_count(kind: str, shape: tuple[int, ...]) -> int:
 def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.ModelSpec:
     tp_size = shape[-1] if kind.endswith("+tp") else 0
     experts = shape[1] if kind == "submesh" else 0
-    strategy = models(max_layers=cfg.max_layers, max_depth=cfg.max_depth, max_dim=cfg.max_dim,
-                      shards=_shard_count(kind, shape), uneven=cfg.uneven, layers=cfg.layers,
-                      tp_size=tp_size, experts=experts,
-                      embedding=cfg.property != "finetune_resume")
+    strategy = models(
+        max_layers=cfg.max_layers,
+        max_depth=cfg.max_depth,
+        max_dim=cfg.max_dim,
+        shards=_shard_count(kind, shape),
+        uneven=cfg.uneven,
+        layers=cfg.layers,
+        tp_size=tp_size,
+        experts=experts,
+        embedding=cfg.property != "finetune_resume",
+    )
     model = draw(strategy)
     if cfg.property != "finetune_resume":
         return model
     head_out = draw(st.integers(1, cfg.max_dim))
     ties = tuple((f"pretrain.{s}", f"pretrain.{d}") for s, d in model.ties)
-    root = S.Block((("pretrain", model.root), ("act", S.Activation()),
-                    ("head", S.Linear(model.out_features, head_out))))
+    root = S.Block(
+        (
+            ("pretrain", model.root),
+            ("act", S.Activation()),
+            ("head", S.Linear(model.out_features, head_out)),
+        )
+    )
     return S.ModelSpec(root, ties)
 
 
@@ -114,32 +126,63 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         frozen = draw(frozen_subsets(model, granularity="module" if module_level else "parameter"))
     else:
         frozen = ()
+    if isinstance(plan, S.FSDP2Plan) and plan.experts is not None:
+        shared = [n for n in model.parameter_names() if not n.startswith(plan.experts.module + ".")]
+        frozen = tuple(n for n in frozen if n != shared[0])  # every rank trains something
 
     options = draw(state_dict_options())
     if pretrained:
-        options = attrs.evolve(options, submodules=("pretrain",), keep_submodule_prefixes=False,
-                               ignore_frozen_params=True)
+        options = attrs.evolve(
+            options,
+            submodules=("pretrain",),
+            keep_submodule_prefixes=False,
+            ignore_frozen_params=True,
+        )
     save = S.Topology(world, mesh, plan, options)
 
     load = None
     if cfg.property == "reshard":
         load_world = draw(st.sampled_from(cfg.world_sizes))
-        load_fits = [(k, s) for k in _kinds(cfg, PLAN_KINDS) for s in shapes_for(k, load_world)
-                     if k in plan_kinds_for(model, S.MeshSpec(s, names_for(k, s)), cfg.device)]
+        load_fits = [
+            (k, s)
+            for k in _kinds(cfg, PLAN_KINDS)
+            for s in shapes_for(k, load_world)
+            if k in plan_kinds_for(model, S.MeshSpec(s, names_for(k, s)), cfg.device)
+        ]
         load_kind, load_shape = draw(st.sampled_from(load_fits))
         load_mesh = S.MeshSpec(load_shape, names_for(load_kind, load_shape))
-        load = S.Topology(load_world, load_mesh, draw(_plan(model, load_mesh, load_kind)),
-                          draw(state_dict_options()))
+        # the optimizer layout is the checkpoint's key format: both sides must share it
+        load_options = attrs.evolve(
+            draw(state_dict_options()),
+            flatten_optimizer_state_dict=options.flatten_optimizer_state_dict,
+        )
+        load = S.Topology(
+            load_world, load_mesh, draw(_plan(model, load_mesh, load_kind)), load_options
+        )
 
     min_batch = 2 if model.has_batch_statistics() else 1
     min_steps = 2 if cfg.property == "ddp_parity" else 1
-    training = draw(trainings(min_steps=min_steps, max_steps=max(min_steps, cfg.max_steps),
-                              min_batch=min_batch, max_batch=max(min_batch, 3),
-                              input_requires_grad=not model.takes_tokens))
-    fields = dict(model=model, save=save, load=load, frozen=frozen,
-                  optimizer=draw(optimizers()), training=training,
-                  storage=draw(storage_options()), pretrained=pretrained,
-                  seed=draw(st.integers(0, 2**16)), device=cfg.device)
+    training = draw(
+        trainings(
+            min_steps=min_steps,
+            max_steps=max(min_steps, cfg.max_steps),
+            min_batch=min_batch,
+            max_batch=max(min_batch, 3),
+            input_requires_grad=not model.takes_tokens,
+        )
+    )
+    fields = dict(
+        model=model,
+        save=save,
+        load=load,
+        frozen=frozen,
+        optimizer=draw(optimizers()),
+        training=training,
+        storage=draw(storage_options()),
+        pretrained=pretrained,
+        seed=draw(st.integers(0, 2**16)),
+        device=cfg.device,
+    )
     try:
         return S.Scenario(**fields)
     except SpecError as e:
@@ -148,11 +191,20 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         return S.Scenario(**{**fields, "frozen": ()})  # FSDP1 flat-parameter rule
 
 
-def scenarios(property: str = "roundtrip", *, world_sizes: Any = (1, 2, 3, 4),
-              device: str = "cpu", kinds: Any = PLAN_KINDS, max_layers: int = 3,
-              max_depth: int = 1, max_dim: int = 12, uneven: float = 0.5,
-              layers: Any = LAYER_KINDS, max_steps: int = 3,
-              frozen: bool = True) -> st.SearchStrategy[S.Scenario]:
+def scenarios(
+    property: str = "roundtrip",
+    *,
+    world_sizes: Any = (1, 2, 3, 4),
+    device: str = "cpu",
+    kinds: Any = PLAN_KINDS,
+    max_layers: int = 3,
+    max_depth: int = 1,
+    max_dim: int = 12,
+    uneven: float = 0.5,
+    layers: Any = LAYER_KINDS,
+    max_steps: int = 3,
+    frozen: bool = True,
+) -> st.SearchStrategy[S.Scenario]:
     """Whole examples for ``property`` (one of ``PROPERTY_NAMES``).
 
     ``world_sizes``: the world sizes to draw from (a reshard draws save and load
@@ -178,14 +230,31 @@ def scenarios(property: str = "roundtrip", *, world_sizes: Any = (1, 2, 3, 4),
     check_int("max_steps", max_steps, min_value=1, max_value=64)
     check_fraction("uneven", uneven)
     check_type("frozen", frozen, bool)
-    cfg = _Config(property, tuple(sorted(set(world_sizes))), device, kinds, max_layers,
-                  max_depth, max_dim, uneven, check_choices("layers", layers, LAYER_KINDS),
-                  max_steps, frozen)
+    cfg = _Config(
+        property,
+        tuple(sorted(set(world_sizes))),
+        device,
+        kinds,
+        max_layers,
+        max_depth,
+        max_dim,
+        uneven,
+        check_choices("layers", layers, LAYER_KINDS),
+        max_steps,
+        frozen,
+    )
     usable = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[property])
     if not usable:
-        raise InvalidArgument(f"kinds={kinds!r} on device={device!r} leaves no plan for "
-                              f"property={property!r} (it uses {PLAN_KINDS_BY_PROPERTY[property]})")
+        raise InvalidArgument(
+            f"kinds={kinds!r} on device={device!r} leaves no plan for "
+            f"property={property!r} (it uses {PLAN_KINDS_BY_PROPERTY[property]})"
+        )
     # argument checks of models() run now, not at the first draw
-    models(max_layers=max_layers, max_depth=max_depth, max_dim=max_dim, uneven=uneven,
-           layers=cfg.layers)
+    models(
+        max_layers=max_layers,
+        max_depth=max_depth,
+        max_dim=max_dim,
+        uneven=uneven,
+        layers=cfg.layers,
+    )
     return _scenarios(cfg)

@@ -14,8 +14,11 @@ from dcprop.strategies._validation import check_choices, check_int, check_interv
 # Simplest first: Hypothesis shrinks a sampled_from toward its first entry.
 PLAN_KINDS = ("fsdp2", "ddp", "hsdp", "fsdp2+tp", "submesh", "hsdp+tp", "fsdp1")
 ROLE_NAMES = {
-    "fsdp2": ("shard",), "ddp": ("dp",), "hsdp": ("replicate", "shard"),
-    "fsdp2+tp": ("shard", "tp"), "hsdp+tp": ("replicate", "shard", "tp"),
+    "fsdp2": ("shard",),
+    "ddp": ("dp",),
+    "hsdp": ("replicate", "shard"),
+    "fsdp2+tp": ("shard", "tp"),
+    "hsdp+tp": ("replicate", "shard", "tp"),
     "submesh": ("shard", "ep"),
 }
 _NDIM = {"fsdp2": 1, "ddp": 1, "hsdp": 2, "fsdp2+tp": 2, "submesh": 2, "hsdp+tp": 3}
@@ -25,12 +28,21 @@ def factorizations(n: int, ndim: int) -> list[tuple[int, ...]]:
     """Every ordered way to write ``n`` as a product of ``ndim`` positive ints."""
     if ndim == 1:
         return [(n,)]
-    return [(d, *rest) for d in range(1, n + 1) if n % d == 0
-            for rest in factorizations(n // d, ndim - 1)]
+    return [
+        (d, *rest)
+        for d in range(1, n + 1)
+        if n % d == 0
+        for rest in factorizations(n // d, ndim - 1)
+    ]
 
 
-def meshes(world_size: int, *, min_dims: int = 1, max_dims: int = 3,
-           dim_names: tuple[str, ...] | None = None) -> st.SearchStrategy[S.MeshSpec]:
+def meshes(
+    world_size: int,
+    *,
+    min_dims: int = 1,
+    max_dims: int = 3,
+    dim_names: tuple[str, ...] | None = None,
+) -> st.SearchStrategy[S.MeshSpec]:
     """Every factorization of ``world_size`` into ``min_dims`` to ``max_dims`` mesh dims
     (dims of size 1 included).  ``dim_names`` fixes the names (and so the number of
     dims); otherwise dims are named ``dim0, dim1, ...``.  Shrinks toward ``(world_size,)``.
@@ -45,20 +57,26 @@ def meshes(world_size: int, *, min_dims: int = 1, max_dims: int = 3,
     if dim_names is not None:
         check_type("dim_names", dim_names, tuple)
         if not min_dims <= len(dim_names) <= max_dims:
-            raise InvalidArgument(f"dim_names={dim_names!r} has {len(dim_names)} names, outside "
-                                  f"min_dims={min_dims}..max_dims={max_dims}")
+            raise InvalidArgument(
+                f"dim_names={dim_names!r} has {len(dim_names)} names, outside "
+                f"min_dims={min_dims}..max_dims={max_dims}"
+            )
         ndims = [len(dim_names)]
     else:
         ndims = list(range(min_dims, max_dims + 1))
     return st.sampled_from(meshes_list(world_size, ndims, dim_names))
 
 
-def meshes_list(world_size: int, ndims: Any = (1, 2, 3),
-                dim_names: tuple[str, ...] | None = None) -> list[S.MeshSpec]:
+def meshes_list(
+    world_size: int, ndims: Any = (1, 2, 3), dim_names: tuple[str, ...] | None = None
+) -> list[S.MeshSpec]:
     if isinstance(ndims, int):
         ndims = range(1, ndims + 1)
-    return [S.MeshSpec(shape, dim_names or tuple(f"dim{i}" for i in range(nd)))
-            for nd in ndims for shape in factorizations(world_size, nd)]
+    return [
+        S.MeshSpec(shape, dim_names or tuple(f"dim{i}" for i in range(nd)))
+        for nd in ndims
+        for shape in factorizations(world_size, nd)
+    ]
 
 
 def tp_pairs(model: S.ModelSpec, size: int) -> list[tuple[str, str]]:
@@ -75,11 +93,14 @@ def tp_pairs(model: S.ModelSpec, size: int) -> list[tuple[str, str]]:
         for i, (name_c, col) in enumerate(kids):
             if not isinstance(col, S.Linear):
                 continue
-            for name_r, row in kids[i + 1:]:
+            for name_r, row in kids[i + 1 :]:
                 if isinstance(row, S.Linear):
                     c, r = S._join(path, name_c), S._join(path, name_r)
-                    if (col.out_features == row.in_features and col.out_features % size == 0
-                            and not {c, r} & tied):
+                    if (
+                        col.out_features == row.in_features
+                        and col.out_features % size == 0
+                        and not {c, r} & tied
+                    ):
                         out.append((c, r))
                     break
                 if not isinstance(row, S.Activation):
@@ -122,8 +143,10 @@ def _wrap_candidates(model: S.ModelSpec, avoid: str | None) -> list[str]:
             continue
         if avoid and (path == avoid or path.startswith(avoid + ".")):
             continue  # experts get their own sub-mesh; their ancestors may be wrapped
-        if any((s == path or s.startswith(path + ".")) != (d == path or d.startswith(path + "."))
-               for s, d in model.ties):
+        if any(
+            (s == path or s.startswith(path + ".")) != (d == path or d.startswith(path + "."))
+            for s, d in model.ties
+        ):
             continue  # would split a shared weight across sharded units
         out.append(path)
     return out
@@ -135,14 +158,18 @@ def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
     experts = _experts_count(model) if kind == "submesh" else None
     candidates = _wrap_candidates(model, experts[0] if experts else None)
     # wrap and reshard are drawn for every kind (see _optimizers for why)
-    wrap = tuple(draw(st.lists(st.sampled_from(candidates), unique=True, max_size=3))) \
-        if candidates else ()
+    wrap = (
+        tuple(draw(st.lists(st.sampled_from(candidates), unique=True, max_size=3)))
+        if candidates
+        else ()
+    )
     reshard = not draw(st.booleans())
     if kind == "ddp":
         return S.DDPPlan()
     if kind == "fsdp1":
-        strategies = S.FSDP1_SHARDING_STRATEGIES[3:] if len(names) == 2 \
-            else S.FSDP1_SHARDING_STRATEGIES[:3]
+        strategies = (
+            S.FSDP1_SHARDING_STRATEGIES[3:] if len(names) == 2 else S.FSDP1_SHARDING_STRATEGIES[:3]
+        )
         return S.FSDP1Plan(
             sharding_strategy=draw(st.sampled_from(strategies)),
             use_orig_params=not draw(st.booleans()),
@@ -154,12 +181,17 @@ def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
     if kind == "fsdp2":
         return S.FSDP2Plan(shard_dim=names[0], wrap=wrap, reshard_after_forward=reshard)
     if kind == "hsdp":
-        return S.FSDP2Plan(replicate_dim=names[0], shard_dim=names[1], wrap=wrap,
-                           reshard_after_forward=reshard)
+        return S.FSDP2Plan(
+            replicate_dim=names[0], shard_dim=names[1], wrap=wrap, reshard_after_forward=reshard
+        )
     if kind == "submesh":
         assert experts is not None
-        return S.FSDP2Plan(shard_dim=names[0], wrap=wrap, reshard_after_forward=reshard,
-                           experts=S.ExpertParallel(experts[0], dim=names[1]))
+        return S.FSDP2Plan(
+            shard_dim=names[0],
+            wrap=wrap,
+            reshard_after_forward=reshard,
+            experts=S.ExpertParallel(experts[0], dim=names[1]),
+        )
     pairs = tp_pairs(model, mesh.shape[-1])
     picked = draw(st.lists(st.sampled_from(pairs), unique=True, min_size=1))
     chosen: list[tuple[str, str]] = []
@@ -169,12 +201,14 @@ def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
     tp = S.TensorParallel(names[-1], tuple(chosen))
     if kind == "fsdp2+tp":
         return S.FSDP2Plan(shard_dim=names[0], wrap=wrap, reshard_after_forward=reshard, tp=tp)
-    return S.FSDP2Plan(replicate_dim=names[0], shard_dim=names[1], wrap=wrap,
-                       reshard_after_forward=reshard, tp=tp)
+    return S.FSDP2Plan(
+        replicate_dim=names[0], shard_dim=names[1], wrap=wrap, reshard_after_forward=reshard, tp=tp
+    )
 
 
-def parallel_plans(model: S.ModelSpec, mesh: S.MeshSpec, *, device: str = "cpu",
-                   kinds: Any = PLAN_KINDS) -> st.SearchStrategy[Any]:
+def parallel_plans(
+    model: S.ModelSpec, mesh: S.MeshSpec, *, device: str = "cpu", kinds: Any = PLAN_KINDS
+) -> st.SearchStrategy[Any]:
     """Plans for ``model`` on ``mesh``; mesh dims play roles by position: 1D shard or
     DDP; 2D (replicate, shard), (shard, tp) or (shard, ep); 3D (replicate, shard, tp).
 
@@ -187,9 +221,11 @@ def parallel_plans(model: S.ModelSpec, mesh: S.MeshSpec, *, device: str = "cpu",
     kinds = check_choices("kinds", kinds, PLAN_KINDS)
     fits = [k for k in plan_kinds_for(model, mesh, device) if k in kinds]
     if not fits:
-        raise InvalidArgument(f"no plan of kinds={kinds!r} fits mesh={mesh!r} for this model "
-                              f"on device={device!r} (fitting kinds: "
-                              f"{plan_kinds_for(model, mesh, device)})")
+        raise InvalidArgument(
+            f"no plan of kinds={kinds!r} fits mesh={mesh!r} for this model "
+            f"on device={device!r} (fitting kinds: "
+            f"{plan_kinds_for(model, mesh, device)})"
+        )
     return st.sampled_from(fits).flatmap(lambda k: _plan(model, mesh, k))
 
 
@@ -206,21 +242,37 @@ def names_for(kind: str, shape: tuple[int, ...]) -> tuple[str, ...]:
 
 
 @st.composite
-def _topology(draw: Any, model: S.ModelSpec, world_size: int, kinds: tuple[str, ...],
-              device: str, options: st.SearchStrategy[S.StateDictSpec]) -> S.Topology:
-    fits = [(kind, shape) for kind in kinds for shape in shapes_for(kind, world_size)
-            if kind in plan_kinds_for(model, S.MeshSpec(shape, names_for(kind, shape)), device)]
+def _topology(
+    draw: Any,
+    model: S.ModelSpec,
+    world_size: int,
+    kinds: tuple[str, ...],
+    device: str,
+    options: st.SearchStrategy[S.StateDictSpec],
+) -> S.Topology:
+    fits = [
+        (kind, shape)
+        for kind in kinds
+        for shape in shapes_for(kind, world_size)
+        if kind in plan_kinds_for(model, S.MeshSpec(shape, names_for(kind, shape)), device)
+    ]
     if not fits:
-        raise InvalidArgument(f"no plan of kinds={kinds} fits world_size={world_size} for "
-                              f"model {model!r} on {device}")
+        raise InvalidArgument(
+            f"no plan of kinds={kinds} fits world_size={world_size} for model {model!r} on {device}"
+        )
     kind, shape = draw(st.sampled_from(fits))
     mesh = S.MeshSpec(shape, names_for(kind, shape))
     return S.Topology(world_size, mesh, draw(_plan(model, mesh, kind)), draw(options))
 
 
-def topologies(model: S.ModelSpec, world_size: int, *, kinds: Any = PLAN_KINDS,
-               device: str = "cpu", state_dicts: st.SearchStrategy[S.StateDictSpec] | None = None,
-               ) -> st.SearchStrategy[S.Topology]:
+def topologies(
+    model: S.ModelSpec,
+    world_size: int,
+    *,
+    kinds: Any = PLAN_KINDS,
+    device: str = "cpu",
+    state_dicts: st.SearchStrategy[S.StateDictSpec] | None = None,
+) -> st.SearchStrategy[S.Topology]:
     """A world size, a role-named mesh, a plan and state-dict options for ``model``.
 
     Shrinks toward FSDP2 on a 1D mesh with default state-dict options.
@@ -230,5 +282,3 @@ def topologies(model: S.ModelSpec, world_size: int, *, kinds: Any = PLAN_KINDS,
     check_choices("device", (device,), S.DEVICES)
     kinds = check_choices("kinds", kinds, PLAN_KINDS)
     return _topology(model, world_size, kinds, device, state_dicts or state_dict_options())
-
-

@@ -11,8 +11,9 @@ from typing import Any
 from hypothesis.errors import InvalidArgument
 
 
-def check_int(name: str, value: Any, *, min_value: int | None = None,
-              max_value: int | None = None) -> None:
+def check_int(
+    name: str, value: Any, *, min_value: int | None = None, max_value: int | None = None
+) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"{name}={value!r} must be an int, not {type(value).__name__}")
     if min_value is not None and value < min_value:
@@ -31,8 +32,9 @@ def check_fraction(name: str, value: Any) -> None:
         raise InvalidArgument(f"{name}={value!r} must be a number between 0 and 1")
 
 
-def check_choices(name: str, values: Any, allowed: Iterable[str], *,
-                  allow_empty: bool = False) -> tuple[str, ...]:
+def check_choices(
+    name: str, values: Any, allowed: Iterable[str], *, allow_empty: bool = False
+) -> tuple[str, ...]:
     allowed = tuple(allowed)
     if isinstance(values, str):
         values = (values,)
@@ -42,8 +44,9 @@ def check_choices(name: str, values: Any, allowed: Iterable[str], *,
         raise InvalidArgument(f"{name}={values!r} must be a sequence of {allowed}") from None
     unknown = [v for v in values if v not in allowed]
     if unknown:
-        raise InvalidArgument(f"{name}={values!r} has unknown entries {unknown}; "
-                              f"choose from {allowed}")
+        raise InvalidArgument(
+            f"{name}={values!r} has unknown entries {unknown}; choose from {allowed}"
+        )
     if not values and not allow_empty:
         raise InvalidArgument(f"{name}=() must name at least one of {allowed}")
     return values
@@ -51,7 +54,7 @@ def check_choices(name: str, values: Any, allowed: Iterable[str], *,
 
 def check_type(name: str, value: Any, types: type | tuple[type, ...]) -> None:
     if not isinstance(value, types):
-        expected = types.__name__ if isinstance(types, type) else \
-            " or ".join(t.__name__ for t in types)
-        raise InvalidArgument(f"{name}={value!r} must be a {expected}, "
-                              f"not {type(value).__name__}")
+        expected = (
+            types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+        )
+        raise InvalidArgument(f"{name}={value!r} must be a {expected}, not {type(value).__name__}")

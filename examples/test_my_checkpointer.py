@@ -1,0 +1,29 @@
+"""Property-test your own checkpointer in a few lines.
+
+    pytest examples/test_my_checkpointer.py --hypothesis-show-statistics
+
+The first test uses DCP (it passes); the second points the same property at the buggy
+checkpointer next door, and expects dcprop to catch and shrink the bug.
+"""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # the ranks import the checkpointer from here
+
+from dcprop.testing import property_test
+
+
+@property_test("roundtrip", world_sizes=(1, 2))
+def test_dcp_round_trips(scenario):
+    pass
+
+
+@pytest.mark.xfail(strict=True, reason="the checkpointer drops bias optimizer state")
+@property_test(
+    "roundtrip", world_sizes=(1, 2), checkpointer="buggy_checkpointer:SkipsBiasOptimizerState"
+)
+def test_buggy_checkpointer_is_caught(scenario):
+    pass

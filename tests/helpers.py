@@ -1,0 +1,199 @@
+"""Test-only code that runs in the rank processes (so it must be importable)."""
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from dcprop.checkpointer import DCPCheckpointer
+
+
+# ---- rank functions for runner tests ------------------------------------------------
+def all_reduce_rank(ctx, offset=0):
+    t = torch.tensor([ctx.rank + offset])
+    dist.all_reduce(t, group=ctx.group())
+    return int(t.item())
+
+
+def mesh_ranks(ctx, spec):
+    mesh = ctx.mesh(spec)
+    return None if mesh is None else mesh.mesh.flatten().tolist()
+
+
+def fail_on(ctx, rank):
+    if ctx.rank == rank:
+        raise ValueError(f"deliberate failure on rank {rank}")
+    dist.barrier(group=ctx.group())
+
+
+def skip_barrier(ctx, rank):
+    if ctx.rank != rank:
+        dist.barrier(group=ctx.group())
+    else:
+        time.sleep(600)
+
+
+def exit_on(ctx, rank):
+    if ctx.rank == rank:
+        os._exit(7)
+    dist.barrier(group=ctx.group())
+
+
+def sleep(ctx, seconds):
+    time.sleep(seconds)
+    return ctx.rank
+
+
+def leave_state_behind(ctx):
+    torch.set_default_dtype(torch.float64)
+    torch.use_deterministic_algorithms(True)
+    torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    os.environ["DCPROP_LEAK"] = "1"
+    dist.new_group([0])  # a group the example never cleans up
+    torch.manual_seed(1234)
+    return ctx.tmpdir
+
+
+def observe_state(ctx):
+    from torch.nn.modules import module
+
+    return {
+        "dtype": str(torch.get_default_dtype()),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "hooks": len(module._global_forward_hooks),
+        "env": os.environ.get("DCPROP_LEAK"),
+        "groups": len(dist.distributed_c10d._world.pg_map),
+        "random": torch.rand(1).item(),
+        "tmpdir_exists": os.path.isdir(ctx.tmpdir),
+    }
+
+
+def write_file(ctx):
+    path = os.path.join(ctx.tmpdir, f"rank{ctx.rank}.txt")
+    with open(path, "w") as f:
+        f.write("x")
+    dist.barrier(group=ctx.group())
+    return sorted(os.listdir(ctx.tmpdir))
+
+
+# ---- deliberately faulty checkpointers (bug injections) ----------------------------
+class _Faulty(DCPCheckpointer):
+    """DCP, with one fault applied to what is saved or loaded."""
+
+    def save(self, state_dict, path, *, storage, group):
+        super().save(self.on_save(state_dict), path, storage=storage, group=group)
+
+    def load(self, state_dict, path, *, group):
+        super().load(state_dict, path, group=group)
+        self.on_load(state_dict)
+
+    def on_save(self, state_dict):
+        return state_dict
+
+    def on_load(self, state_dict):
+        pass
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class DropKey(_Faulty):
+    """Forgets the last model entry on load: it keeps its perturbed value."""
+
+    def load(self, state_dict, path, *, group):
+        model = state_dict["model"]
+        dropped = sorted(model)[-1]
+        kept = model.pop(dropped)
+        try:
+            super().load(state_dict, path, group=group)
+        finally:
+            model[dropped] = kept
+
+
+class CorruptOneElement(_Faulty):
+    """Flips one element of rank 0's first non-empty model shard on load."""
+
+    def on_load(self, state_dict):
+        if dist.get_rank() != 0:
+            return
+        for key in sorted(state_dict["model"]):
+            t = _local(state_dict["model"][key])
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                t.view(-1)[0] += 1.0
+                return
+
+
+class SkipStepCount(_Faulty):
+    """Does not restore the optimizer's step counters."""
+
+    def load(self, state_dict, path, *, group):
+        steps = {}
+        for fqn, state in state_dict["optim"].get("state", {}).items():
+            if "step" in state:
+                steps[fqn] = state.pop("step")
+        super().load(state_dict, path, group=group)
+        for fqn, step in steps.items():
+            state_dict["optim"]["state"][fqn]["step"] = step
+
+
+class WrongOffsets(_Faulty):
+    """Loads each rank's shard rolled by one row, as a resharding bug would."""
+
+    def on_load(self, state_dict):
+        for value in state_dict["model"].values():
+            t = _local(value)
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] > 1:
+                t.copy_(torch.roll(t.clone(), 1, 0))
+
+
+class DropBuffers(_Faulty):
+    """Leaves buffers (BatchNorm statistics) out of the load."""
+
+    def load(self, state_dict, path, *, group):
+        model = state_dict["model"]
+        buffers = {
+            k: model.pop(k)
+            for k in list(model)
+            if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+        }
+        try:
+            super().load(state_dict, path, group=group)
+        finally:
+            model.update(buffers)
+
+
+class ZeroFrozen(_Faulty):
+    """Mishandles frozen parameters: writes zeros for parameters that do not require grad
+    (it decides by the optimizer state, which frozen parameters lack)."""
+
+    def on_load(self, state_dict):
+        trained = set(state_dict.get("optim", {}).get("state", {}))
+        if not trained:
+            return
+        for key, value in state_dict["model"].items():
+            if key not in trained and key.endswith("weight"):
+                _local(value).zero_()
+
+
+INJECTIONS = {
+    "drop_key": DropKey(),
+    "corrupt_one_element": CorruptOneElement(),
+    "skip_step_count": SkipStepCount(),
+    "wrong_offsets": WrongOffsets(),
+    "drop_buffers": DropBuffers(),
+    "zero_frozen": ZeroFrozen(),
+}
+
+
+def double_grads_on_rank0(model, seed, device, frozen):
+    """A model factory with a gradient-reduction bug: rank 0's gradients count twice."""
+    from dcprop.build import build_model
+
+    module = build_model(model, seed=seed, device=device, frozen=frozen)
+    if dist.get_rank() == 0:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.register_hook(lambda g: g * 2)
+    return module

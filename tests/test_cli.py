@@ -1,0 +1,118 @@
+"""`dcprop check` and `dcprop repro`: exit codes, report, reproducers, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HELPERS = os.path.dirname(os.path.abspath(__file__))
+
+
+def dcprop(*args, cwd=ROOT, timeout=600):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HELPERS, ROOT]))
+    return subprocess.run(
+        [sys.executable, "-m", "dcprop.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--properties", "nope"], "unknown ['nope']"),
+        (["--world-size", "0"], "--world-size 0: needs at least 1 rank"),
+        (["--recipe", "nope"], "no such recipe"),
+        (["--checkpointer", "no.such.module:X"], "does not import"),
+        (["--checkpointer", "json"], "must look like 'package.module:attribute'"),
+        (["--timeout", "0"], "must be positive"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message):
+    result = dcprop("check", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_clean_campaign_report(tmp_path):
+    report = tmp_path / "report.json"
+    result = dcprop(
+        "check",
+        "--properties",
+        "roundtrip,reshard",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "3",
+        "--report",
+        str(report),
+        "--repro-dir",
+        str(tmp_path / "repros"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report.read_text())
+    assert set(data) >= {
+        "dcprop_version",
+        "torch_version",
+        "device",
+        "world_size",
+        "seed",
+        "properties",
+        "known",
+    }
+    for name in ("roundtrip", "reshard"):
+        entry = data["properties"][name]
+        assert entry["examples"] >= 3 and entry["seconds"] > 0
+        assert entry["failures"] == [] and isinstance(entry["known"], list)
+
+
+def test_buggy_checkpointer_fails_with_a_reproducer_that_replays(tmp_path):
+    report = tmp_path / "report.json"
+    repros = tmp_path / "repros"
+    result = dcprop(
+        "check",
+        "--properties",
+        "roundtrip",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "5",
+        "--checkpointer",
+        "helpers:DropKey",
+        "--report",
+        str(report),
+        "--repro-dir",
+        str(repros),
+        "--add-to-corpus",
+        str(tmp_path / "corpus"),
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    failure = json.loads(report.read_text())["properties"]["roundtrip"]["failures"][0]
+    assert failure["scenario"]["type"] == "Scenario" and "PropertyFailure" in failure["error"]
+    script = failure["reproducer"]
+    text = Path(script).read_text()
+    assert "import hypothesis" not in text and "CHECKPOINTER = 'helpers:DropKey'" in text
+    replay = dcprop("repro", script)
+    assert replay.returncode == 1 and "missing after load" in replay.stdout + replay.stderr
+    # the same scenario with the bug removed passes
+    fixed = tmp_path / "fixed.py"
+    fixed.write_text(text.replace("CHECKPOINTER = 'helpers:DropKey'", "CHECKPOINTER = None"))
+    assert dcprop("repro", str(fixed)).returncode == 0
+    assert os.listdir(tmp_path / "corpus")
+
+
+def test_recipe_runs_its_explicit_examples(tmp_path):
+    report = tmp_path / "r.json"
+    result = dcprop(
+        "check", "--recipe", "seed002-hsdp", "--max-examples", "0", "--report", str(report)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report.read_text())["properties"]
+    assert data["roundtrip"]["examples"] == 2 and data["reshard"]["examples"] == 1

@@ -1,0 +1,44 @@
+"""Everything in examples/ runs, so that it cannot rot."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_strategies_in_your_own_suite():
+    result = _run(os.path.join(EXAMPLES, "my_suite_strategies.py"))
+    assert result.returncode == 0 and "forward and backward" in result.stdout, result.stderr
+
+
+def test_replay_reproducer(tmp_path):
+    result = _run(os.path.join(EXAMPLES, "replay_reproducer.py"), str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS: roundtrip" in result.stdout
+
+
+def test_checkpointer_example_catches_the_buggy_one():
+    result = _run(
+        "-m",
+        "pytest",
+        os.path.join(EXAMPLES, "test_my_checkpointer.py"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--hypothesis-profile=dcprop-ci",
+        "--dcprop-world-size",
+        "2",
+        "--rootdir",
+        EXAMPLES,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "1 passed, 1 xfailed" in out

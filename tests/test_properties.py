@@ -1,0 +1,115 @@
+"""Every property on CPU at world sizes up to 4, and bug injections each must catch."""
+
+import helpers
+import pytest
+from hypothesis import find, settings
+
+import dcprop.specs as S
+from dcprop import strategies as dst
+from dcprop.errors import ExampleFailure
+from dcprop.properties import run_property
+from dcprop.properties._harness import Hooks
+from dcprop.testing import property_test
+
+# --- every property over generated scenarios (the profile sets how many) ------------
+
+
+@property_test("roundtrip", world_sizes=(1, 2, 3, 4))
+def test_roundtrip(scenario):
+    pass
+
+
+@property_test("reshard", world_sizes=(1, 2, 3, 4))
+def test_reshard(scenario):
+    pass
+
+
+@property_test("ddp_parity", world_sizes=(1, 2, 3, 4))
+def test_ddp_parity(scenario):
+    pass
+
+
+@property_test("finetune_resume", world_sizes=(1, 2, 3, 4))
+def test_finetune_resume(scenario):
+    pass
+
+
+@property_test("submesh_layout", world_sizes=(1, 2, 3, 4))
+def test_submesh_layout(scenario):
+    pass
+
+
+# --- injected bugs ---------------------------------------------------------------------
+def _catches(runner, prop, hooks, want=None):
+    def predicate(scenario):
+        if want is not None and not want(scenario):
+            return False
+        try:
+            run_property(runner, prop, scenario, hooks=hooks)
+        except ExampleFailure as failure:
+            return "PropertyFailure" in failure.signature
+        return False
+
+    return predicate
+
+
+SMALL = dict(world_sizes=(1, 2), max_layers=2, max_dim=6)
+FIND = settings(max_examples=40, deadline=None, database=None, derandomize=True)
+
+
+def _has_bn(s):
+    return s.model.has_batch_statistics()
+
+
+INJECTIONS = [
+    # (injection, property, extra scenario kwargs, a condition the scenario must meet)
+    ("drop_key", "roundtrip", {}, None),
+    ("corrupt_one_element", "roundtrip", {}, None),
+    ("skip_step_count", "roundtrip", {}, lambda s: s.optimizer.kind != "sgd"),
+    ("wrong_offsets", "reshard", {}, None),
+    ("drop_buffers", "roundtrip", dict(layers=("linear", "batchnorm")), _has_bn),
+    ("zero_frozen", "roundtrip", {}, lambda s: bool(s.frozen)),
+    ("corrupt_one_element", "submesh_layout", {}, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "prop", "kwargs", "want"), INJECTIONS, ids=[f"{i[0]}-{i[1]}" for i in INJECTIONS]
+)
+def test_injected_checkpointer_bug_is_caught_and_shrunk(dcprop_runner, name, prop, kwargs, want):
+    hooks = Hooks(checkpointer=helpers.INJECTIONS[name])
+    strategy = dst.scenarios(prop, **{**SMALL, **kwargs})
+    found = find(strategy, _catches(dcprop_runner, prop, hooks, want), settings=FIND)
+    print(f"{name} / {prop} shrunk to: {found!r}")
+    assert found.world_size <= 2 and len(found.model.parameter_names()) <= 6
+    assert len([layer for _, layer in found.model.modules()]) <= 4
+
+
+def test_gradient_bug_is_caught_by_ddp_parity(dcprop_runner):
+    hooks = Hooks(model_factory=helpers.double_grads_on_rank0)
+    found = find(
+        dst.scenarios("ddp_parity", **SMALL),
+        _catches(dcprop_runner, "ddp_parity", hooks),
+        settings=FIND,
+    )
+    print(f"double_grads_on_rank0 / ddp_parity shrunk to: {found!r}")
+    assert found.world_size <= 2 and found.model == S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),)))
+
+
+def test_clean_checkpointer_passes_the_injection_scenarios(dcprop_runner):
+    """The injections fail because of the fault, not the scenario: plain DCP passes."""
+    scenario = S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(2, 2)), ("bn", S.BatchNorm(2))))),
+        S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan()),
+        frozen=("fc0.bias",),
+        optimizer=S.OptimizerSpec("adam"),
+        training=S.TrainingSpec(batch_size=2),
+    )
+    assert run_property(dcprop_runner, "roundtrip", scenario)
+    with pytest.raises(ExampleFailure, match="PropertyFailure"):
+        run_property(
+            dcprop_runner,
+            "roundtrip",
+            scenario,
+            hooks=Hooks(checkpointer=helpers.INJECTIONS["drop_buffers"]),
+        )

@@ -1,0 +1,214 @@
+"""The pool: sub-worlds, isolation, failures as events, interrupts, torchrun mode."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import helpers
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Flaky
+
+from dcprop.errors import ExampleFailure, PoolExhausted, RankCrashed, RankTimeout, RunnerError
+from dcprop.runner import Pool
+from dcprop.specs import MeshSpec
+
+HERE = os.path.dirname(__file__)
+
+
+def test_runs_on_every_rank(dcprop_runner):
+    assert dcprop_runner.run(helpers.all_reduce_rank, 10) == {r: 46 for r in range(4)}
+
+
+def test_sub_worlds_and_meshes(dcprop_runner):
+    assert dcprop_runner.run(helpers.all_reduce_rank, 0, world_size=2) == {0: 1, 1: 1}
+    assert dcprop_runner.run(helpers.all_reduce_rank, 0, world_size=3) == {0: 3, 1: 3, 2: 3}
+    spec = MeshSpec((1, 3), ("a", "b"))
+    out = dcprop_runner.run(helpers.mesh_ranks, spec, world_size=3, meshes=(spec,))
+    assert out == {r: [0, 1, 2] for r in range(3)}
+    # idle ranks stayed correct: the whole pool still works
+    assert dcprop_runner.run(helpers.all_reduce_rank, 0) == {r: 6 for r in range(4)}
+
+
+def test_repeated_world_costs_no_new_groups(dcprop_runner):
+    spec = MeshSpec((2, 2), ("x", "y"))
+    dcprop_runner.run(helpers.mesh_ranks, spec, meshes=(spec,))
+    before = dcprop_runner.run(helpers.observe_state)[0]["groups"]
+    dcprop_runner.run(helpers.mesh_ranks, spec, meshes=(spec,))
+    assert dcprop_runner.run(helpers.observe_state)[0]["groups"] == before
+
+
+def test_examples_are_isolated(dcprop_runner):
+    tmpdirs = dcprop_runner.run(helpers.leave_state_behind, world_size=2)
+    seen = dcprop_runner.run(helpers.observe_state, world_size=2)
+    fresh = dcprop_runner.run(helpers.observe_state, world_size=2)
+    for rank in (0, 1):
+        assert seen[rank]["dtype"] == "torch.float32"
+        assert not seen[rank]["deterministic"] and seen[rank]["hooks"] == 0
+        assert seen[rank]["env"] is None
+        assert seen[rank] == fresh[rank]  # same groups, same reseeded RNG draw
+        assert not os.path.exists(tmpdirs[rank])  # example dir removed
+
+
+def test_example_dir_is_shared_and_removed(dcprop_runner):
+    listing = dcprop_runner.run(helpers.write_file, world_size=3)
+    assert listing[0] == ["rank0.txt", "rank1.txt", "rank2.txt"]
+
+
+@pytest.fixture
+def small_pool():
+    pool = Pool(2, timeout=6.0, grace=2.0)
+    yield pool
+    pool.close()
+    assert all(_gone(pid) for pid in pool.pids())
+
+
+def _gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_exception_reaches_controller_without_timeout(small_pool):
+    small_pool.run(helpers.all_reduce_rank)
+    started = time.monotonic()
+    with pytest.raises(ExampleFailure) as info:
+        small_pool.run(helpers.fail_on, 1)
+    assert time.monotonic() - started < small_pool.timeout
+    assert "rank(s) [1]" in str(info.value) and "deliberate failure on rank 1" in str(info.value)
+    assert "Traceback" in str(info.value)
+    assert info.value.signature.startswith("ValueError: deliberate failure on rank N")
+
+
+def test_hang_times_out_with_stacks_and_pool_recovers(small_pool):
+    with pytest.raises(RankTimeout) as info:
+        small_pool.run(helpers.skip_barrier, 1)
+    message = str(info.value)
+    assert "did not finish" in message and "stacks at the timeout" in message
+    assert "skip_barrier" in message  # where each rank stood
+    assert small_pool.run(helpers.all_reduce_rank) == {0: 1, 1: 1}
+    assert small_pool.restarts == 1
+
+
+def test_crash_is_reported_and_pool_restarts(small_pool):
+    with pytest.raises(RankCrashed) as info:
+        small_pool.run(helpers.exit_on, 1)
+    assert "rank 1 exited with status 7" in str(info.value)
+    assert small_pool.run(helpers.all_reduce_rank) == {0: 1, 1: 1}
+
+
+def test_restart_budget():
+    with Pool(1, timeout=2.0, max_restarts=1) as pool:
+        for _ in range(2):
+            with pytest.raises(RankCrashed):
+                pool.run(helpers.exit_on, 0)
+        with pytest.raises(PoolExhausted, match="max_restarts=1"):
+            pool.run(helpers.all_reduce_rank)
+
+
+def test_bad_arguments():
+    with pytest.raises(RunnerError, match="world_size=0"):
+        Pool(0)
+    with Pool(1) as pool, pytest.raises(RunnerError, match="does not fit in a pool of 1"):
+        pool.run(helpers.all_reduce_rank, world_size=2)
+    with Pool(1) as pool, pytest.raises(RunnerError, match="cannot send"):
+        pool.run(helpers.all_reduce_rank, lambda: None)
+
+
+def test_same_example_same_outcome(dcprop_runner):
+    first = dcprop_runner.run(helpers.observe_state, world_size=2)
+    assert dcprop_runner.run(helpers.observe_state, world_size=2) == first
+
+
+def test_flaky_outcome_surfaces_as_hypothesis_flaky(small_pool, tmp_path):
+    marker = tmp_path / "seen"
+
+    @settings(max_examples=1, database=None, deadline=None)
+    @given(st.just(0))
+    def prop(_):
+        if not marker.exists():  # fails the first time only
+            marker.write_text("x")
+            small_pool.run(helpers.fail_on, 0)
+        small_pool.run(helpers.all_reduce_rank)
+
+    with pytest.raises(Flaky):
+        prop()
+
+
+INTERRUPTED = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {here!r})
+    import helpers
+    from dcprop.runner import Pool
+    pool = Pool(2, timeout=60)
+    pool.run(helpers.all_reduce_rank)
+    print(" ".join(map(str, pool.pids())), pool.base_dir, flush=True)
+    pool.run(helpers.sleep, 60)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_controller_leaves_nothing_behind(sig, tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED.format(here=HERE)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    line = proc.stdout.readline().split()
+    pids, base = [int(p) for p in line[:-1]], line[-1]
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids), "rank processes outlived the controller"
+    if sig == signal.SIGKILL:  # nothing could run in the controller: the next pool cleans up
+        from dcprop.runner.pool import remove_stale_tempdirs
+
+        assert remove_stale_tempdirs(str(tmp_path)) == [base]
+    assert not glob.glob(os.path.join(str(tmp_path), "dcprop-*"))
+
+
+TORCHRUN_SUITE = os.path.join(HERE, "torchrun_suite")
+
+
+def test_torchrun_mode_runs_the_same_properties():
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "-m",
+                "pytest",
+                TORCHRUN_SUITE,
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--dcprop-torchrun",
+                "--hypothesis-profile=dcprop-ci",
+                "--rootdir",
+                TORCHRUN_SUITE,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp,
+        )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "3 passed" in out, out[-4000:]

@@ -1,0 +1,36 @@
+"""Run under torchrun by tests/test_runner.py: the same properties, SPMD mode."""
+
+import torch.distributed as dist
+
+import dcprop.specs as S
+from dcprop.properties import run_property
+from dcprop.runner.execute import RankContext
+from dcprop.testing import property_test
+
+M = S.ModelSpec(S.Block((("fc", S.Linear(4, 6)), ("act", S.Activation()), ("out", S.Linear(6, 3)))))
+
+
+def world(ctx: RankContext):
+    return dist.get_world_size(ctx.group())
+
+
+def test_runner_is_spmd(dcprop_runner):
+    assert type(dcprop_runner).__name__ == "SPMDRunner"
+    assert dcprop_runner.run(world) == {0: 2, 1: 2}
+
+
+def test_reshard_two_to_one(dcprop_runner):
+    scenario = S.Scenario(
+        M,
+        S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan()),
+        load=S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
+    )
+    assert sorted(run_property(dcprop_runner, "reshard", scenario)) == [0, 1]
+
+
+# World size 2, the whole torchrun world: on a sub-world, broadcast_from_rank0 hits the
+# known upstream deadlock (dsd-broadcast-default-group), which torchrun mode cannot recover
+# from; the pool tests and the corpus cover it.
+@property_test("roundtrip", world_sizes=(2,), max_layers=2)
+def test_generated_roundtrip(scenario):
+    pass
