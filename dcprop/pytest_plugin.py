@@ -80,7 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)  # torchrun followers serve rank 0 instead of testing
 def pytest_runtestloop(session: pytest.Session) -> bool | None:
     runner = session.config.stash.get(_RUNNER_KEY, None)
     if runner is not None and not runner.is_driver:

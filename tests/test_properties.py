@@ -34,6 +34,12 @@ def test_finetune_resume(scenario):
     pass
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="open finding: DCP round trips under expert sub-meshes fail in ways not yet "
+    "attributed (lost expert optimizer state, integer optimizer keys after load); only "
+    "dcp-per-rank-param-groups is registered so far",
+)
 @property_test("submesh_layout", world_sizes=(1, 2, 3, 4))
 def test_submesh_layout(scenario):
     pass

@@ -118,6 +118,7 @@ class Pool:
         self.max_restarts = max_restarts
         self.start_timeout = start_timeout
         self.restarts = 0
+        self._failed_restarts = 0  # restarts since the last example that ended healthy
         self.starts = 0
         self.examples = 0
         self.backend = ""
@@ -150,12 +151,14 @@ class Pool:
         if self._ranks:
             return
         if self._needs_restart:
-            if self.restarts >= self.max_restarts:
+            if self._failed_restarts >= self.max_restarts:
                 raise PoolExhausted(
-                    f"the pool was restarted {self.restarts} times (max_restarts="
-                    f"{self.max_restarts}); raise max_restarts or fix what hangs or crashes"
+                    f"the pool was restarted {self._failed_restarts} times in a row without a "
+                    f"healthy example (max_restarts={self.max_restarts}); raise max_restarts "
+                    "or fix what hangs or crashes"
                 )
             self.restarts += 1
+            self._failed_restarts += 1
             self._needs_restart = False
         remove_stale_tempdirs(self._tmp_root)
         if self._base is None:
@@ -311,6 +314,8 @@ class Pool:
         stacks = self._stacks(hung) if hung else {}
         if hung or crashed:
             self._kill()
+        else:
+            self._failed_restarts = 0
         failure = failure_from_outcomes(
             outcomes, hung=hung, crashed=crashed, stacks=stacks, timeout=timeout or self.timeout
         )
