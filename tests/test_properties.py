@@ -88,7 +88,9 @@ def test_injected_checkpointer_bug_is_caught_and_shrunk(dcprop_runner, name, pro
     found = find(strategy, _catches(dcprop_runner, prop, hooks, want), settings=FIND)
     print(f"{name} / {prop} shrunk to: {found!r}")
     assert found.world_size <= 2 and len(found.model.parameter_names()) <= 6
-    assert len([layer for _, layer in found.model.modules()]) <= 4
+    # the smallest expert model (root, Linear, Experts, one Sequential expert) has 7 modules
+    limit = 7 if prop == "submesh_layout" else 4
+    assert len([layer for _, layer in found.model.modules()]) <= limit
 
 
 def test_gradient_bug_is_caught_by_ddp_parity(dcprop_runner):
