@@ -56,6 +56,8 @@ def timed_body(ctx, s):
 
 
 def measure(world: int, examples: int, spawn_examples: int) -> dict[str, float]:
+    # by module reference: the ranks cannot import this script's __main__
+    timed_body = "bench_runner:timed_body"
     s = scenario(world)
     with Pool(world) as pool:
         pool.run(timed_body, s, meshes=s.meshes)  # warm-up, as every first example pays

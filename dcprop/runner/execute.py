@@ -6,7 +6,6 @@ Shared by the pool worker (:mod:`dcprop.runner.worker`) and the torchrun mode
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import re
@@ -190,8 +189,9 @@ def execute(task: Task, worlds: Worlds, device: torch.device) -> Outcome:
     except BaseException as e:
         outcome = _error(rank, e, started)
     finally:
+        # no forced gc.collect(): a full collection per example cost more than the example
+        # itself (measured in benchmarks/bench_runner.py); automatic collection suffices
         state.restore()
-        gc.collect()
     return outcome
 
 
