@@ -18,10 +18,11 @@ from typing import Any
 
 from dcprop import __version__
 from dcprop.errors import DcpropError, UsageError
+from dcprop.properties import PROPERTIES
 
 __all__ = ["main"]
 
-PROPERTY_NAMES = ("roundtrip", "reshard", "ddp_parity", "finetune_resume", "submesh_layout")
+PROPERTY_NAMES = tuple(PROPERTIES)
 # Recipes are data in the repository's top-level strategies/ folder: found from the
 # working directory first, then beside the package source (an editable install).
 RECIPES_DIRS = (

@@ -271,6 +271,24 @@ def batch_rows(
     return x, hi - lo
 
 
+def load_template_overrides(options: S.StateDictSpec) -> dict[str, Any]:
+    """A template to load into needs full tensors on every rank: full_state_dict with
+    cpu_offload leaves non-zero ranks empty unless rank 0 broadcasts."""
+    if options.full_state_dict and options.cpu_offload and not options.broadcast_from_rank0:
+        return {"cpu_offload": False}
+    return {}
+
+
+def uninterrupted_next_loss(
+    ctx: Any, scenario: S.Scenario, topology: S.Topology, hooks: Hooks
+) -> float:
+    """The loss of step ``training.steps`` in a fresh run that was never interrupted."""
+    twin = Job(ctx, scenario, topology, hooks=hooks)
+    for _ in range(scenario.training.steps):
+        twin.train_step()
+    return twin.train_step()
+
+
 def setup(ctx: Any, scenario: S.Scenario, topology: S.Topology, **kwargs: Any) -> Job | None:
     """A :class:`Job` on ``topology``, or None on ranks outside its world."""
     if ctx.rank >= topology.world_size:

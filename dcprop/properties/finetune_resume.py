@@ -26,7 +26,14 @@ import torch
 from dcprop import specs as S
 from dcprop.compare import assert_same
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, setup, state_dict_options
+from dcprop.properties._harness import (
+    DEFAULT_HOOKS,
+    Hooks,
+    Job,
+    load_template_overrides,
+    setup,
+    state_dict_options,
+)
 
 __all__ = ["finetune_resume", "pretrain_scenario"]
 
@@ -60,7 +67,9 @@ def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
     expected = first.full_parameters()
 
     second = _finetune_job(ctx, scenario, frozen, scenario.seed + 2, hooks)
-    state = second.state(ignore_frozen_params=True, **_template(scenario.save.state_dict))
+    state = second.state(
+        ignore_frozen_params=True, **load_template_overrides(scenario.save.state_dict)
+    )
     second.load(state, "finetune")
     second.apply(state, ignore_frozen_params=True, strict=False)
     second.steps_taken = steps
@@ -72,14 +81,6 @@ def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
     assert_same(expected, second.full_parameters(), what="parameters after resuming", rank=ctx.rank)
     _check_pretrained(second, pretrained, "after resuming")
     return {"losses": resumed}
-
-
-def _template(options: S.StateDictSpec) -> dict[str, Any]:
-    return (
-        {"cpu_offload": False}
-        if options.full_state_dict and options.cpu_offload and not options.broadcast_from_rank0
-        else {}
-    )
 
 
 def _finetune_job(
@@ -97,7 +98,10 @@ def _finetune_job(
     options = scenario.save.state_dict
     # The pretrained weights are frozen and are exactly what must be loaded here.
     read = state_dict_options(
-        options, keep_submodule_prefixes=False, ignore_frozen_params=False, **_template(options)
+        options,
+        keep_submodule_prefixes=False,
+        ignore_frozen_params=False,
+        **load_template_overrides(options),
     )
     partial = get_model_state_dict(job.model, submodules={sub}, options=read)
     job.hooks.checkpointer.load(

@@ -19,8 +19,7 @@ import torch
 from dcprop import specs as S
 from dcprop.compare import assert_same, full_values
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup
-from dcprop.properties.roundtrip import _load_overrides
+from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, load_template_overrides, setup
 
 __all__ = ["STEP_RTOL", "reshard"]
 
@@ -57,7 +56,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         part = torch.load(_expected_file(ctx, r), weights_only=False)
         reference.setdefault("loss", part["loss"])
         reference.setdefault("state", {}).update(part["state"])
-    target = b.state(**_load_overrides(b.topology.state_dict))
+    target = b.state(**load_template_overrides(b.topology.state_dict))
     b.load(target, "ckpt")
     b.apply(target)
     loaded = _comparable(full_values(b.state(**_FULL)), scenario)

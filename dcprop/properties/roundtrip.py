@@ -17,7 +17,14 @@ import torch
 from dcprop import specs as S
 from dcprop.compare import assert_same, local_values, mismatches
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, setup
+from dcprop.properties._harness import (
+    DEFAULT_HOOKS,
+    Hooks,
+    Job,
+    load_template_overrides,
+    setup,
+    uninterrupted_next_loss,
+)
 
 __all__ = ["check_roundtrip", "roundtrip"]
 
@@ -29,15 +36,10 @@ def roundtrip(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> d
         return {}
     losses = [job.train_step() for _ in range(scenario.training.steps)]
     return check_roundtrip(
-        job, uninterrupted=lambda: _uninterrupted(ctx, scenario, hooks), losses=losses
+        job,
+        uninterrupted=lambda: uninterrupted_next_loss(ctx, scenario, scenario.save, hooks),
+        losses=losses,
     )
-
-
-def _uninterrupted(ctx: Any, scenario: S.Scenario, hooks: Hooks) -> float:
-    twin = Job(ctx, scenario, scenario.save, hooks=hooks)
-    for _ in range(scenario.training.steps):
-        twin.train_step()
-    return twin.train_step()
 
 
 def check_roundtrip(
@@ -69,7 +71,7 @@ def check_roundtrip(
             "comparing identical states would prove nothing"
         )
 
-    target = job.state(**_load_overrides(options))
+    target = job.state(**load_template_overrides(options))
     job.load(target, name)
     job.apply(target)
     after = local_values(job.state())
@@ -91,14 +93,6 @@ def _has_elements(value: Any) -> bool:
     """A tensor (or a DTensor's local shard) with at least one element."""
     tensor = getattr(value, "tensor", value)
     return isinstance(tensor, torch.Tensor) and tensor.numel() > 0
-
-
-def _load_overrides(options: S.StateDictSpec) -> dict[str, Any]:
-    """A template to load into needs full tensors on every rank: full_state_dict with
-    cpu_offload leaves non-zero ranks empty unless rank 0 broadcasts."""
-    if options.full_state_dict and options.cpu_offload and not options.broadcast_from_rank0:
-        return {"cpu_offload": False}
-    return {}
 
 
 def _check_frozen_absent(job: Job, saved: dict[str, Any]) -> None:

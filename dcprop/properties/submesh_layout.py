@@ -14,7 +14,7 @@ import torch
 
 from dcprop import specs as S
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, setup
+from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup, uninterrupted_next_loss
 from dcprop.properties.roundtrip import check_roundtrip
 
 __all__ = ["expected_layout", "submesh_layout"]
@@ -44,13 +44,11 @@ def submesh_layout(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS)
     )
     _check_optimizer(state["optim"], expected, trained, topology.state_dict, ctx.rank)
 
-    def uninterrupted() -> float:
-        twin = Job(ctx, scenario, topology, hooks=hooks)
-        for _ in range(scenario.training.steps):
-            twin.train_step()
-        return twin.train_step()
-
-    result = check_roundtrip(job, uninterrupted=uninterrupted, losses=losses)
+    result = check_roundtrip(
+        job,
+        uninterrupted=lambda: uninterrupted_next_loss(ctx, scenario, topology, hooks),
+        losses=losses,
+    )
     return {**result, "keys": len(expected)}
 
 

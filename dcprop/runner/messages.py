@@ -11,9 +11,23 @@ from typing import Any
 
 import attrs
 
+from dcprop.errors import RunnerError
 from dcprop.specs import MeshSpec
 
-__all__ = ["Outcome", "Task"]
+__all__ = ["Outcome", "Task", "example_world_size"]
+
+
+def example_world_size(
+    world_size: int | None, meshes: tuple[MeshSpec, ...], available: int, where: str
+) -> int:
+    """The ranks an example uses (default: all ``available``), checked against its meshes."""
+    k = available if world_size is None else world_size
+    if not 1 <= k <= available:
+        raise RunnerError(f"world_size={k} does not fit in {where} of {available} ranks")
+    for m in meshes:
+        if m.size > available:
+            raise RunnerError(f"mesh {m.shape} needs {m.size} ranks but {where} has {available}")
+    return k
 
 
 @attrs.frozen

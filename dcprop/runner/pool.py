@@ -41,7 +41,7 @@ from dcprop.errors import (
     RankTimeout,
     RunnerError,
 )
-from dcprop.runner.messages import Outcome, Task
+from dcprop.runner.messages import Outcome, Task, example_world_size
 from dcprop.specs import MeshSpec
 
 __all__ = ["DEFAULT_TIMEOUT", "Pool", "failure_from_outcomes"]
@@ -275,14 +275,7 @@ class Pool:
         ``fn`` must be importable by reference (a module-level function).  Raises
         :class:`~dcprop.errors.ExampleFailure` (or a subclass) if any rank fails.
         """
-        k = self.world_size if world_size is None else world_size
-        if not 1 <= k <= self.world_size:
-            raise RunnerError(f"world_size={k} does not fit in a pool of {self.world_size} ranks")
-        for m in meshes:
-            if m.size > self.world_size:
-                raise RunnerError(
-                    f"mesh {m.shape} needs {m.size} ranks but the pool has {self.world_size}"
-                )
+        k = example_world_size(world_size, tuple(meshes), self.world_size, "a pool")
         self.start()
         assert self._base is not None
         example_dir = tempfile.mkdtemp(prefix="example-", dir=self._base)

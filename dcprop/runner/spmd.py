@@ -27,7 +27,7 @@ import torch.distributed as dist
 from dcprop.errors import RunnerError
 from dcprop.runner import under_torchrun
 from dcprop.runner.execute import execute
-from dcprop.runner.messages import Outcome, Task
+from dcprop.runner.messages import Outcome, Task, example_world_size
 from dcprop.runner.pool import DEFAULT_TIMEOUT, failure_from_outcomes
 from dcprop.runner.worker import backend_for
 from dcprop.runner.worlds import Worlds
@@ -93,9 +93,7 @@ class SPMDRunner:
                 "an earlier example hung; torchrun's processes cannot be "
                 "restarted from inside, so this run cannot continue"
             )
-        k = self.world_size if world_size is None else world_size
-        if not 1 <= k <= self.world_size:
-            raise RunnerError(f"world_size={k} does not fit in {self.world_size} torchrun ranks")
+        k = example_world_size(world_size, tuple(meshes), self.world_size, "torchrun's world")
         assert self._base is not None
         tmpdir = tempfile.mkdtemp(prefix="example-", dir=self._base)
         task = Task(

@@ -16,6 +16,7 @@ from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
 from dcprop.errors import SpecError
+from dcprop.properties import PROPERTIES
 from dcprop.strategies._models import LAYER_KINDS, frozen_subsets, models
 from dcprop.strategies._options import (
     optimizers,
@@ -37,7 +38,7 @@ from dcprop.strategies._validation import (
     check_type,
 )
 
-PROPERTY_NAMES = ("roundtrip", "reshard", "ddp_parity", "finetune_resume", "submesh_layout")
+PROPERTY_NAMES = tuple(PROPERTIES)
 PLAN_KINDS_BY_PROPERTY = {
     "roundtrip": PLAN_KINDS,
     "reshard": PLAN_KINDS,
