@@ -69,6 +69,16 @@ def observe_state(ctx):
     }
 
 
+def load_missing_key_on(ctx, rank):
+    """A real DCP load in which one rank asks for a key the checkpoint lacks."""
+    import torch.distributed.checkpoint as dcp
+
+    path = os.path.join(ctx.tmpdir, "ckpt")
+    dcp.save({"a": torch.zeros(2)}, checkpoint_id=path, process_group=ctx.group())
+    wanted = {"b" if ctx.rank == rank else "a": torch.ones(2)}
+    dcp.load(wanted, checkpoint_id=path, process_group=ctx.group())
+
+
 def write_file(ctx):
     path = os.path.join(ctx.tmpdir, f"rank{ctx.rank}.txt")
     with open(path, "w") as f:

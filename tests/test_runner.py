@@ -88,6 +88,18 @@ def test_exception_reaches_controller_without_timeout(small_pool):
     assert info.value.signature.startswith("ValueError: deliberate failure on rank N")
 
 
+def test_checkpoint_exception_is_identified_by_its_cause(small_pool):
+    """DCP reports any rank's failure as one CheckpointException on every rank; the
+    signature and headline name the wrapped cause, not the rank list."""
+    with pytest.raises(ExampleFailure) as info:
+        small_pool.run(helpers.load_missing_key_on, 1)
+    assert info.value.signature == (
+        "RuntimeError: Missing key in checkpoint state_dict: b. @ create_default_local_load_plan"
+    )
+    headline = str(info.value).splitlines()[0]
+    assert "CheckpointException: RuntimeError: Missing key in checkpoint state_dict: b." in headline
+
+
 def test_hang_times_out_with_stacks_and_pool_recovers(small_pool):
     with pytest.raises(RankTimeout) as info:
         small_pool.run(helpers.skip_barrier, 1)

@@ -73,8 +73,13 @@ _ADDRESS = re.compile(r"0x[0-9a-f]+")
 def failure_signature(error_type: str, message: str, where: str = "") -> str:
     """A stable, short identity for a failure: type, the first line of the message with
     numbers, paths and addresses blanked (those vary between shrink steps), and the
-    function that raised it."""
-    first = message.strip().splitlines()[0] if message.strip() else ""
+    function that raised it.  A first line that ends in a colon only introduces what
+    follows ("Error(s) in loading state_dict for M:"), so the next line is kept too,
+    except in dcprop's own PropertyFailure, whose first line is written to be its
+    identity (the lines after it list keys, which change as an example shrinks)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    header = lines and lines[0].endswith(":") and error_type != "PropertyFailure"
+    first = " ".join(lines[:2]) if header else "".join(lines[:1])
     first = _NUMBER.sub("N", _ADDRESS.sub("0x?", _PATH.sub("<path>", first)))[:240]
     return f"{error_type}: {first}" + (f" @ {where}" if where else "")
 
@@ -208,14 +213,32 @@ def resolve(ref: str) -> Any:
 
 def _error(rank: int, e: BaseException, started: float) -> Outcome:
     error_type = type(e).__name__
+    root, frames = _root_cause(e)
     message = str(e)
-    frames = traceback.extract_tb(e.__traceback__)
+    if root is not e:  # lead with the cause: a CheckpointException's own line is rank numbers
+        message = f"{type(root).__name__}: {root}\n{message}"
     return Outcome(
         rank,
         "error",
         error_type=error_type,
         message=message,
         traceback="".join(traceback.format_exception(type(e), e, e.__traceback__)),
-        signature=failure_signature(error_type, message, frames[-1].name if frames else ""),
+        signature=failure_signature(
+            type(root).__name__, str(root), frames[-1].name if frames else ""
+        ),
         seconds=time.perf_counter() - started,
     )
+
+
+def _root_cause(e: BaseException) -> tuple[BaseException, list[Any]]:
+    """The exception a failure is about, and the frames it was raised in.
+
+    DCP wraps what went wrong on any rank into one ``CheckpointException`` whose
+    message only lists rank numbers; two different bugs would share that signature,
+    so it is identified by the wrapped exception of its lowest failing rank.
+    """
+    failures = getattr(e, "failures", None)
+    if type(e).__name__ == "CheckpointException" and isinstance(failures, dict) and failures:
+        inner, summary = failures[min(failures)]
+        return inner, list(summary or [])
+    return e, list(traceback.extract_tb(e.__traceback__))
