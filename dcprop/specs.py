@@ -422,21 +422,25 @@ class ModelSpec(_Spec):
 
     def parameters(self) -> dict[str, tuple[int, ...]]:
         """Parameter FQN -> shape, deduplicated like ``named_parameters()``."""
-        tied = {dst: src for src, dst in self.ties}
-        seen: set[str] = set()  # owning module path of each weight already listed
-        out: dict[str, tuple[int, ...]] = {}
-        for path, layer in self.modules():
-            for name, shape in own_parameters(layer):
-                owner = tied.get(path, path) if name == "weight" else path
-                key = f"{owner}#{name}"
-                if key in seen:
-                    continue
-                seen.add(key)
-                out[_join(path, name)] = shape
-        return out
+        return {names[0]: shape for names, shape in self._tensors().values()}
 
     def parameter_names(self) -> tuple[str, ...]:
         return tuple(self.parameters())
+
+    def aliases(self) -> dict[str, tuple[str, ...]]:
+        """Parameter FQN -> every name a state dict lists that tensor under (the FQN
+        first; a tied weight has more than one)."""
+        return {names[0]: tuple(names) for names, _ in self._tensors().values()}
+
+    def _tensors(self) -> dict[str, tuple[list[str], tuple[int, ...]]]:
+        tied = {dst: src for src, dst in self.ties}
+        out: dict[str, tuple[list[str], tuple[int, ...]]] = {}
+        for path, layer in self.modules():
+            for name, shape in own_parameters(layer):
+                # the owning module of a tied weight is its source: one tensor, many names
+                owner = tied.get(path, path) if name == "weight" else path
+                out.setdefault(f"{owner}#{name}", ([], shape))[0].append(_join(path, name))
+        return out
 
     def state_dict_names(self) -> tuple[str, ...]:
         """Parameter names as a model state dict lists them: a tied weight under each name."""
@@ -729,7 +733,7 @@ def _check_wrap(model: ModelSpec, wrap: tuple[str, ...], what: str) -> None:
         raise SpecError(f"{what} wraps a path twice: {wrap}")
     for src, dst in model.ties:
         for p in wrap:
-            inside = [_is_within(x, p) for x in (src, dst)]
+            inside = [is_within(x, p) for x in (src, dst)]
             if inside[0] != inside[1]:
                 raise SpecError(
                     f"{what} wraps {p!r}, which holds one side of the tie "
@@ -738,7 +742,8 @@ def _check_wrap(model: ModelSpec, wrap: tuple[str, ...], what: str) -> None:
                 )
 
 
-def _is_within(path: str, prefix: str) -> bool:
+def is_within(path: str, prefix: str) -> bool:
+    """``path`` is the module path ``prefix`` or lies inside it."""
     return path == prefix or path.startswith(prefix + ".")
 
 
@@ -792,7 +797,7 @@ def _check_experts(model: ModelSpec, topo: Topology, ep: ExpertParallel) -> None
             f"{ep.dim!r} has size {size}; one expert per coordinate"
         )
     for src, dst in model.ties:
-        if _is_within(src, ep.module) or _is_within(dst, ep.module):
+        if is_within(src, ep.module) or is_within(dst, ep.module):
             raise SpecError(f"tie ({src!r}, {dst!r}) reaches into the experts at {ep.module!r}")
 
 
@@ -817,7 +822,7 @@ def _check_topology(
             _check_experts(model, topo, plan.experts)
             _check_every_rank_trains(model, plan.experts, frozen, which)
             for p in plan.wrap:
-                if _is_within(p, plan.experts.module):
+                if is_within(p, plan.experts.module):
                     raise SpecError(
                         f"{which} plan wraps {p!r}, inside the experts at "
                         f"{plan.experts.module!r} (they get their own sub-mesh)"
@@ -852,7 +857,7 @@ def _check_uniform_frozen(
     which cannot mix requires_grad values."""
     units: dict[str, set[bool]] = {}
     for name in model.parameter_names():
-        owners = [w for w in wrap if _is_within(name, w)]
+        owners = [w for w in wrap if is_within(name, w)]
         unit = max(owners, key=len) if owners else ""
         units.setdefault(unit, set()).add(name in frozen)
     for unit, flags in units.items():
@@ -903,6 +908,11 @@ class Scenario(_Spec):
                 f"frozen names {unknown} are not parameters of the model "
                 f"(parameters: {sorted(params)[:12]})"
             )
+        if params and set(self.frozen) == params:
+            raise SpecError(
+                f"frozen={self.frozen} freezes every parameter, so the optimizer would "
+                "have nothing to train: leave at least one parameter out of frozen"
+            )
         if self.model.takes_tokens and self.training.input_requires_grad:
             raise SpecError(
                 "training.input_requires_grad=True needs float input, but the model "
@@ -942,6 +952,12 @@ class Scenario(_Spec):
         return self.save if self.load is None else self.load
 
     @property
+    def frozen_state_dict_names(self) -> frozenset[str]:
+        """Every name a state dict lists a frozen parameter under (tied aliases too)."""
+        aliases = self.model.aliases()
+        return frozenset(n for p in self.frozen for n in aliases[p])
+
+    @property
     def pretrained_model(self) -> ModelSpec | None:
         if self.pretrained is None:
             return None
@@ -951,6 +967,6 @@ class Scenario(_Spec):
         ties = tuple(
             (s.split(".", 1)[1], d.split(".", 1)[1])
             for s, d in self.model.ties
-            if _is_within(s, self.pretrained) and _is_within(d, self.pretrained)
+            if is_within(s, self.pretrained) and is_within(d, self.pretrained)
         )
         return ModelSpec(layer, ties)

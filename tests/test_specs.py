@@ -41,6 +41,10 @@ INVALID = [
     (lambda: S.OptimizerSpec("adam", momentum=0.9), "momentum=0.9 is an SGD option"),
     (lambda: scenario(frozen=("nope.weight",)), "frozen names ['nope.weight']"),
     (
+        lambda: scenario(frozen=("fc.weight", "fc.bias", "out.weight", "out.bias")),
+        "freezes every parameter",
+    ),
+    (
         lambda: scenario(save=S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP1Plan())),
         "needs device='cuda'",
     ),

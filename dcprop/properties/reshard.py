@@ -118,7 +118,7 @@ def _owned(expected: dict[str, Any], loaded: dict[str, Any], topology: S.Topolog
 def _comparable(values: dict[str, Any], scenario: S.Scenario) -> dict[str, Any]:
     """Entries both topologies must agree on: frozen parameters are left out when either
     side's options skip them (then they are deliberately not in the checkpoint)."""
-    frozen = set(scenario.frozen) if _frozen_skipped(scenario) else set()
+    frozen = scenario.frozen_state_dict_names if _frozen_skipped(scenario) else frozenset()
     out = {}
     for k, v in values.items():
         if k.split("/", 1)[-1] in frozen or _PARAM_LIST.match(k):

@@ -96,11 +96,8 @@ def _has_elements(value: Any) -> bool:
 
 
 def _check_frozen_absent(job: Job, saved: dict[str, Any]) -> None:
-    present = sorted(
-        k
-        for k in saved
-        if k.startswith("model/") and k[len("model/") :] in set(job.scenario.frozen)
-    )
+    frozen = job.scenario.frozen_state_dict_names
+    present = sorted(k for k in saved if k.startswith("model/") and k[len("model/") :] in frozen)
     if present:
         raise PropertyFailure(
             f"ignore_frozen_params=True but the model state dict on rank "

@@ -63,14 +63,14 @@ def expected_layout(scenario: S.Scenario, rank: int) -> dict[str, tuple[int, ...
     module = plan.experts.module
     out = {}
     for name in scenario.model.state_dict_names():
-        if name.startswith(module + "."):
+        if S.is_within(name, module):
             expert = int(name[len(module) + 1 :].split(".", 1)[0])
             if expert == mine:
                 out[name] = tuple(grid.select(axis, mine).flatten().tolist())
         else:
             out[name] = tuple(range(topology.world_size))
     if topology.state_dict.ignore_frozen_params:
-        out = {k: v for k, v in out.items() if k not in set(scenario.frozen)}
+        out = {k: v for k, v in out.items() if k not in scenario.frozen_state_dict_names}
     return out
 
 

@@ -128,7 +128,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
     else:
         frozen = ()
     if isinstance(plan, S.FSDP2Plan) and plan.experts is not None:
-        shared = [n for n in model.parameter_names() if not n.startswith(plan.experts.module + ".")]
+        shared = [n for n in model.parameter_names() if not S.is_within(n, plan.experts.module)]
         frozen = tuple(n for n in frozen if n != shared[0])  # every rank trains something
 
     options = draw(state_dict_options())

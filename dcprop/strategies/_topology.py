@@ -87,7 +87,7 @@ def tp_pairs(model: S.ModelSpec, size: int) -> list[tuple[str, str]]:
     for path, layer in model.modules():
         if not isinstance(layer, (S.Sequential, S.ModuleList, S.Block)):
             continue
-        if any(path == e or path.startswith(e + ".") for e in experts):
+        if any(S.is_within(path, e) for e in experts):
             continue
         kids = S.children_of(layer)
         for i, (name_c, col) in enumerate(kids):
@@ -141,12 +141,9 @@ def _wrap_candidates(model: S.ModelSpec, avoid: str | None) -> list[str]:
     for path, _ in model.modules():
         if not path:
             continue
-        if avoid and (path == avoid or path.startswith(avoid + ".")):
+        if avoid and S.is_within(path, avoid):
             continue  # experts get their own sub-mesh; their ancestors may be wrapped
-        if any(
-            (s == path or s.startswith(path + ".")) != (d == path or d.startswith(path + "."))
-            for s, d in model.ties
-        ):
+        if any(S.is_within(s, path) != S.is_within(d, path) for s, d in model.ties):
             continue  # would split a shared weight across sharded units
         out.append(path)
     return out
