@@ -320,7 +320,7 @@ def _add_to_corpus(directory: str, prop: str, scenario: Any, failure: Any) -> st
     from dcprop.corpus import write_entry
     from dcprop.known_bugs import match_known
 
-    known = match_known(failure.signature)
+    known = match_known(failure.signature, scenario)
     return write_entry(
         directory,
         prop,
