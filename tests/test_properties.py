@@ -34,12 +34,6 @@ def test_finetune_resume(scenario):
     pass
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="open finding: DCP round trips under expert sub-meshes fail in ways not yet "
-    "attributed (lost expert optimizer state, integer optimizer keys after load); only "
-    "dcp-per-rank-param-groups is registered so far",
-)
 @property_test("submesh_layout", world_sizes=(1, 2, 3, 4))
 def test_submesh_layout(scenario):
     pass
@@ -51,7 +45,9 @@ def _catches(runner, prop, hooks, want=None):
         if want is not None and not want(scenario):
             return False
         try:
-            run_property(runner, prop, scenario, hooks=hooks)
+            # a hang (some known upstream bugs deadlock) is not what these tests look for:
+            # a short timeout keeps the search cheap
+            run_property(runner, prop, scenario, hooks=hooks, timeout=10)
         except ExampleFailure as failure:
             return "PropertyFailure" in failure.signature
         return False
