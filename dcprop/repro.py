@@ -23,15 +23,16 @@ __all__ = ["main", "pretty", "render", "write_reproducer"]
 _WIDTH = 88
 
 
-def pretty(value: Any, indent: int = 0) -> str:
-    """A spec as readable, valid Python: one line when it fits, else one field a line."""
+def pretty(value: Any, indent: int = 0, lead: int = 0) -> str:
+    """A spec as readable, valid Python: one line when it fits (after ``lead`` characters
+    already on the line), else one field a line, indented as black would."""
     flat = repr(value)
-    if len(flat) + indent <= _WIDTH:
+    if indent + lead + len(flat) <= _WIDTH:
         return flat
     pad = " " * (indent + 4)
     if attrs.has(type(value)):
         parts = [
-            pretty(v, indent + 4) if n is None else f"{n}={pretty(v, indent + 5 + len(n))}"
+            pretty(v, indent + 4) if n is None else f"{n}={pretty(v, indent + 4, len(n) + 1)}"
             for n, v in S.explicit_fields(value)
         ]
         body = f",\n{pad}".join(parts)
@@ -57,6 +58,10 @@ def render(
         "    ",
     )
     hooks = f"\nCHECKPOINTER = {checkpointer!r}" if checkpointer else "\nCHECKPOINTER = None"
+    root = _import_root(checkpointer) if checkpointer else None
+    if root:
+        hooks += f"\nCHECKPOINTER_PATH = {root!r}  # where it was imported from"
+    call = "checkpointer=CHECKPOINTER" + (", checkpointer_path=CHECKPOINTER_PATH" if root else "")
     return f'''"""dcprop reproducer: property {property!r} fails.
 
 Found with dcprop {__version__} on torch {torch.__version__}.  The failure:
@@ -70,13 +75,29 @@ Run it with either of:
 from dcprop.specs import *  # noqa: F403 - the spec classes the scenario is written in
 
 PROPERTY = {property!r}{hooks}
-SCENARIO = {pretty(scenario)}
+SCENARIO = {pretty(scenario, lead=len("SCENARIO = "))}
 
 if __name__ == "__main__":
     from dcprop.repro import main
 
-    main(PROPERTY, SCENARIO, checkpointer=CHECKPOINTER)
+    main(PROPERTY, SCENARIO, {call})
 '''
+
+
+def _import_root(checkpointer: str) -> str | None:
+    """The directory on ``sys.path`` that the checkpointer's module was found under, so a
+    reproducer run from elsewhere still imports it; None if it cannot be found."""
+    import importlib.util
+
+    top = checkpointer.partition(":")[0].split(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None
+    where = os.path.dirname(os.path.abspath(spec.origin))
+    return os.path.dirname(where) if spec.submodule_search_locations else where
 
 
 def write_reproducer(
@@ -104,14 +125,20 @@ def main(
     scenario: S.Scenario,
     *,
     checkpointer: str | None = None,
+    checkpointer_path: str | None = None,
     timeout: float | None = None,
 ) -> None:
-    """Run ``property`` on ``scenario`` once, on local ranks or torchrun's, and exit."""
+    """Run ``property`` on ``scenario`` once, on local ranks or torchrun's, and exit.
+
+    ``checkpointer_path`` is tried last when importing ``checkpointer`` (``module:attr``).
+    """
     from dcprop.errors import ExampleFailure
     from dcprop.known_bugs import match_known
     from dcprop.properties import run_property
     from dcprop.runner import DEFAULT_TIMEOUT, make_runner, under_torchrun
 
+    if checkpointer_path and checkpointer_path not in sys.path:
+        sys.path.append(checkpointer_path)  # the ranks inherit it
     hooks = _hooks(checkpointer)
     runner = make_runner(
         scenario.world_size, device=scenario.device, timeout=timeout or DEFAULT_TIMEOUT
@@ -122,12 +149,13 @@ def main(
     try:
         run_property(runner, property, scenario, hooks=hooks)
     except ExampleFailure as e:
-        known = match_known(e.signature)
+        known = match_known(e.signature, scenario)
         print(f"FAIL: {property}\n{e}")
         if known:
+            links = [known.upstream] if known.upstream else list(known.related)
             print(
                 f"\nThis is a known upstream bug: {known.id}: {known.title}"
-                + (f" ({known.upstream})" if known.upstream else "")
+                + (f" (see {', '.join(links)})" if links else "")
             )
         runner.close()
         sys.exit(1)
