@@ -32,6 +32,7 @@ class PropertyReport:
     seconds: float = 0.0
     failures: list[dict[str, Any]] = attrs.field(factory=list)
     known: list[dict[str, Any]] = attrs.field(factory=list)
+    shrink_stopped: bool = False  # the shrink budget ran out: the failure may shrink further
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +40,7 @@ class PropertyReport:
             "seconds": round(self.seconds, 3),
             "failures": self.failures,
             "known": self.known,
+            "shrink_stopped": self.shrink_stopped,
         }
 
 
@@ -92,15 +94,25 @@ def run_campaign(
     on_example: Callable[[PropertyReport], None] | None = None,
     on_failure: Callable[[S.Scenario, ExampleFailure], str] | None = None,
     explicit: tuple[S.Scenario, ...] = (),
+    shrink_seconds: float = 60.0,
 ) -> PropertyReport:
     """Run ``property`` over ``explicit`` scenarios, then ``max_examples`` drawn from
     ``strategy``.  ``on_failure(scenario, failure)`` writes a reproducer and returns
-    its path; it is called for the shrunk failure only."""
+    its path; it is called for the shrunk failure only.
+
+    Shrinking stops after ``shrink_seconds``: the smallest failure found by then is
+    the one reported (Hypothesis alone would go on for up to five minutes, and a
+    campaign should end within a few)."""
     report = PropertyReport(property)
     started = time.perf_counter()
     last: dict[str, Any] = {}
 
     def attempt(scenario: S.Scenario) -> None:
+        found_at = last.get("found_at")
+        out_of_time = found_at is not None and time.perf_counter() - found_at > shrink_seconds
+        if out_of_time and not is_final_replay():
+            report.shrink_stopped = True
+            return  # counts as passing, so Hypothesis keeps what it has
         report.examples += 1
         try:
             run_property(runner, property, scenario, hooks=hooks)
@@ -113,6 +125,7 @@ def run_campaign(
                     )
                 return
             last["scenario"], last["failure"] = scenario, failure
+            last.setdefault("found_at", time.perf_counter())
             raise signature_error(failure) from None
         finally:
             report.seconds = time.perf_counter() - started
@@ -148,6 +161,17 @@ def run_campaign(
             _record(report, last["scenario"], last["failure"], on_failure)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def is_final_replay() -> bool:
+    """True in Hypothesis' final replay of the minimal failing example (and outside
+    Hypothesis, where every run is final)."""
+    try:
+        from hypothesis.control import current_build_context
+
+        return bool(getattr(current_build_context(), "is_final", True))
+    except Exception:
+        return True
 
 
 def _json(scenario: S.Scenario) -> Any:

@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         default=20.0,
         help="seconds an example may take before it counts as a hang",
     )
+    check.add_argument(
+        "--shrink-seconds",
+        type=float,
+        default=60.0,
+        help="seconds spent shrinking a failure before reporting the smallest so far (default 60)",
+    )
     check.add_argument("--report", default=None, help="write a JSON report here")
     check.add_argument(
         "--repro-dir",
@@ -144,6 +150,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--world-size {args.world_size}: needs at least 1 rank")
     if args.timeout <= 0:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
+    if args.shrink_seconds < 0:
+        raise UsageError(f"--shrink-seconds {args.shrink_seconds}: must be 0 or more")
     device = args.device
     if device == "auto":
         import torch
@@ -265,6 +273,7 @@ def _check(args: argparse.Namespace) -> int:
                 on_example=progress.update,
                 on_failure=write,
                 explicit=explicit[prop],
+                shrink_seconds=args.shrink_seconds,
             )
             progress.done(report)
             reports.append(report)
@@ -278,8 +287,15 @@ def _check(args: argparse.Namespace) -> int:
     for r in reports:
         for f in r.failures:
             print(f"FAILED {r.name}: {f['error']}\n  reproducer: {f['reproducer']}")
-    for k in known:
-        print(f"KNOWN upstream bug {k['id']}: {k['title']}")
+            if r.shrink_stopped:
+                print(f"  (shrinking stopped after --shrink-seconds {args.shrink_seconds:g})")
+    seen: dict[str, list[str]] = {}
+    for r in reports:
+        for k in r.known:
+            seen.setdefault(k["id"], []).append(r.name)
+    titles = {k["id"]: k["title"] for k in known}
+    for bug, props in seen.items():
+        print(f"KNOWN upstream bug {bug} (in {', '.join(props)}): {titles[bug]}")
     return 1 if failures else 0
 
 

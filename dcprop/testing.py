@@ -18,7 +18,7 @@ from typing import Any
 
 from hypothesis import event, given
 
-from dcprop.campaign import record_events, signature_error
+from dcprop.campaign import is_final_replay, record_events, signature_error
 from dcprop.errors import ExampleFailure
 from dcprop.known_bugs import match_known
 from dcprop.properties import property_ref, run_property
@@ -44,16 +44,6 @@ def _hooks(checkpointer: Any, model_factory: Any) -> Any:
     )
 
 
-def _is_final() -> bool:
-    """True in Hypothesis' final replay of the minimal failing example."""
-    try:
-        from hypothesis.control import current_build_context
-
-        return bool(getattr(current_build_context(), "is_final", True))
-    except Exception:
-        return True
-
-
 def check(
     runner: Any,
     property: str,
@@ -76,7 +66,7 @@ def check(
         if known is not None and not strict:
             event(f"known upstream bug: {known.id}")  # reported, as dcprop check does
             return
-        if _is_final():
+        if is_final_replay():
             from dcprop.pytest_plugin import repro_dir
             from dcprop.repro import write_reproducer
 

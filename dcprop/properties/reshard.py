@@ -56,9 +56,13 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         part = torch.load(_expected_file(ctx, r), weights_only=False)
         reference.setdefault("loss", part["loss"])
         reference.setdefault("state", {}).update(part["state"])
-    target = b.state(**load_template_overrides(b.topology.state_dict))
+    # what A left out of the checkpoint, B can neither read nor require
+    skipped: dict[str, Any] = (
+        dict(ignore_frozen_params=True) if scenario.save.state_dict.ignore_frozen_params else {}
+    )
+    target = b.state(**load_template_overrides(b.topology.state_dict), **skipped)
     b.load(target, "ckpt")
-    b.apply(target)
+    b.apply(target, **skipped)
     loaded = _comparable(full_values(b.state(**_FULL)), scenario)
     expected = _owned(_comparable(reference["state"], scenario), loaded, b.topology)
     assert_same(

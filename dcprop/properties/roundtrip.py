@@ -26,7 +26,7 @@ from dcprop.properties._harness import (
     uninterrupted_next_loss,
 )
 
-__all__ = ["check_roundtrip", "roundtrip"]
+__all__ = ["check_frozen_absent", "check_roundtrip", "roundtrip"]
 
 
 def roundtrip(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
@@ -49,8 +49,7 @@ def check_roundtrip(
     options = job.topology.state_dict
     state = job.state()
     saved = local_values(state)
-    if options.ignore_frozen_params:
-        _check_frozen_absent(job, saved)
+    check_frozen_absent(job, saved)
     job.save(state, name)
 
     frozen = set(job.scenario.frozen) if options.ignore_frozen_params else set()
@@ -95,7 +94,11 @@ def _has_elements(value: Any) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.numel() > 0
 
 
-def _check_frozen_absent(job: Job, saved: dict[str, Any]) -> None:
+def check_frozen_absent(job: Job, saved: dict[str, Any]) -> None:
+    """Under ignore_frozen_params, no name of a frozen parameter is in the model state
+    dict (``saved``: flattened, as from ``local_values``)."""
+    if not job.topology.state_dict.ignore_frozen_params:
+        return
     frozen = job.scenario.frozen_state_dict_names
     present = sorted(k for k in saved if k.startswith("model/") and k[len("model/") :] in frozen)
     if present:

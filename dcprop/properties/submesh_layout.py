@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from dcprop import specs as S
+from dcprop.compare import local_values
 from dcprop.errors import PropertyFailure
 from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup, uninterrupted_next_loss
-from dcprop.properties.roundtrip import check_roundtrip
+from dcprop.properties.roundtrip import check_frozen_absent, check_roundtrip
 
 __all__ = ["expected_layout", "submesh_layout"]
 
@@ -30,6 +31,7 @@ def submesh_layout(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS)
         return {}
     losses = [job.train_step() for _ in range(scenario.training.steps)]
     state = job.state()
+    check_frozen_absent(job, local_values(state))  # first: the layout check would see it too
     expected = expected_layout(scenario, ctx.rank)
     _check_model(state["model"], expected, topology.state_dict, ctx.rank)
     stateless = scenario.optimizer.kind == "sgd" and not scenario.optimizer.momentum
