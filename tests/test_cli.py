@@ -123,3 +123,47 @@ def test_recipe_runs_its_explicit_examples(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads(report.read_text())["properties"]
     assert data["roundtrip"]["examples"] == 2 and data["reshard"]["examples"] == 1
+
+
+def _torchrun(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HELPERS, ROOT]))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    return subprocess.run(
+        [*torchrun, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_check_and_its_reproducer_run_under_torchrun(tmp_path):
+    # world size 2 only: on torchrun's ranks a hang (a known deadlock on a sub-world)
+    # cannot be recovered from by restarting ranks
+    recipe = tmp_path / "two.json"
+    recipe.write_text(json.dumps({"properties": ["roundtrip"], "world_sizes": [2]}))
+    report = tmp_path / "report.json"
+    result = _torchrun(
+        "-m",
+        "dcprop.cli",
+        "check",
+        "--recipe",
+        str(recipe),
+        "--world-size",
+        "2",
+        "--max-examples",
+        "3",
+        "--checkpointer",
+        "helpers:DropKey",
+        "--report",
+        str(report),
+        "--repro-dir",
+        str(tmp_path / "repros"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, (result.stdout + result.stderr)[-4000:]
+    failure = json.loads(report.read_text())["properties"]["roundtrip"]["failures"][0]
+    assert failure["scenario"]["save"]["world_size"] == 2
+    replay = _torchrun(failure["reproducer"], cwd=tmp_path)
+    assert replay.returncode != 0 and "state after load" in replay.stdout, replay.stderr[-3000:]

@@ -25,7 +25,7 @@ def test_replay_reproducer(tmp_path):
     assert "PASS: roundtrip" in result.stdout
 
 
-def test_checkpointer_example_catches_the_buggy_one():
+def test_checkpointer_example_catches_the_buggy_one(tmp_path):
     result = _run(
         "-m",
         "pytest",
@@ -38,9 +38,14 @@ def test_checkpointer_example_catches_the_buggy_one():
         "2",
         "--dcprop-timeout",
         "10",  # known upstream deadlocks cost a timeout each: keep it short here
+        "--dcprop-repro-dir",
+        str(tmp_path),
         "--rootdir",
         EXAMPLES,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert "xfailed" in out  # the buggy checkpointer's strict xfail held (exit code 0)
+    # the terminal summary names the shrunk failure's reproducer
+    (script,) = os.listdir(tmp_path)
+    assert "dcprop reproducers" in out and script in out
