@@ -2,7 +2,8 @@
 
 import helpers
 import pytest
-from hypothesis import find, settings
+from hypothesis import example, find, settings
+from seeds import CPU_SEEDS, SEED_003_FSDP1
 
 import dcprop.specs as S
 from dcprop import strategies as dst
@@ -11,32 +12,62 @@ from dcprop.properties import run_property
 from dcprop.properties._harness import Hooks
 from dcprop.testing import property_test
 
-# --- every property over generated scenarios (the profile sets how many) ------------
+# --- every property over generated scenarios (the profile sets how many), with the ----
+# --- upstream seed tests' exact scenarios as explicit examples at world size 4 -------
 
 
+def with_seed_examples(prop):
+    def decorate(test):
+        for name, (seed_prop, scenario) in sorted(CPU_SEEDS.items()):
+            if seed_prop == prop:
+                test = example(scenario=scenario).via(f"upstream seed {name}")(test)
+        return test
+
+    return decorate
+
+
+@with_seed_examples("roundtrip")
 @property_test("roundtrip", world_sizes=(1, 2, 3, 4))
 def test_roundtrip(scenario):
     pass
 
 
+@with_seed_examples("reshard")
 @property_test("reshard", world_sizes=(1, 2, 3, 4))
 def test_reshard(scenario):
     pass
 
 
+@with_seed_examples("ddp_parity")
 @property_test("ddp_parity", world_sizes=(1, 2, 3, 4))
 def test_ddp_parity(scenario):
     pass
 
 
+@with_seed_examples("finetune_resume")
 @property_test("finetune_resume", world_sizes=(1, 2, 3, 4))
 def test_finetune_resume(scenario):
     pass
 
 
+@with_seed_examples("submesh_layout")
 @property_test("submesh_layout", world_sizes=(1, 2, 3, 4))
 def test_submesh_layout(scenario):
     pass
+
+
+@pytest.mark.gpu
+def test_fsdp1_seed_on_gpus():
+    """Seed 003 upstream runs FSDP1 (SHARD_GRAD_OP, use_orig_params=False); FSDP1 needs an
+    accelerator, so this runs only with ``-m gpu`` on a machine with two GPUs or more."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < SEED_003_FSDP1.world_size:
+        pytest.skip(f"needs {SEED_003_FSDP1.world_size} CUDA devices")
+    from dcprop.runner import Pool
+
+    with Pool(SEED_003_FSDP1.world_size, device="cuda") as pool:
+        results = run_property(pool, "ddp_parity", SEED_003_FSDP1)
+    assert sorted(results) == list(range(SEED_003_FSDP1.world_size))
 
 
 # --- injected bugs ---------------------------------------------------------------------
