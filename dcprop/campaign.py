@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from dcprop import specs as S
-from dcprop.errors import ExampleFailure
+from dcprop.errors import ExampleFailure, headline
 from dcprop.known_bugs import describe, match_known
 from dcprop.properties import run_property
 
@@ -187,7 +187,7 @@ def _record(
     on_failure: Callable[[S.Scenario, ExampleFailure], str] | None,
 ) -> None:
     entry: dict[str, Any] = {
-        "error": str(failure).splitlines()[0],
+        "error": headline(str(failure)),
         "signature": failure.signature,
         "scenario": _json(scenario),
         "reproducer": None,

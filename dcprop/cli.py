@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from dcprop import __version__
-from dcprop.errors import DcpropError, UsageError
+from dcprop.errors import DcpropError, UsageError, headline
 from dcprop.properties import PROPERTIES
 
 __all__ = ["main"]
@@ -342,7 +342,7 @@ def _add_to_corpus(directory: str, prop: str, scenario: Any, failure: Any) -> st
         prop,
         scenario,
         expect=f"known:{known.id}" if known else "fail",
-        note=str(failure).splitlines()[0],
+        note=headline(str(failure)),
     )
 
 

@@ -173,5 +173,6 @@ def assert_same(
         shown = "\n  ".join(str(m) for m in found[:limit])
         more = f"\n  ... and {len(found) - limit} more" if len(found) > limit else ""
         raise PropertyFailure(
-            f"{what} on rank {rank}: {len(found)} entries differ ({tol}):\n  {shown}{more}"
+            f"{what} on rank {rank}: differences in {len(found)} of "
+            f"{len(set(expected) | set(actual))} entries ({tol}):\n  {shown}{more}"
         )

@@ -18,7 +18,17 @@ __all__ = [
     "RunnerError",
     "SpecError",
     "UsageError",
+    "headline",
 ]
+
+
+def headline(message: str) -> str:
+    """The first line of an error message, joined with the next when the first only
+    introduces it (ends in a colon, as in "Error(s) in loading state_dict for M:")."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else ""
 
 
 class DcpropError(Exception):

@@ -121,5 +121,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     found = getattr(testing, "reproducers", None)
     if found:
         terminalreporter.section("dcprop reproducers")
-        for test, path in sorted(found.items()):
-            terminalreporter.write_line(f"{test}: python {path}")
+        for test, paths in sorted(found.items()):
+            for path in paths:
+                terminalreporter.write_line(f"{test}: python {path}")

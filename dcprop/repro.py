@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from dcprop import specs as S
+from dcprop.errors import headline
 
 __all__ = ["main", "pretty", "render", "write_reproducer"]
 
@@ -51,11 +52,12 @@ def render(
 
     from dcprop import __version__
 
-    summary = textwrap.indent(
-        textwrap.shorten(error.strip().splitlines()[0], 300)
-        if error.strip()
-        else "(no failure recorded)",
-        "    ",
+    summary = textwrap.fill(
+        textwrap.shorten(headline(error), 400) if error.strip() else "(no failure recorded)",
+        _WIDTH,
+        initial_indent="    ",
+        subsequent_indent="    ",
+        break_on_hyphens=False,
     )
     hooks = f"\nCHECKPOINTER = {checkpointer!r}" if checkpointer else "\nCHECKPOINTER = None"
     root = _import_root(checkpointer) if checkpointer else None

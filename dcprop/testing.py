@@ -27,7 +27,8 @@ from dcprop.specs import Scenario
 __all__ = ["check", "property_test", "reproducers"]
 
 #: test id -> reproducer path of its final (shrunk) failure; the plugin reports these
-reproducers: dict[str, str] = {}
+#: test id -> the reproducer of each distinct failure its final replays raised
+reproducers: dict[str, list[str]] = {}
 
 
 def _hooks(checkpointer: Any, model_factory: Any) -> Any:
@@ -73,7 +74,9 @@ def check(
             path = write_reproducer(
                 repro_dir, property, scenario, error=str(failure), checkpointer=checkpointer_ref
             )
-            reproducers[test_id or property] = path
+            found = reproducers.setdefault(test_id or property, [])
+            if path not in found:
+                found.append(path)
         raise signature_error(failure) from None
 
 

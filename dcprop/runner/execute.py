@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dcprop.errors import headline
 from dcprop.runner.messages import Outcome, Task
 from dcprop.runner.worlds import Worlds
 from dcprop.specs import MeshSpec
@@ -77,9 +78,10 @@ def failure_signature(error_type: str, message: str, where: str = "") -> str:
     follows ("Error(s) in loading state_dict for M:"), so the next line is kept too,
     except in dcprop's own PropertyFailure, whose first line is written to be its
     identity (the lines after it list keys, which change as an example shrinks)."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    header = lines and lines[0].endswith(":") and error_type != "PropertyFailure"
-    first = " ".join(lines[:2]) if header else "".join(lines[:1])
+    if error_type == "PropertyFailure":
+        first = message.strip().splitlines()[0] if message.strip() else ""
+    else:
+        first = headline(message)
     first = _NUMBER.sub("N", _ADDRESS.sub("0x?", _PATH.sub("<path>", first)))[:240]
     return f"{error_type}: {first}" + (f" @ {where}" if where else "")
 
