@@ -280,7 +280,6 @@ def _check(args: argparse.Namespace) -> int:
     finally:
         runner.close()
     failures = sum(len(r.failures) for r in reports)
-    known = [k for r in reports for k in r.known]
     _summary(reports, time.perf_counter() - started)
     if args.report:
         _write_report(args.report, cfg, args, reports)
@@ -289,13 +288,12 @@ def _check(args: argparse.Namespace) -> int:
             print(f"FAILED {r.name}: {f['error']}\n  reproducer: {f['reproducer']}")
             if r.shrink_stopped:
                 print(f"  (shrinking stopped after --shrink-seconds {args.shrink_seconds:g})")
-    seen: dict[str, list[str]] = {}
+    seen: dict[str, tuple[str, list[str]]] = {}  # bug id -> title, properties it showed in
     for r in reports:
         for k in r.known:
-            seen.setdefault(k["id"], []).append(r.name)
-    titles = {k["id"]: k["title"] for k in known}
-    for bug, props in seen.items():
-        print(f"KNOWN upstream bug {bug} (in {', '.join(props)}): {titles[bug]}")
+            seen.setdefault(k["id"], (k["title"], []))[1].append(r.name)
+    for bug, (title, props) in seen.items():
+        print(f"KNOWN upstream bug {bug} (in {', '.join(props)}): {title}")
     return 1 if failures else 0
 
 

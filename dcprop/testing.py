@@ -26,8 +26,8 @@ from dcprop.specs import Scenario
 
 __all__ = ["check", "property_test", "reproducers"]
 
-#: test id -> reproducer path of its final (shrunk) failure; the plugin reports these
-#: test id -> the reproducer of each distinct failure its final replays raised
+#: test id -> the reproducer of each distinct failure its final replays raised (the
+#: plugin's terminal summary lists them)
 reproducers: dict[str, list[str]] = {}
 
 

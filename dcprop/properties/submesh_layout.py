@@ -72,7 +72,8 @@ def expected_layout(scenario: S.Scenario, rank: int) -> dict[str, tuple[int, ...
         else:
             out[name] = tuple(range(topology.world_size))
     if topology.state_dict.ignore_frozen_params:
-        out = {k: v for k, v in out.items() if k not in scenario.frozen_state_dict_names}
+        frozen = scenario.frozen_state_dict_names
+        out = {k: v for k, v in out.items() if k not in frozen}
     return out
 
 
