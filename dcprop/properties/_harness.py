@@ -204,6 +204,14 @@ class Job:
     def load(self, state: dict[str, Any], name: str) -> None:
         self.hooks.checkpointer.load(state, self.checkpoint_dir(name), group=self.group)
 
+    def restore(self, name: str, **overrides: Any) -> None:
+        """Load checkpoint ``name`` into a template of this job's state dict and apply it.
+        ``overrides`` shape both (``ignore_frozen_params=True`` for a checkpoint saved
+        without frozen parameters: they can be neither read nor required)."""
+        target = self.state(**load_template_overrides(self.topology.state_dict), **overrides)
+        self.load(target, name)
+        self.apply(target, **overrides)
+
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter as a full CPU tensor under its canonical name (collective)."""
         out = {}

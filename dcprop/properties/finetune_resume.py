@@ -67,11 +67,7 @@ def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
     expected = first.full_parameters()
 
     second = _finetune_job(ctx, scenario, frozen, scenario.seed + 2, hooks)
-    state = second.state(
-        ignore_frozen_params=True, **load_template_overrides(scenario.save.state_dict)
-    )
-    second.load(state, "finetune")
-    second.apply(state, ignore_frozen_params=True, strict=False)
+    second.restore("finetune", ignore_frozen_params=True)
     second.steps_taken = steps
     resumed = [second.train_step() for _ in range(steps)]
     if resumed != uninterrupted:

@@ -19,7 +19,7 @@ import torch
 from dcprop import specs as S
 from dcprop.compare import assert_same, full_values
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, load_template_overrides, setup
+from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup
 
 __all__ = ["STEP_RTOL", "reshard"]
 
@@ -56,13 +56,10 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         part = torch.load(_expected_file(ctx, r), weights_only=False)
         reference.setdefault("loss", part["loss"])
         reference.setdefault("state", {}).update(part["state"])
-    # what A left out of the checkpoint, B can neither read nor require
-    skipped: dict[str, Any] = (
-        dict(ignore_frozen_params=True) if scenario.save.state_dict.ignore_frozen_params else {}
-    )
-    target = b.state(**load_template_overrides(b.topology.state_dict), **skipped)
-    b.load(target, "ckpt")
-    b.apply(target, **skipped)
+    if scenario.save.state_dict.ignore_frozen_params:  # B can neither read nor require them
+        b.restore("ckpt", ignore_frozen_params=True)
+    else:
+        b.restore("ckpt")
     loaded = _comparable(full_values(b.state(**_FULL)), scenario)
     expected = _owned(_comparable(reference["state"], scenario), loaded, b.topology)
     assert_same(

@@ -21,7 +21,6 @@ from dcprop.properties._harness import (
     DEFAULT_HOOKS,
     Hooks,
     Job,
-    load_template_overrides,
     setup,
     uninterrupted_next_loss,
 )
@@ -70,9 +69,7 @@ def check_roundtrip(
             "comparing identical states would prove nothing"
         )
 
-    target = job.state(**load_template_overrides(options))
-    job.load(target, name)
-    job.apply(target)
+    job.restore(name)
     after = local_values(job.state())
     job.ctx.agree(not mismatches(saved, after), "state comparison")
     assert_same(saved, after, what="state after load", rank=job.rank)
