@@ -117,7 +117,7 @@ def run_campaign(
         try:
             run_property(runner, property, scenario, hooks=hooks)
         except ExampleFailure as failure:
-            known = match_known(failure.signature, scenario)
+            known = match_known(failure, scenario)
             if known is not None and not strict:
                 if not any(k["id"] == known.id for k in report.known):
                     report.known.append(
@@ -192,7 +192,7 @@ def _record(
         "scenario": _json(scenario),
         "reproducer": None,
     }
-    known = match_known(failure.signature, scenario)
+    known = match_known(failure, scenario)
     if known is not None:
         entry["known_bug"] = known.id
     if on_failure is not None:

@@ -334,12 +334,13 @@ def _add_to_corpus(directory: str, prop: str, scenario: Any, failure: Any) -> st
     from dcprop.corpus import write_entry
     from dcprop.known_bugs import match_known
 
-    known = match_known(failure.signature, scenario)
+    known = match_known(failure, scenario)
     return write_entry(
         directory,
         prop,
         scenario,
         expect=f"known:{known.id}" if known else "fail",
+        signature=failure.signature,
         note=headline(str(failure)),
     )
 

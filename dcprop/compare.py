@@ -174,5 +174,6 @@ def assert_same(
         more = f"\n  ... and {len(found) - limit} more" if len(found) > limit else ""
         raise PropertyFailure(
             f"{what} on rank {rank}: differences in {len(found)} of "
-            f"{len(set(expected) | set(actual))} entries ({tol}):\n  {shown}{more}"
+            f"{len(set(expected) | set(actual))} entries ({tol}):\n  {shown}{more}",
+            keys=[m.key for m in found],
         )

@@ -1,9 +1,11 @@
 """The regression corpus: saved failing scenarios that the test suite replays.
 
-Each entry is a JSON file ``{"property", "expect", "note", "scenario"}`` where
-``expect`` is ``"pass"`` (a fixed bug that must stay fixed), ``"fail"`` (a dcprop
-self-test), or ``"known:<bug id>"`` (a known upstream bug: the replay must still
-fail with that bug's signature, so the suite notices when upstream fixes it).
+Each entry is a JSON file ``{"property", "expect", "signature", "note", "scenario"}``
+where ``expect`` is ``"pass"`` (a fixed bug that must stay fixed), ``"fail"`` (a
+dcprop self-test), or ``"known:<bug id>"`` (a known upstream bug, so the suite
+notices when upstream fixes it).  An entry that expects a failure names its
+``signature``: the replay must fail with exactly that, not just somehow (a hang
+where a wrong value was expected is another bug).
 """
 
 from __future__ import annotations
@@ -22,13 +24,19 @@ __all__ = ["CorpusEntry", "load_entries", "write_entry"]
 
 
 class CorpusEntry:
-    __slots__ = ("expect", "note", "path", "property", "scenario")
+    __slots__ = ("expect", "note", "path", "property", "scenario", "signature")
 
     def __init__(
-        self, path: str, property: str, scenario: Scenario, expect: str, note: str
+        self,
+        path: str,
+        property: str,
+        scenario: Scenario,
+        expect: str,
+        note: str,
+        signature: str | None = None,
     ) -> None:
         self.path, self.property, self.scenario = path, property, scenario
-        self.expect, self.note = expect, note
+        self.expect, self.note, self.signature = expect, note, signature
 
     @property
     def known_bug(self) -> str | None:
@@ -39,12 +47,23 @@ class CorpusEntry:
 
 
 def write_entry(
-    directory: str, property: str, scenario: Scenario, *, expect: str, note: str = ""
+    directory: str,
+    property: str,
+    scenario: Scenario,
+    *,
+    expect: str,
+    signature: str | None = None,
+    note: str = "",
 ) -> str:
+    if expect != "pass" and not signature:
+        raise ValueError(f"a corpus entry that expects {expect!r} needs the failure's signature")
     os.makedirs(directory, exist_ok=True)
     digest = hashlib.sha1(repr(scenario).encode()).hexdigest()[:10]
     path = os.path.join(directory, f"{property}-{digest}.json")
-    data = {"property": property, "expect": expect, "note": note, "scenario": to_json(scenario)}
+    data: dict[str, Any] = {"property": property, "expect": expect}
+    if signature:
+        data["signature"] = signature
+    data.update(note=note, scenario=to_json(scenario))
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
@@ -61,9 +80,13 @@ def load_entries(directory: str) -> list[CorpusEntry]:
             scenario = from_json(data["scenario"])
         except (KeyError, SpecError) as e:
             raise SpecError(f"corpus entry {path}: {e}") from e
-        entries.append(
-            CorpusEntry(
-                path, data["property"], scenario, data.get("expect", "pass"), data.get("note", "")
+        expect, signature = data.get("expect", "pass"), data.get("signature")
+        if expect != "pass" and not signature:
+            raise SpecError(
+                f"corpus entry {path} expects {expect!r} but names no failure signature: "
+                "replay it and add the signature it fails with"
             )
+        entries.append(
+            CorpusEntry(path, data["property"], scenario, expect, data.get("note", ""), signature)
         )
     return entries

@@ -6,6 +6,7 @@ else that dcprop raises derives from :class:`DcpropError`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -47,7 +48,16 @@ class PropertyFailure(AssertionError):
     """A property does not hold.  The message names key, rank, shard and difference.
 
     An ``AssertionError`` so that Hypothesis and pytest treat it as a test failure.
+    ``keys`` are the state-dict entries it is about, every one (the message shows the
+    first few): what a known bug's matcher checks the failure against.
     """
+
+    def __init__(self, message: str = "", *, keys: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self),), {"keys": self.keys})
 
 
 class RunnerError(DcpropError):

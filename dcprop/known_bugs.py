@@ -1,8 +1,10 @@
 """Known upstream (PyTorch) bugs that dcprop finds on stock torch.
 
-A failure whose signature matches an entry, in a scenario that the entry says the
-bug can occur in, is reported as *known*, not as a new failure: ``dcprop check``
-lists it under ``known`` and exits 0 unless ``--strict``.  Each entry's shrunk
+An example's failure is *known* when one entry explains the failure of every rank
+that failed (its signature, in a scenario the bug can occur in, showing what the
+diagnosis predicts), not as a new failure: ``dcprop check`` counts it under
+``known`` and exits 0 unless ``--strict``.  Such an example checked nothing past the
+bug.  Each entry's shrunk
 reproducer lives in the regression corpus (``strategies/corpus/``) as an expected
 failure, so the suite notices when upstream fixes it.  Never add an entry to hide
 a dcprop bug.
@@ -17,11 +19,40 @@ from typing import Any
 import attrs
 
 from dcprop import specs as S
+from dcprop.errors import ExampleFailure, RankCrashed
+from dcprop.runner.messages import blamed_outcomes
 
-__all__ = ["KNOWN_BUGS", "KnownBug", "match_known"]
+__all__ = ["KNOWN_BUGS", "KnownBug", "Sighting", "match_known", "sightings"]
 
 
-def _always(scenario: S.Scenario) -> bool:
+@attrs.frozen
+class Sighting:
+    """One failing rank's failure as a known bug is matched against it: its signature,
+    message and state-dict keys (see ``PropertyFailure.keys``).  A hang or a crash is
+    one sighting of the example as a whole (``rank`` None)."""
+
+    scenario: S.Scenario
+    failure: ExampleFailure
+    signature: str
+    rank: int | None = None
+    message: str = ""
+    keys: tuple[str, ...] = ()
+
+
+def sightings(failure: ExampleFailure, scenario: S.Scenario) -> list[Sighting]:
+    """Every failure in ``failure`` that a known bug must explain: each blamed rank's
+    (ranks that stopped only because a peer failed are not blamed), and the example's
+    own for a crash or a hang."""
+    out = [
+        Sighting(scenario, failure, o.signature, rank, o.message, tuple(o.keys))
+        for rank, o in blamed_outcomes(failure.outcomes).items()
+    ]
+    if isinstance(failure, RankCrashed) or not out:
+        out.append(Sighting(scenario, failure, failure.signature))
+    return out
+
+
+def _always(_: Any) -> bool:
     return True
 
 
@@ -29,26 +60,36 @@ def _always(scenario: S.Scenario) -> bool:
 class KnownBug:
     """One upstream bug: what it is, and how to recognise a failure as this bug.
 
-    A failure is this bug when its signature matches ``signature`` *and* its scenario
-    is one the bug can occur in (``occurs_in``): a narrow match, so that a new bug
-    with a similar message in an unrelated scenario is still reported as new.
+    A sighting is this bug when its signature matches ``signature``, its scenario is
+    one the bug can occur in (``occurs_in``), and it shows what the diagnosis
+    predicts (``shows``: for example, which keys differ).  A narrow match, so that a
+    new bug with a similar message in an unrelated scenario is still reported as new.
     """
 
     id: str
     title: str
     signature: str  # a regular expression searched in the failure signature
     occurs_in: Callable[[S.Scenario], bool] = _always
+    shows: Callable[[Sighting], bool] = _always
     upstream: str | None = None  # the upstream issue, where one exists
     related: tuple[str, ...] = ()
     explanation: str = ""
 
-    def matches(self, signature: str, scenario: S.Scenario) -> bool:
-        return re.search(self.signature, signature) is not None and self.occurs_in(scenario)
+    def explains(self, sighting: Sighting) -> bool:
+        return (
+            re.search(self.signature, sighting.signature) is not None
+            and self.occurs_in(sighting.scenario)
+            and self.shows(sighting)
+        )
+
+
+def _topologies(scenario: S.Scenario) -> tuple[S.Topology, ...]:
+    return (scenario.save, scenario.load_topology)
 
 
 def _on_a_topology(condition: Callable[[S.Topology], bool]) -> Callable[[S.Scenario], bool]:
     """A scenario condition: ``condition`` holds for the save or the load topology."""
-    return lambda scenario: any(condition(t) for t in (scenario.save, scenario.load_topology))
+    return lambda scenario: any(condition(t) for t in _topologies(scenario))
 
 
 def _options(**wanted: bool) -> Callable[[S.Topology], bool]:
@@ -63,8 +104,113 @@ def _experts_with(**wanted: bool) -> Callable[[S.Topology], bool]:
     return condition
 
 
-def _tensor_parallel(t: S.Topology) -> bool:
-    return isinstance(t.plan, S.FSDP2Plan) and t.plan.tp is not None
+def _stateless_optimizer(scenario: S.Scenario) -> bool:
+    """The optimizer keeps no state tensors: SGD without momentum."""
+    return scenario.optimizer.kind == "sgd" and not scenario.optimizer.momentum
+
+
+def _colwise_single_output(scenario: S.Scenario) -> bool:
+    """A tensor-parallel plan whose colwise Linear has one output feature."""
+    return any(
+        scenario.model.module(col).out_features == 1
+        for t in _topologies(scenario)
+        if isinstance(t.plan, S.FSDP2Plan) and t.plan.tp is not None
+        for col, _ in t.plan.tp.pairs
+    )
+
+
+def _expert_trainable_counts_differ(scenario: S.Scenario) -> bool:
+    """Under an expert layout, ranks train different numbers of parameters (frozen
+    parameters in some experts but not others), so their param_groups lists differ."""
+    trainable = [n for n in scenario.model.parameter_names() if n not in set(scenario.frozen)]
+    for t in _topologies(scenario):
+        plan = t.plan
+        if isinstance(plan, S.FSDP2Plan) and plan.experts is not None:
+            module = plan.experts.module
+            count = len(scenario.model.module(module).layers)
+            per_expert = {
+                sum(S.is_within(n, f"{module}.{e}") for n in trainable) for e in range(count)
+            }
+            if len(per_expert) > 1:
+                return True
+    return False
+
+
+def _broadcast_off_the_model(sighting: Sighting) -> bool:
+    """A rank of the default group holds no model of a topology that broadcasts from
+    rank 0: a rank of the example outside that topology's world, or a pool rank
+    outside the example's (it reported idle)."""
+    scenario = sighting.scenario
+    idle = any(o.status == "idle" for o in sighting.failure.outcomes.values())
+    return any(
+        t.state_dict.broadcast_from_rank0 and (idle or t.world_size < scenario.world_size)
+        for t in _topologies(scenario)
+    )
+
+
+_MISSING = re.compile(r"Missing key\(s\) in state_dict: (.*)")
+_QUOTED = re.compile(r'"([^"]+)"')
+_OPTIMIZER_ENTRY = re.compile(r"optim/state/([^/]+)/")  # one parameter's optimizer state
+_INTEGER_ENTRY = re.compile(r"optim/state/(\d+)/")  # ... under its index, not its name
+
+
+def _off_rank0_expert(scenario: S.Scenario, **wanted: bool) -> re.Pattern[str] | None:
+    """Matches a state-dict name or key (``experts.2.weight``, ``model/experts.2.weight``,
+    ``optim.state.experts.2.bias.exp_avg``) of an expert that global rank 0 does not
+    hold, in the topologies with options ``wanted``; None if no such topology has
+    experts.  Rank 0 sits at coordinate 0 of every mesh dim: it holds expert 0."""
+    modules = [
+        t.plan.experts.module
+        for t in _topologies(scenario)
+        if isinstance(t.plan, S.FSDP2Plan) and t.plan.experts is not None and _options(**wanted)(t)
+    ]
+    if not modules:
+        return None
+    either = "|".join(map(re.escape, modules))
+    return re.compile(rf"(?:model[/.]|optim[/.]state[/.])?(?:{either})\.(?!0[./])\d+[./]")
+
+
+def _unloaded_experts_only(sighting: Sighting) -> bool:
+    """What rank 0's broadcast leaves out, and nothing else: a strict load reports only
+    experts that rank 0 does not hold as missing; a non-strict one differs only in
+    those experts' entries (stale values, lost optimizer state), plus integer-keyed
+    optimizer entries, at most one per parameter that lost its state (where that
+    state reappears)."""
+    unloaded = _off_rank0_expert(sighting.scenario, broadcast_from_rank0=True)
+    if unloaded is None:
+        return False
+    missing = _MISSING.search(sighting.message)
+    if missing:
+        names = _QUOTED.findall(missing.group(1))
+        return (
+            bool(names)
+            and "Unexpected key(s)" not in sighting.message
+            and all(unloaded.match(n) for n in names)
+        )
+    stray = [k for k in sighting.keys if not unloaded.match(k)]
+    lost = {
+        m.group(1) for k in sighting.keys if unloaded.match(k) and (m := _OPTIMIZER_ENTRY.match(k))
+    }
+    moved = {m.group(1) for k in stray if (m := _INTEGER_ENTRY.match(k))}
+    return (
+        len(stray) < len(sighting.keys)
+        and all(_INTEGER_ENTRY.match(k) for k in stray)
+        and len(moved) <= len(lost)
+    )
+
+
+_CHECKPOINT_LACKS = re.compile(r"Missing key in checkpoint state_dict: (\S+?)\.?$", re.M)
+
+
+def _checkpoint_lacks_off_rank0_expert(sighting: Sighting) -> bool:
+    """The key the load misses is an expert's that global rank 0 does not hold."""
+    dropped = _off_rank0_expert(sighting.scenario, full_state_dict=True, cpu_offload=True)
+    found = _CHECKPOINT_LACKS.search(sighting.message)
+    return dropped is not None and found is not None and dropped.match(found.group(1)) is not None
+
+
+def _all(*conditions: Callable[[S.Scenario], bool]) -> Callable[[S.Scenario], bool]:
+    return lambda scenario: all(c(scenario) for c in conditions)
 
 
 def _frozen_tied_weight_skipped(scenario: S.Scenario) -> bool:
@@ -79,7 +225,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="set_state_dict(full_state_dict=True) asserts for an optimizer without state "
         "tensors (SGD without momentum)",
         signature=r"^AssertionError: Expected device to be set @ _load_optim_state_dict$",
-        occurs_in=_on_a_topology(_options(full_state_dict=True)),
+        occurs_in=_all(_on_a_topology(_options(full_state_dict=True)), _stateless_optimizer),
         explanation="_load_optim_state_dict takes the device from optimizer state tensors with "
         "dim() > 0; a stateless optimizer has none, so loading a full optimizer "
         "state dict fails instead of being a no-op.",
@@ -103,7 +249,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="DTensor backward of a colwise-parallel Linear with one output feature: "
         "view of a Shard(1) [N, 1] tensor is refused",
         signature=r"This operation would remove or reshape sharded dimension N",
-        occurs_in=_on_a_topology(_tensor_parallel),
+        occurs_in=_colwise_single_output,
         related=(
             "https://github.com/pytorch/pytorch/issues/143372",
             "https://github.com/pytorch/pytorch/pull/135054",
@@ -117,7 +263,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "expert parallelism a rank loads another rank's list",
         signature=r"^ValueError: loaded state dict contains a parameter group that doesn't "
         r"match the size of optimizer's group @ load_state_dict$",
-        occurs_in=_on_a_topology(_experts_with()),
+        occurs_in=_expert_trainable_counts_differ,
         explanation="Non-tensor values are saved as if replicated; with sub-mesh experts (and "
         "frozen parameters making lists differ in length) the loaded list does not "
         "fit the rank's optimizer.  Diagnosis by dcprop; no upstream issue found.",
@@ -127,7 +273,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="set_*_state_dict(broadcast_from_rank0=True) broadcasts over the default process "
         "group, so a model on a sub-world deadlocks",
         signature=r"^RankTimeout: .*waiting in _broadcast_state_dict",
-        occurs_in=_on_a_topology(_options(broadcast_from_rank0=True)),
+        shows=_broadcast_off_the_model,
         explanation="_broadcast_state_dict calls broadcast_object_list with no group; ranks of "
         "the default group that do not hold the model never join.",
     ),
@@ -138,6 +284,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         signature=r"^RuntimeError: Error\(s\) in loading state_dict for \w+: Missing key\(s\)"
         r"|^PropertyFailure: state after load on rank N: differences in N of N entries",
         occurs_in=_on_a_topology(_experts_with(broadcast_from_rank0=True)),
+        shows=_unloaded_experts_only,
         related=("https://github.com/pytorch/pytorch/pull/150239",),
         explanation="_broadcast_state_dict sends the keys of rank 0's dict only.  Rank 0's full "
         "state dict (from get_state_dict) has only its own experts, so other ranks' "
@@ -155,6 +302,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         occurs_in=_on_a_topology(
             _experts_with(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
         ),
+        shows=_checkpoint_lacks_off_rank0_expert,
         related=("https://github.com/pytorch/pytorch/pull/183037",),
         explanation="_maybe_full_or_cpu_state_dict gathers each DTensor on its own mesh, then "
         "keeps values on ranks_only=(0,) by *global* rank: an expert whose sub-mesh "
@@ -176,12 +324,11 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
 )
 
 
-def match_known(signature: str, scenario: S.Scenario) -> KnownBug | None:
-    """The known upstream bug that a failure of ``scenario`` with ``signature`` is, if any."""
-    for bug in KNOWN_BUGS:
-        if bug.matches(signature, scenario):
-            return bug
-    return None
+def match_known(failure: ExampleFailure, scenario: S.Scenario) -> KnownBug | None:
+    """The known upstream bug that explains every failure in ``failure`` (an example of
+    ``scenario``), if one does: a new failure beside a known one is new."""
+    seen = sightings(failure, scenario)
+    return next((bug for bug in KNOWN_BUGS if all(bug.explains(s) for s in seen)), None)
 
 
 def describe(bug: KnownBug) -> dict[str, Any]:

@@ -151,7 +151,7 @@ def main(
     try:
         run_property(runner, property, scenario, hooks=hooks)
     except ExampleFailure as e:
-        known = match_known(e.signature, scenario)
+        known = match_known(e, scenario)
         print(f"FAIL: {property}\n{e}")
         if known:
             links = [known.upstream] if known.upstream else list(known.related)

@@ -63,7 +63,7 @@ def check(
     try:
         run_property(runner, property, scenario, hooks=hooks)
     except ExampleFailure as failure:
-        known = match_known(failure.signature, scenario)
+        known = match_known(failure, scenario)
         if known is not None and not strict:
             event(f"known upstream bug: {known.id}")  # reported, as dcprop check does
             return

@@ -207,3 +207,13 @@ def double_grads_on_rank0(model, seed, device, frozen):
             if p.requires_grad:
                 p.register_hook(lambda g: g * 2)
     return module
+
+
+# ---- known-bug matching --------------------------------------------------------------
+def _load_optim_state_dict(ctx, other_on):
+    """Fails as torch's stateless-optimizer bug does (same type, message and function),
+    except on rank ``other_on``, which fails differently."""
+    dist.barrier(group=ctx.group())
+    if ctx.rank == other_on:
+        raise ValueError("a different failure")
+    raise AssertionError("Expected device to be set")

@@ -1,12 +1,12 @@
 """Replay the regression corpus: fixed bugs stay fixed, known upstream bugs still fail."""
 
+import json
 import os
 
-import attrs
 import pytest
 
-from dcprop.corpus import load_entries
-from dcprop.errors import ExampleFailure
+from dcprop.corpus import load_entries, write_entry
+from dcprop.errors import ExampleFailure, SpecError
 from dcprop.known_bugs import KNOWN_BUGS, match_known
 from dcprop.properties import run_property
 
@@ -26,24 +26,31 @@ def test_corpus_entry(dcprop_runner, entry):
     with pytest.raises(ExampleFailure) as info:
         # hangs are among the known bugs: a short timeout keeps the replay cheap
         run_property(dcprop_runner, entry.property, entry.scenario, timeout=10)
-    if entry.known_bug:
-        known = match_known(info.value.signature, entry.scenario)
-        assert known is not None and known.id == entry.known_bug, (
-            f"{entry.path} should still fail with upstream bug {entry.known_bug}, got "
-            f"{info.value.signature!r}; if upstream fixed it, mark the entry 'pass'"
-        )
-
-
-def test_a_known_signature_outside_the_bugs_scenarios_is_a_new_failure():
-    """Known bugs match on signature *and* scenario, so a look-alike stays visible."""
-    entry = next(e for e in ENTRIES if e.known_bug == "dsd-ignore-frozen-tied-alias")
-    signature = (
-        "PropertyFailure: ignore_frozen_params=True but the model state dict on rank N holds "
-        "frozen parameters ['model<path>'] @ _check_frozen_absent"
+    failure = info.value
+    assert failure.signature == entry.signature, (
+        f"{entry.path} should fail with {entry.signature!r}, got {failure.signature!r}; if "
+        "upstream fixed the bug, mark the entry 'pass'"
     )
-    assert match_known(signature, entry.scenario).id == "dsd-ignore-frozen-tied-alias"
-    untied = attrs.evolve(entry.scenario, model=attrs.evolve(entry.scenario.model, ties=()))
-    assert match_known(signature, untied) is None
+    known = match_known(failure, entry.scenario)
+    assert (known and known.id) == entry.known_bug, (
+        f"{entry.path}: the replay is {known and known.id!r}, not {entry.known_bug!r}"
+    )
+
+
+def test_an_entry_that_expects_a_failure_names_its_signature(tmp_path):
+    entry = ENTRIES[0]
+    with pytest.raises(ValueError, match="needs the failure's signature"):
+        write_entry(str(tmp_path), entry.property, entry.scenario, expect="fail")
+    path = write_entry(
+        str(tmp_path), entry.property, entry.scenario, expect="fail", signature="ValueError: x"
+    )
+    with open(path) as f:
+        data = json.load(f)
+    del data["signature"]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(SpecError, match="names no failure signature"):
+        load_entries(str(tmp_path))
 
 
 def test_the_readme_lists_every_known_bug():

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dcprop.errors import headline
+from dcprop.errors import PropertyFailure, headline
 from dcprop.runner.messages import Outcome, Task
 from dcprop.runner.worlds import Worlds
 from dcprop.specs import MeshSpec
@@ -229,6 +229,7 @@ def _error(rank: int, e: BaseException, started: float) -> Outcome:
             type(root).__name__, str(root), frames[-1].name if frames else ""
         ),
         seconds=time.perf_counter() - started,
+        keys=root.keys if isinstance(root, PropertyFailure) else (),
     )
 
 

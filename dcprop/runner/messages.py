@@ -14,7 +14,7 @@ import attrs
 from dcprop.errors import RunnerError
 from dcprop.specs import MeshSpec
 
-__all__ = ["Outcome", "Task", "example_world_size"]
+__all__ = ["Outcome", "Task", "blamed_outcomes", "example_world_size"]
 
 
 def example_world_size(
@@ -61,7 +61,15 @@ class Outcome:
     traceback: str = ""
     signature: str = ""
     seconds: float = 0.0
+    keys: tuple[str, ...] = ()  # a PropertyFailure's state-dict entries (see its docstring)
 
     @property
     def failed(self) -> bool:
         return self.status == "error"
+
+
+def blamed_outcomes(outcomes: dict[int, Outcome]) -> dict[int, Outcome]:
+    """The failed ranks a failure is about, by rank: not those that stopped only because
+    a peer failed (``PeerFailed``), unless no other rank failed."""
+    errors = {r: o for r, o in sorted(outcomes.items()) if o.failed}
+    return {r: o for r, o in errors.items() if o.error_type != "PeerFailed"} or errors

@@ -41,7 +41,7 @@ from dcprop.errors import (
     RankTimeout,
     RunnerError,
 )
-from dcprop.runner.messages import Outcome, Task, example_world_size
+from dcprop.runner.messages import Outcome, Task, blamed_outcomes, example_world_size
 from dcprop.specs import MeshSpec
 
 __all__ = ["DEFAULT_TIMEOUT", "Pool", "failure_from_outcomes"]
@@ -406,7 +406,7 @@ def failure_from_outcomes(
     crashed = crashed or {}
     stacks = stacks or {}
     errors = {r: o for r, o in sorted(outcomes.items()) if o.failed}
-    blamed = {r: o for r, o in errors.items() if o.error_type != "PeerFailed"} or errors
+    blamed = blamed_outcomes(outcomes)
     if not (errors or hung or crashed):
         return None
     lines: list[str] = []

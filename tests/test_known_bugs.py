@@ -1,0 +1,347 @@
+"""Known upstream bugs match only their diagnosis.
+
+Each row is a failure as the runner reports it, in a scenario the bug occurs in (it
+must be that bug), then the same failure in a near miss: a scenario just outside
+the bug's condition, or a failure that shows something the diagnosis does not
+predict (it must be new).  These need no ranks; `test_corpus.py` replays the real
+failures.
+"""
+
+import os
+
+import attrs
+import helpers
+import pytest
+
+from dcprop import specs as S
+from dcprop.corpus import load_entries
+from dcprop.errors import RankTimeout
+from dcprop.known_bugs import KNOWN_BUGS, match_known
+from dcprop.runner.messages import Outcome
+from dcprop.runner.pool import failure_from_outcomes
+
+CORPUS = os.path.join(os.path.dirname(__file__), os.pardir, "strategies", "corpus")
+ENTRIES = load_entries(CORPUS)
+
+
+def corpus(bug, **fields):
+    """The scenario of ``bug``'s corpus entry (the strict one, if it has two)."""
+    scenario = next(
+        e.scenario
+        for e in ENTRIES
+        if e.known_bug == bug and e.scenario.load_topology.state_dict.strict
+    )
+    return attrs.evolve(scenario, **fields)
+
+
+def options(scenario, **changes):
+    """``scenario`` with its (single) topology's state-dict options changed."""
+    topology = scenario.save
+    return attrs.evolve(
+        scenario,
+        save=attrs.evolve(topology, state_dict=attrs.evolve(topology.state_dict, **changes)),
+    )
+
+
+def error(rank, signature, message="", keys=()):
+    return Outcome(
+        rank,
+        "error",
+        error_type=signature.partition(":")[0],
+        message=message or signature,
+        signature=signature,
+        keys=tuple(keys),
+    )
+
+
+def failed(*outcomes):
+    return failure_from_outcomes({o.rank: o for o in outcomes})
+
+
+def hang(idle_ranks):
+    """A hang of rank 0 in the broadcast, beside pool ranks outside the example."""
+    return RankTimeout(
+        "timed out",
+        outcomes={r: Outcome(r, "idle") for r in idle_ranks},
+        signature="RankTimeout: ranks did not finish, waiting in _broadcast_state_dict "
+        "(_state_dict_utils.py)",
+    )
+
+
+STATELESS = "AssertionError: Expected device to be set @ _load_optim_state_dict"
+FLATTEN = "KeyError: 'param_groups.N.params.N' @ _unflatten_state_dict"
+VIEW = (
+    "RuntimeError: This operation would remove or reshape sharded dimension N, which requires "
+    "redistribution. Please redistribute the input first. @ "
+    "_propagate_op_sharding_dispatch_slow_path"
+)
+GROUPS = (
+    "ValueError: loaded state dict contains a parameter group that doesn't match the size of "
+    "optimizer's group @ load_state_dict"
+)
+STRICT_MISSING = (
+    'RuntimeError: Error(s) in loading state_dict for FSDPModel: Missing key(s) in state_dict: "'
+    'experts.N.weight", "experts.N.bias". @ load_state_dict'
+)
+DIFFERENCES = (
+    "PropertyFailure: state after load on rank N: differences in N of N entries (bitwise): "
+    "@ assert_same"
+)
+OFFLOAD = (
+    "RuntimeError: Missing key in checkpoint state_dict: model.experts.N.weight. @ "
+    "create_default_local_load_plan"
+)
+TIED = (
+    "PropertyFailure: ignore_frozen_params=True but the model state dict on rank N holds "
+    "frozen parameters ['model<path>'] @ check_frozen_absent"
+)
+
+
+def strict_missing(rank, *names):
+    listed = ", ".join(f'"{n}"' for n in names)
+    message = (
+        f"Error(s) in loading state_dict for FSDPModel:\n\tMissing key(s) in state_dict: {listed}. "
+    )
+    return error(rank, STRICT_MISSING, message)
+
+
+def lost_expert_state(rank, expert):
+    """What the non-strict broadcast load leaves on ``rank``: its expert's optimizer
+    state missing under its names, present under integer keys (as seen in the corpus)."""
+    names = ("exp_avg", "exp_avg_sq", "step")
+    keys = [f"optim/state/experts.{expert}.{p}/{n}" for p in ("bias", "weight") for n in names]
+    keys += [f"optim/state/{i}/{n}" for i in (2, 3) for n in names]
+    return keys
+
+
+def checkpoint_lacks(rank, key):
+    return error(rank, OFFLOAD, f"Missing key in checkpoint state_dict: {key}.")
+
+
+SUBMESH = corpus("dsd-broadcast-submesh-params")
+NON_STRICT = options(SUBMESH, strict=False)
+OFFLOADED = corpus("dsd-full-offload-drops-submesh-params")
+TP = corpus("dtensor-view-size1-shard")
+WIDE_TP = attrs.evolve(
+    TP,
+    model=S.ModelSpec(
+        S.Block(
+            (
+                ("fc0", S.Linear(1, 1)),
+                ("mlp", S.Sequential((S.Linear(1, 2), S.Activation(), S.Linear(2, 1)))),
+            )
+        )
+    ),
+)
+TIED_FROZEN = corpus("dsd-ignore-frozen-tied-alias")
+
+# (bug, failure, scenario where it is that bug, near misses: (why, failure, scenario))
+CASES = [
+    (
+        "dsd-full-osd-stateless-optimizer",
+        failed(error(0, STATELESS)),
+        corpus("dsd-full-osd-stateless-optimizer"),
+        [
+            (
+                "SGD with momentum has state tensors",
+                failed(error(0, STATELESS)),
+                corpus("dsd-full-osd-stateless-optimizer", optimizer=S.OptimizerSpec(momentum=0.9)),
+            ),
+            (
+                "Adam has state tensors",
+                failed(error(0, STATELESS)),
+                corpus("dsd-full-osd-stateless-optimizer", optimizer=S.OptimizerSpec("adam")),
+            ),
+        ],
+    ),
+    (
+        "dsd-flatten-full-osd",
+        failed(error(0, FLATTEN)),
+        corpus("dsd-flatten-full-osd"),
+        [
+            (
+                "the optimizer state dict is not flattened",
+                failed(error(0, FLATTEN)),
+                options(corpus("dsd-flatten-full-osd"), flatten_optimizer_state_dict=False),
+            ),
+        ],
+    ),
+    (
+        "dtensor-view-size1-shard",
+        failed(error(0, VIEW)),
+        TP,
+        [("the colwise Linear has two output features", failed(error(0, VIEW)), WIDE_TP)],
+    ),
+    (
+        "dcp-per-rank-param-groups",
+        failed(error(0, GROUPS), error(1, GROUPS)),
+        corpus("dcp-per-rank-param-groups"),
+        [
+            (
+                "nothing is frozen: every rank trains as many parameters",
+                failed(error(0, GROUPS), error(1, GROUPS)),
+                corpus("dcp-per-rank-param-groups", frozen=()),
+            ),
+            (
+                "every expert has its bias frozen: the lists are as long",
+                failed(error(0, GROUPS), error(1, GROUPS)),
+                corpus("dcp-per-rank-param-groups", frozen=("experts.0.bias", "experts.1.bias")),
+            ),
+        ],
+    ),
+    (
+        "dsd-broadcast-default-group",
+        hang(idle_ranks=(1, 2, 3)),
+        corpus("dsd-broadcast-default-group"),
+        [
+            (
+                "the model holds every rank of the default group",
+                hang(idle_ranks=()),
+                corpus("dsd-broadcast-default-group"),
+            ),
+        ],
+    ),
+    (
+        "dsd-broadcast-submesh-params",
+        failed(*(strict_missing(r, f"experts.{r}.weight", f"experts.{r}.bias") for r in (1, 2))),
+        SUBMESH,
+        [
+            (
+                "a missing parameter outside the experts",
+                failed(strict_missing(1, "experts.1.weight", "fc0.weight")),
+                SUBMESH,
+            ),
+            (
+                "a missing expert that rank 0 holds",
+                failed(strict_missing(1, "experts.0.weight")),
+                SUBMESH,
+            ),
+            (
+                "no broadcast_from_rank0",
+                failed(strict_missing(1, "experts.1.weight")),
+                options(SUBMESH, broadcast_from_rank0=False),
+            ),
+        ],
+    ),
+    (
+        "dsd-broadcast-submesh-params",
+        failed(
+            Outcome(0, "error", error_type="PeerFailed", signature="PeerFailed: x @ agree"),
+            *(error(r, DIFFERENCES, keys=lost_expert_state(r, r)) for r in (1, 2, 3)),
+        ),
+        NON_STRICT,
+        [
+            (
+                "a wrong value outside the experts",
+                failed(error(1, DIFFERENCES, keys=[*lost_expert_state(1, 1), "model/fc0.weight"])),
+                NON_STRICT,
+            ),
+            (
+                "only a wrong value outside the experts",
+                failed(error(1, DIFFERENCES, keys=["model/fc0.bias"])),
+                NON_STRICT,
+            ),
+            (
+                "a wrong value in the expert rank 0 holds",
+                failed(error(2, DIFFERENCES, keys=["model/experts.0.weight"])),
+                NON_STRICT,
+            ),
+            (
+                "more integer-keyed optimizer entries than lost parameters",
+                failed(
+                    error(1, DIFFERENCES, keys=[*lost_expert_state(1, 1), "optim/state/0/step"])
+                ),
+                NON_STRICT,
+            ),
+            (
+                "a PropertyFailure that names no keys",
+                failed(error(1, DIFFERENCES)),
+                NON_STRICT,
+            ),
+            (
+                "no broadcast_from_rank0",
+                failed(error(1, DIFFERENCES, keys=lost_expert_state(1, 1))),
+                options(NON_STRICT, broadcast_from_rank0=False),
+            ),
+        ],
+    ),
+    (
+        "dsd-full-offload-drops-submesh-params",
+        failed(
+            checkpoint_lacks(0, "model.experts.1.weight"),
+            checkpoint_lacks(1, "model.experts.1.weight"),
+        ),
+        OFFLOADED,
+        [
+            (
+                "the checkpoint lacks a parameter outside the experts",
+                failed(checkpoint_lacks(0, "model.fc0.weight")),
+                OFFLOADED,
+            ),
+            (
+                "the checkpoint lacks the expert that rank 0 holds",
+                failed(checkpoint_lacks(1, "model.experts.0.weight")),
+                OFFLOADED,
+            ),
+        ],
+    ),
+    (
+        "dsd-ignore-frozen-tied-alias",
+        failed(error(0, TIED)),
+        TIED_FROZEN,
+        [
+            (
+                "the frozen weight is not tied",
+                failed(error(0, TIED)),
+                attrs.evolve(TIED_FROZEN, model=attrs.evolve(TIED_FROZEN.model, ties=())),
+            ),
+        ],
+    ),
+]
+
+
+def test_every_known_bug_has_a_case():
+    assert {bug for bug, *_ in CASES} == {b.id for b in KNOWN_BUGS}
+
+
+@pytest.mark.parametrize(
+    ("bug", "failure", "scenario"),
+    [case[:3] for case in CASES],
+    ids=[f"{case[0]}-{i}" for i, case in enumerate(CASES)],
+)
+def test_the_diagnosed_failure_is_the_known_bug(bug, failure, scenario):
+    known = match_known(failure, scenario)
+    assert known is not None and known.id == bug
+
+
+@pytest.mark.parametrize(
+    ("failure", "scenario"),
+    [(f, s) for case in CASES for _, f, s in case[3]],
+    ids=[f"{case[0]}: {why}" for case in CASES for why, *_ in case[3]],
+)
+def test_a_near_miss_is_new(failure, scenario):
+    assert match_known(failure, scenario) is None
+
+
+def test_every_failing_rank_must_be_the_bug():
+    """A new failure on one rank does not hide behind a known one on another."""
+    scenario = corpus("dsd-full-osd-stateless-optimizer")
+    both = failed(error(0, STATELESS), error(1, STATELESS))
+    assert match_known(both, scenario).id == "dsd-full-osd-stateless-optimizer"
+    other = "ValueError: something else @ load_state_dict"
+    assert match_known(failed(error(0, STATELESS), error(1, other)), scenario) is None
+
+
+def test_a_new_failure_on_another_rank_is_new_with_real_ranks(dcprop_runner):
+    """The same through a real pool: rank 0 raises what the known bug raises, rank 1
+    raises something else."""
+    from dcprop.errors import ExampleFailure
+
+    scenario = corpus("dsd-full-osd-stateless-optimizer")
+    with pytest.raises(ExampleFailure) as same:
+        dcprop_runner.run(helpers._load_optim_state_dict, None, world_size=2)
+    assert match_known(same.value, scenario).id == "dsd-full-osd-stateless-optimizer"
+    with pytest.raises(ExampleFailure) as different:
+        dcprop_runner.run(helpers._load_optim_state_dict, 1, world_size=2)
+    assert different.value.signature == STATELESS  # the first rank's looks known
+    assert match_known(different.value, scenario) is None
