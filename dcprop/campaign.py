@@ -1,9 +1,10 @@
 """Campaigns: a property over many generated scenarios, driven by Hypothesis.
 
 Shared by ``dcprop check`` and the pytest helpers.  A failure that matches a
-known upstream bug is recorded and the search goes on (it is not shrunk unless
-``strict``); any other failure is shrunk by Hypothesis to a minimal scenario and
-written out as a reproducer.
+known upstream bug is counted and the search goes on (it is not shrunk unless
+``strict``); such an example checked nothing past the bug, so the report says how
+many examples each known bug stopped.  Any other failure is shrunk by Hypothesis to
+a minimal scenario and written out as a reproducer.
 """
 
 from __future__ import annotations
@@ -19,14 +20,24 @@ from hypothesis import seed as hypothesis_seed
 
 from dcprop import specs as S
 from dcprop.errors import ExampleFailure, headline
-from dcprop.known_bugs import describe, match_known
+from dcprop.known_bugs import KnownBug, describe, match_known
 from dcprop.properties import run_property
 
-__all__ = ["PropertyReport", "describe_scenario", "run_campaign", "signature_error"]
+__all__ = [
+    "PropertyReport",
+    "describe_scenario",
+    "known_totals",
+    "run_campaign",
+    "signature_error",
+]
 
 
 @attrs.define
 class PropertyReport:
+    """One property's campaign.  ``known`` has an entry per known upstream bug met:
+    the bug, the first failure and scenario it was seen in, and ``examples``, how
+    many examples ended in it (and so checked nothing past it)."""
+
     name: str
     examples: int = 0
     seconds: float = 0.0
@@ -34,14 +45,45 @@ class PropertyReport:
     known: list[dict[str, Any]] = attrs.field(factory=list)
     shrink_stopped: bool = False  # the shrink budget ran out: the failure may shrink further
 
+    @property
+    def known_examples(self) -> int:
+        """Examples that ended in a known bug: they checked nothing past it."""
+        return sum(k["examples"] for k in self.known)
+
+    def count_known(self, bug: KnownBug, failure: ExampleFailure, scenario: S.Scenario) -> None:
+        entry = next((k for k in self.known if k["id"] == bug.id), None)
+        if entry is None:
+            entry = {
+                **describe(bug),
+                "examples": 0,
+                "error": failure.signature,
+                "scenario": _json(scenario),
+            }
+            self.known.append(entry)
+        entry["examples"] += 1
+
     def to_json(self) -> dict[str, Any]:
         return {
             "examples": self.examples,
             "seconds": round(self.seconds, 3),
             "failures": self.failures,
+            "known_examples": self.known_examples,
             "known": self.known,
             "shrink_stopped": self.shrink_stopped,
         }
+
+
+def known_totals(reports: list[PropertyReport]) -> list[dict[str, Any]]:
+    """Each known bug met in ``reports``: the bug, how many examples ended in it, and
+    how many of those per property."""
+    totals: dict[str, dict[str, Any]] = {}
+    for r in reports:
+        for k in r.known:
+            bug = {f: k[f] for f in ("id", "title", "upstream", "related")}
+            total = totals.setdefault(k["id"], {**bug, "examples": 0, "properties": {}})
+            total["examples"] += k["examples"]
+            total["properties"][r.name] = k["examples"]
+    return list(totals.values())
 
 
 def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
@@ -119,10 +161,7 @@ def run_campaign(
         except ExampleFailure as failure:
             known = match_known(failure, scenario)
             if known is not None and not strict:
-                if not any(k["id"] == known.id for k in report.known):
-                    report.known.append(
-                        {**describe(known), "error": failure.signature, "scenario": _json(scenario)}
-                    )
+                report.count_known(known, failure, scenario)
                 return
             last["scenario"], last["failure"] = scenario, failure
             last.setdefault("found_at", time.perf_counter())

@@ -216,7 +216,7 @@ class _Progress:
         rate = r.examples / r.seconds if r.seconds else 0.0
         return (
             f"{r.name:<16} {r.examples:>4} examples  {len(r.failures)} failures  "
-            f"{len(r.known)} known  {rate:5.2f} examples/s  {r.seconds:6.1f}s"
+            f"{r.known_examples} known  {rate:5.2f} examples/s  {r.seconds:6.1f}s"
         )
 
 
@@ -229,7 +229,7 @@ def _check(args: argparse.Namespace) -> int:
 
         hooks = Hooks(checkpointer=load_checkpointer(args.checkpointer))
     from dcprop import strategies as dst
-    from dcprop.campaign import run_campaign
+    from dcprop.campaign import known_totals, run_campaign
     from dcprop.repro import write_reproducer
     from dcprop.runner import make_runner, under_torchrun
 
@@ -288,32 +288,43 @@ def _check(args: argparse.Namespace) -> int:
             print(f"FAILED {r.name}: {f['error']}\n  reproducer: {f['reproducer']}")
             if r.shrink_stopped:
                 print(f"  (shrinking stopped after --shrink-seconds {args.shrink_seconds:g})")
-    seen: dict[str, tuple[str, list[str]]] = {}  # bug id -> title, properties it showed in
-    for r in reports:
-        for k in r.known:
-            seen.setdefault(k["id"], (k["title"], []))[1].append(r.name)
-    for bug, (title, props) in seen.items():
-        print(f"KNOWN upstream bug {bug} (in {', '.join(props)}): {title}")
+    for bug in known_totals(reports):
+        where = ", ".join(f"{p} {n}" for p, n in bug["properties"].items())
+        print(
+            f"KNOWN upstream bug {bug['id']}: {_examples(bug['examples'])} ({where}) ended in it "
+            f"and checked nothing past it: {bug['title']}"
+        )
     return 1 if failures else 0
 
 
+def _examples(n: int) -> str:
+    return f"{n} example" + ("" if n == 1 else "s")
+
+
 def _summary(reports: list[Any], seconds: float) -> None:
+    """A table of examples, failures and examples that ended in a known bug (those
+    checked nothing past the bug, so they are not passes)."""
     print(f"\n{'property':<16} {'examples':>8} {'failures':>8} {'known':>5} {'seconds':>8}")
     for r in reports:
         print(
-            f"{r.name:<16} {r.examples:>8} {len(r.failures):>8} {len(r.known):>5} {r.seconds:>8.1f}"
+            f"{r.name:<16} {r.examples:>8} {len(r.failures):>8} {r.known_examples:>5} "
+            f"{r.seconds:>8.1f}"
         )
+    known = sum(r.known_examples for r in reports)
     print(
         f"{'total':<16} {sum(r.examples for r in reports):>8} "
-        f"{sum(len(r.failures) for r in reports):>8} {sum(len(r.known) for r in reports):>5} "
-        f"{seconds:>8.1f}"
+        f"{sum(len(r.failures) for r in reports):>8} {known:>5} {seconds:>8.1f}"
     )
+    if known:
+        print(f"({_examples(known)} ended in a known upstream bug and checked nothing past it)")
 
 
 def _write_report(
     path: str, cfg: dict[str, Any], args: argparse.Namespace, reports: list[Any]
 ) -> None:
     import torch
+
+    from dcprop.campaign import known_totals
 
     data = {
         "dcprop_version": __version__,
@@ -322,7 +333,8 @@ def _write_report(
         "world_size": args.world_size,
         "seed": args.seed,
         "properties": {r.name: r.to_json() for r in reports},
-        "known": [k for r in reports for k in r.known],
+        # per bug: how many examples ended in it (they checked nothing past the bug)
+        "known": known_totals(reports),
     }
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -115,6 +115,44 @@ def test_buggy_checkpointer_fails_with_a_reproducer_that_replays(tmp_path):
     assert os.listdir(tmp_path / "corpus")
 
 
+def test_known_bugs_are_counted_in_the_summary_and_the_report(tmp_path):
+    """Examples that end in a known bug are counted per bug, and said to have checked
+    nothing past it: they are not passes."""
+    corpus = Path(ROOT, "strategies", "corpus", "roundtrip-1f24b2154c.json")
+    entry = json.loads(corpus.read_text())
+    assert entry["expect"] == "known:dsd-full-osd-stateless-optimizer"
+    recipe = tmp_path / "known.json"
+    example = {"property": "roundtrip", "scenario": entry["scenario"]}
+    recipe.write_text(
+        json.dumps({"properties": ["roundtrip"], "world_sizes": [1], "examples": [example] * 2})
+    )
+    report = tmp_path / "report.json"
+    result = dcprop(
+        "check",
+        "--recipe",
+        str(recipe),
+        "--world-size",
+        "1",
+        "--max-examples",
+        "0",
+        "--report",
+        str(report),
+        "--repro-dir",
+        str(tmp_path / "repros"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        "KNOWN upstream bug dsd-full-osd-stateless-optimizer: 2 examples (roundtrip 2) ended "
+        "in it and checked nothing past it" in result.stdout
+    )
+    assert "2 examples ended in a known upstream bug and checked nothing past it" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["properties"]["roundtrip"]["known_examples"] == 2
+    [known] = data["known"]
+    assert known["id"] == "dsd-full-osd-stateless-optimizer" and known["examples"] == 2
+    assert known["properties"] == {"roundtrip": 2}
+
+
 def test_recipe_runs_its_explicit_examples(tmp_path):
     report = tmp_path / "r.json"
     result = dcprop(
