@@ -4,13 +4,26 @@ not Hypothesis.
 ``python repro.py`` starts the right number of ranks itself; ``torchrun
 --nproc-per-node N repro.py`` runs it on torchrun's ranks.  Either way it prints
 the outcome and exits 1 if the property fails.
+
+A reproducer carries everything the failure depended on: the user's checkpointer
+and model factory travel by import reference (``"module:attr"``) where they are
+module-level objects, else by value (:class:`Pickled`), with the directories their
+modules were imported from.  What can be carried neither way is written as
+:class:`Missing`, and the script refuses to run (exit 2) rather than replay
+something else and pass.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import importlib.util
 import os
+import pickle
+import pickletools
+import site
 import sys
+import sysconfig
 import textwrap
 from typing import Any
 
@@ -19,7 +32,7 @@ import attrs
 from dcprop import specs as S
 from dcprop.errors import headline
 
-__all__ = ["main", "pretty", "render", "write_reproducer"]
+__all__ = ["Missing", "Pickled", "hooks_for", "main", "pretty", "render", "write_reproducer"]
 
 _WIDTH = 88
 
@@ -44,10 +57,34 @@ def pretty(value: Any, indent: int = 0, lead: int = 0) -> str:
     return flat
 
 
+@attrs.frozen
+class Pickled:
+    """One of the user's objects carried by value: a base64 pickle, which names its
+    classes and functions by module path."""
+
+    data: str
+
+    def load(self) -> Any:
+        return pickle.loads(base64.b64decode(self.data))
+
+
+@attrs.frozen
+class Missing:
+    """One of the user's objects that a reproducer could not carry: why."""
+
+    why: str
+
+
 def render(
-    property: str, scenario: S.Scenario, *, error: str = "", checkpointer: str | None = None
+    property: str,
+    scenario: S.Scenario,
+    *,
+    error: str = "",
+    checkpointer: Any = None,
+    model_factory: Any = None,
 ) -> str:
-    """The text of a reproducer script."""
+    """The text of a reproducer script.  ``checkpointer`` and ``model_factory``: what
+    the failure ran with (an object, or a ``"module:attr"`` reference)."""
     import torch
 
     from dcprop import __version__
@@ -59,11 +96,15 @@ def render(
         subsequent_indent="    ",
         break_on_hyphens=False,
     )
-    hooks = f"\nCHECKPOINTER = {checkpointer!r}" if checkpointer else "\nCHECKPOINTER = None"
-    root = _import_root(checkpointer) if checkpointer else None
-    if root:
-        hooks += f"\nCHECKPOINTER_PATH = {root!r}  # where it was imported from"
-    call = "checkpointer=CHECKPOINTER" + (", checkpointer_path=CHECKPOINTER_PATH" if root else "")
+    carried_checkpointer, paths = carry(checkpointer, "checkpointer")
+    carried_factory, factory_paths = carry(model_factory, "model factory")
+    paths += [p for p in factory_paths if p not in paths]
+    hooks = f"\nCHECKPOINTER = {carried_checkpointer!r}\nMODEL_FACTORY = {carried_factory!r}"
+    if paths:
+        hooks += f"\nIMPORT_PATHS = {paths!r}  # where their modules were imported from"
+    call = "checkpointer=CHECKPOINTER, model_factory=MODEL_FACTORY" + (
+        ", import_paths=IMPORT_PATHS" if paths else ""
+    )
     return f'''"""dcprop reproducer: property {property!r} fails.
 
 Found with dcprop {__version__} on torch {torch.__version__}.  The failure:
@@ -74,6 +115,7 @@ Run it with either of:
     torchrun --nproc-per-node {scenario.world_size} {{this file}}
 """
 
+from dcprop.repro import Missing, Pickled  # noqa: F401 - how the hooks may be carried
 from dcprop.specs import *  # noqa: F403 - the spec classes the scenario is written in
 
 PROPERTY = {property!r}{hooks}
@@ -86,12 +128,79 @@ if __name__ == "__main__":
 '''
 
 
-def _import_root(checkpointer: str) -> str | None:
-    """The directory on ``sys.path`` that the checkpointer's module was found under, so a
-    reproducer run from elsewhere still imports it; None if it cannot be found."""
-    import importlib.util
+def carry(obj: Any, what: str) -> tuple[Any, list[str]]:
+    """How a reproducer carries ``obj`` (``what``: its role), and the directories its
+    modules must be imported from: None for dcprop's default, a ``"module:attr"``
+    reference, a :class:`Pickled` value, or :class:`Missing`."""
+    from dcprop.checkpointer import DCPCheckpointer
+    from dcprop.properties._harness import default_model_factory
 
-    top = checkpointer.partition(":")[0].split(".")[0]
+    if obj is None or obj is default_model_factory or type(obj) is DCPCheckpointer:
+        return None, []
+    if isinstance(obj, str):
+        return obj, _import_roots([obj.partition(":")[0]])
+    ref = _module_level_ref(obj)
+    if ref is not None:
+        return ref, _import_roots([ref.partition(":")[0]])
+    try:
+        data = pickle.dumps(obj, protocol=2)  # protocol 2 names each global in its opcode
+    except Exception as e:
+        return Missing(
+            f"the {what} {obj!r} is neither a module-level object nor picklable: {e}"
+        ), []
+    modules = {
+        str(arg).split(" ")[0] for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"
+    }
+    if "__main__" in modules:
+        return Missing(
+            f"the {what} {obj!r} uses code defined in __main__, which a reproducer cannot "
+            "import; define it in a module"
+        ), []
+    return Pickled(base64.b64encode(data).decode()), _import_roots(sorted(modules))
+
+
+def _module_level_ref(obj: Any) -> str | None:
+    """``"module:name"`` if that names ``obj`` itself (a module-level function or
+    class, or an instance bound to a global of its class's module), else None."""
+    from dcprop.runner.execute import resolve
+
+    module = getattr(obj, "__module__", None)
+    if not isinstance(module, str) or module == "__main__" or module not in sys.modules:
+        return None
+    qualname = getattr(obj, "__qualname__", None)
+    if not isinstance(qualname, str):  # an instance: look for the global that holds it
+        names = [n for n, v in vars(sys.modules[module]).items() if v is obj]
+        qualname = names[0] if names else None
+    if qualname is None:
+        return None
+    ref = f"{module}:{qualname}"
+    try:
+        return ref if resolve(ref) is obj else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def _import_roots(modules: list[str]) -> list[str]:
+    """The directories on ``sys.path`` that ``modules`` were found under, so a
+    reproducer run from elsewhere still imports them; directories that any ``python``
+    searches (the standard library, site-packages) are left out."""
+    standard = {
+        os.path.abspath(p)
+        for p in (*sysconfig.get_paths().values(), *site.getsitepackages())
+        if isinstance(p, str)
+    }
+    roots = []
+    for module in modules:
+        root = _import_root(module)
+        if root and os.path.abspath(root) not in standard and root not in roots:
+            roots.append(root)
+    return roots
+
+
+def _import_root(module: str) -> str | None:
+    """The directory on ``sys.path`` that ``module``'s top-level package was found
+    under; None if it cannot be found (a built-in module)."""
+    top = module.split(".")[0]
     try:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
@@ -108,16 +217,20 @@ def write_reproducer(
     scenario: S.Scenario,
     *,
     error: str = "",
-    checkpointer: str | None = None,
+    checkpointer: Any = None,
+    model_factory: Any = None,
     name: str | None = None,
 ) -> str:
     """Write a reproducer under ``directory`` (atomically); return its path."""
     os.makedirs(directory, exist_ok=True)
     digest = hashlib.sha1(repr(scenario).encode()).hexdigest()[:10]
     path = os.path.join(directory, f"{name or 'repro'}_{property}_{digest}.py")
+    text = render(
+        property, scenario, error=error, checkpointer=checkpointer, model_factory=model_factory
+    )
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        f.write(render(property, scenario, error=error, checkpointer=checkpointer))
+        f.write(text)
     os.replace(tmp, path)
     return path
 
@@ -126,22 +239,30 @@ def main(
     property: str,
     scenario: S.Scenario,
     *,
-    checkpointer: str | None = None,
-    checkpointer_path: str | None = None,
+    checkpointer: Any = None,
+    model_factory: Any = None,
+    import_paths: tuple[str, ...] | list[str] = (),
     timeout: float | None = None,
 ) -> None:
-    """Run ``property`` on ``scenario`` once, on local ranks or torchrun's, and exit.
+    """Run ``property`` on ``scenario`` once, on local ranks or torchrun's, and exit:
+    0 if it holds, 1 if it fails, 2 if the hooks it needs cannot be had.
 
-    ``checkpointer_path`` is tried last when importing ``checkpointer`` (``module:attr``).
+    ``checkpointer``, ``model_factory``: as :func:`carry` wrote them; ``import_paths``
+    are tried last when importing them.
     """
     from dcprop.errors import ExampleFailure
     from dcprop.known_bugs import match_known
     from dcprop.properties import run_property
     from dcprop.runner import DEFAULT_TIMEOUT, make_runner, under_torchrun
 
-    if checkpointer_path and checkpointer_path not in sys.path:
-        sys.path.append(checkpointer_path)  # the ranks inherit it
-    hooks = _hooks(checkpointer)
+    for path in import_paths:
+        if path not in sys.path:
+            sys.path.append(path)  # the ranks inherit it
+    try:
+        hooks = hooks_for(checkpointer, model_factory)
+    except Exception as e:
+        print(f"CANNOT REPLAY: {property}: {e}")
+        sys.exit(2)
     runner = make_runner(
         scenario.world_size, device=scenario.device, timeout=timeout or DEFAULT_TIMEOUT
     )
@@ -166,10 +287,30 @@ def main(
     sys.exit(0)
 
 
-def _hooks(checkpointer: str | None) -> Any:
-    if not checkpointer:
+def hooks_for(checkpointer: Any, model_factory: Any) -> Any:
+    """The :class:`~dcprop.properties._harness.Hooks` for a checkpointer and a model
+    factory, each an object, a ``"module:attr"`` reference, :class:`Pickled` or None
+    (dcprop's default); None if both are defaults.  Raises for :class:`Missing`."""
+    if checkpointer is None and model_factory is None:
         return None
-    from dcprop.checkpointer import load_checkpointer
-    from dcprop.properties._harness import Hooks
+    from dcprop.checkpointer import DCPCheckpointer, load_checkpointer
+    from dcprop.errors import UsageError
+    from dcprop.properties._harness import Hooks, default_model_factory
+    from dcprop.runner.execute import resolve
 
-    return Hooks(checkpointer=load_checkpointer(checkpointer))
+    missing = [x.why for x in (checkpointer, model_factory) if isinstance(x, Missing)]
+    if missing:
+        raise UsageError(
+            "this reproducer lacks what the failure depended on: " + "; ".join(missing)
+        )
+    if isinstance(checkpointer, str):
+        checkpointer = load_checkpointer(checkpointer)
+    if isinstance(model_factory, str):
+        model_factory = resolve(model_factory)
+    checkpointer, model_factory = (
+        x.load() if isinstance(x, Pickled) else x for x in (checkpointer, model_factory)
+    )
+    return Hooks(
+        checkpointer=checkpointer or DCPCheckpointer(),
+        model_factory=model_factory or default_model_factory,
+    )

@@ -32,17 +32,9 @@ reproducers: dict[str, list[str]] = {}
 
 
 def _hooks(checkpointer: Any, model_factory: Any) -> Any:
-    if checkpointer is None and model_factory is None:
-        return None
-    from dcprop.checkpointer import DCPCheckpointer, load_checkpointer
-    from dcprop.properties._harness import Hooks, default_model_factory
+    from dcprop.repro import hooks_for
 
-    if isinstance(checkpointer, str):
-        checkpointer = load_checkpointer(checkpointer)
-    return Hooks(
-        checkpointer=checkpointer or DCPCheckpointer(),
-        model_factory=model_factory or default_model_factory,
-    )
+    return hooks_for(checkpointer, model_factory)
 
 
 def check(
@@ -58,7 +50,10 @@ def check(
     """Run ``property`` on ``scenario`` inside a Hypothesis test: record coverage events,
     and on failure raise (one exception type per failure signature, so Hypothesis
     keeps distinct bugs apart) after writing the shrunk example's reproducer.  A known
-    upstream bug (:mod:`dcprop.known_bugs`) passes as an event unless ``strict``."""
+    upstream bug (:mod:`dcprop.known_bugs`) passes as an event unless ``strict``.
+
+    The reproducer carries ``hooks``' checkpointer and model factory, the
+    checkpointer as ``checkpointer_ref`` (``"module:attr"``) where it was given so."""
     record_events(scenario)
     try:
         run_property(runner, property, scenario, hooks=hooks)
@@ -72,7 +67,12 @@ def check(
             from dcprop.repro import write_reproducer
 
             path = write_reproducer(
-                repro_dir, property, scenario, error=str(failure), checkpointer=checkpointer_ref
+                repro_dir,
+                property,
+                scenario,
+                error=str(failure),
+                checkpointer=checkpointer_ref or getattr(hooks, "checkpointer", None),
+                model_factory=getattr(hooks, "model_factory", None),
             )
             found = reproducers.setdefault(test_id or property, [])
             if path not in found:
