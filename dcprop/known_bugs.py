@@ -1,13 +1,12 @@
 """Known upstream (PyTorch) bugs that dcprop finds on stock torch.
 
-An example's failure is *known* when one entry explains the failure of every rank
-that failed (its signature, in a scenario the bug can occur in, showing what the
-diagnosis predicts), not as a new failure: ``dcprop check`` counts it under
-``known`` and exits 0 unless ``--strict``.  Such an example checked nothing past the
-bug.  Each entry's shrunk
-reproducer lives in the regression corpus (``strategies/corpus/``) as an expected
-failure, so the suite notices when upstream fixes it.  Never add an entry to hide
-a dcprop bug.
+An example's failure is *known*, not new, when one entry explains the failure of
+every rank that failed: its signature, in a scenario the bug can occur in, showing
+what the bug's diagnosis predicts.  ``dcprop check`` counts such examples under
+``known`` and exits 0 unless ``--strict``; each of them checked nothing past the
+bug.  Each entry's shrunk reproducer lives in the regression corpus
+(``strategies/corpus/``) as an expected failure, so the suite notices when upstream
+fixes it.  Never add an entry to hide a dcprop bug.
 """
 
 from __future__ import annotations
@@ -29,12 +28,11 @@ __all__ = ["KNOWN_BUGS", "KnownBug", "Sighting", "match_known", "sightings"]
 class Sighting:
     """One failing rank's failure as a known bug is matched against it: its signature,
     message and state-dict keys (see ``PropertyFailure.keys``).  A hang or a crash is
-    one sighting of the example as a whole (``rank`` None)."""
+    one sighting of the example as a whole."""
 
     scenario: S.Scenario
     failure: ExampleFailure
     signature: str
-    rank: int | None = None
     message: str = ""
     keys: tuple[str, ...] = ()
 
@@ -44,8 +42,8 @@ def sightings(failure: ExampleFailure, scenario: S.Scenario) -> list[Sighting]:
     (ranks that stopped only because a peer failed are not blamed), and the example's
     own for a crash or a hang."""
     out = [
-        Sighting(scenario, failure, o.signature, rank, o.message, tuple(o.keys))
-        for rank, o in blamed_outcomes(failure.outcomes).items()
+        Sighting(scenario, failure, o.signature, o.message, tuple(o.keys))
+        for o in blamed_outcomes(failure.outcomes).values()
     ]
     if isinstance(failure, RankCrashed) or not out:
         out.append(Sighting(scenario, failure, failure.signature))
@@ -219,6 +217,19 @@ def _frozen_tied_weight_skipped(scenario: S.Scenario) -> bool:
     return tied_frozen and _on_a_topology(_options(ignore_frozen_params=True))(scenario)
 
 
+_LISTED_MODEL_KEY = re.compile(r"'model/([^']+)'")
+
+
+def _only_second_names_kept(sighting: Sighting) -> bool:
+    """Every frozen name the state dict kept is a later name of a frozen tied weight
+    (the first is the one removed).  The names: the failure's keys, else those its
+    message lists."""
+    aliases = sighting.scenario.model.aliases()
+    later = {f"model/{n}" for p in sighting.scenario.frozen for n in aliases[p][1:]}
+    kept = sighting.keys or tuple(f"model/{n}" for n in _LISTED_MODEL_KEY.findall(sighting.message))
+    return bool(kept) and set(kept) <= later
+
+
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
         id="dsd-full-osd-stateless-optimizer",
@@ -316,6 +327,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         signature=r"^PropertyFailure: ignore_frozen_params=True but the model state dict on "
         r"rank N holds frozen parameters",
         occurs_in=_frozen_tied_weight_skipped,
+        shows=_only_second_names_kept,
         explanation="_get_model_state_dict pops frozen parameters by iterating "
         "model.named_parameters(), which lists a shared Parameter once, so only its first "
         "name is removed (e.g. embed.weight goes, head.weight tied to it stays).  Shown on "

@@ -114,6 +114,15 @@ def lost_expert_state(rank, expert):
     return keys
 
 
+def kept_frozen(*names):
+    listed = [f"model/{n}" for n in names]
+    message = (
+        f"ignore_frozen_params=True but the model state dict on rank 0 holds frozen "
+        f"parameters {listed}"
+    )
+    return error(0, TIED, message)
+
+
 def checkpoint_lacks(rank, key):
     return error(rank, OFFLOAD, f"Missing key in checkpoint state_dict: {key}.")
 
@@ -287,13 +296,18 @@ CASES = [
     ),
     (
         "dsd-ignore-frozen-tied-alias",
-        failed(error(0, TIED)),
+        failed(kept_frozen("head.weight")),
         TIED_FROZEN,
         [
             (
                 "the frozen weight is not tied",
-                failed(error(0, TIED)),
+                failed(kept_frozen("head.weight")),
                 attrs.evolve(TIED_FROZEN, model=attrs.evolve(TIED_FROZEN.model, ties=())),
+            ),
+            (
+                "the state dict keeps the frozen weight under its first name",
+                failed(kept_frozen("embed.weight")),
+                TIED_FROZEN,
             ),
         ],
     ),
