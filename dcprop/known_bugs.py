@@ -119,7 +119,8 @@ def _colwise_single_output(scenario: S.Scenario) -> bool:
 
 def _expert_trainable_counts_differ(scenario: S.Scenario) -> bool:
     """Under an expert layout, ranks train different numbers of parameters (frozen
-    parameters in some experts but not others), so their param_groups lists differ."""
+    parameters in some experts, or experts of different sizes), so their param_groups
+    lists differ in length."""
     trainable = [n for n in scenario.model.parameter_names() if n not in set(scenario.frozen)]
     for t in _topologies(scenario):
         plan = t.plan
@@ -275,9 +276,10 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         signature=r"^ValueError: loaded state dict contains a parameter group that doesn't "
         r"match the size of optimizer's group @ load_state_dict$",
         occurs_in=_expert_trainable_counts_differ,
-        explanation="Non-tensor values are saved as if replicated; with sub-mesh experts (and "
-        "frozen parameters making lists differ in length) the loaded list does not "
-        "fit the rank's optimizer.  Diagnosis by dcprop; no upstream issue found.",
+        explanation="Non-tensor values are saved as if replicated; with sub-mesh experts that "
+        "train different numbers of parameters (frozen parameters in some, or experts of "
+        "different sizes) the loaded list does not fit the rank's optimizer.  Diagnosis by "
+        "dcprop; no upstream issue found.",
     ),
     KnownBug(
         id="dsd-broadcast-default-group",

@@ -199,6 +199,23 @@ CASES = [
         ],
     ),
     (
+        "dcp-per-rank-param-groups",
+        failed(error(0, GROUPS), error(1, GROUPS)),
+        corpus(
+            "dcp-per-rank-param-groups",
+            frozen=(),
+            model=S.ModelSpec(
+                S.Block(
+                    (
+                        ("fc0", S.Linear(1, 1)),
+                        ("experts", S.Experts((S.Linear(1, 1), S.Linear(1, 1, bias=False)))),
+                    )
+                )
+            ),
+        ),
+        [],
+    ),
+    (
         "dsd-broadcast-default-group",
         hang(idle_ranks=(1, 2, 3)),
         corpus("dsd-broadcast-default-group"),
