@@ -57,3 +57,23 @@ def test_the_readme_lists_every_known_bug():
     with open(os.path.join(os.path.dirname(__file__), os.pardir, "README.md")) as f:
         readme = f.read()
     assert [b.id for b in KNOWN_BUGS if f"| `{b.id}` |" not in readme] == []
+
+
+def test_add_to_corpus_stores_the_signature(tmp_path):
+    """`dcprop check --add-to-corpus` writes what the replay must fail with."""
+    from dcprop.cli import _add_to_corpus
+    from dcprop.runner.messages import Outcome
+    from dcprop.runner.pool import failure_from_outcomes
+
+    entry = next(e for e in ENTRIES if e.known_bug == "dsd-full-osd-stateless-optimizer")
+    outcome = Outcome(
+        0,
+        "error",
+        error_type="AssertionError",
+        message="Expected device to be set",
+        signature=entry.signature,
+    )
+    failure = failure_from_outcomes({0: outcome})
+    _add_to_corpus(str(tmp_path), entry.property, entry.scenario, failure)
+    [written] = load_entries(str(tmp_path))
+    assert written.signature == entry.signature and written.expect == entry.expect
