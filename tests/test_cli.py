@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.dirname(os.path.abspath(__file__))
 
 
-def dcprop(*args, cwd=ROOT, timeout=600):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HELPERS, ROOT]))
+def dcprop(*args, cwd=ROOT, timeout=600, pythonpath=()):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*pythonpath, HELPERS, ROOT]))
     return subprocess.run(
         [sys.executable, "-m", "dcprop.cli", *args],
         cwd=cwd,
@@ -39,6 +39,58 @@ def test_bad_input_exits_2_with_a_message(args, message):
     result = dcprop("check", *args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+def test_an_environment_without_numpy_is_refused_at_start_up(tmp_path):
+    """The CPU torch wheel does not install numpy, which torch's object collectives (and
+    so dcp.save) need.  A `numpy` that does not import, first on the path, reproduces
+    that environment: the pool's start-up check names the cause and the fix, nothing is
+    shrunk and no reproducer is written."""
+    blocked = tmp_path / "no-numpy" / "numpy"
+    blocked.mkdir(parents=True)
+    missing = "raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n"
+    (blocked / "__init__.py").write_text(missing)
+    repros = tmp_path / "repros"
+    result = dcprop(
+        "check",
+        "--properties",
+        "roundtrip",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "3",
+        "--repro-dir",
+        str(repros),
+        pythonpath=[str(blocked.parent)],
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dcprop:")]
+    assert len(errors) == 1 and "install numpy: torch's object collectives need it" in errors[0]
+    assert "all_gather_object" in errors[0]
+    assert not repros.exists()
+
+
+def test_a_harness_error_exits_2_without_a_reproducer(tmp_path):
+    """The user's checkpointer imports in the controller but not on the ranks: dcprop
+    could not run the example, which is not a failure of the checkpointer's save/load."""
+    repros = tmp_path / "repros"
+    result = dcprop(
+        "check",
+        "--properties",
+        "roundtrip",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "3",
+        "--checkpointer",
+        "helpers:RanksCannotImport",
+        "--repro-dir",
+        str(repros),
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "HarnessError: dcprop's harness failed on rank(s) [0, 1]" in result.stderr
+    assert "No module named 'only_on_the_controller'" in result.stderr
+    assert not repros.exists()
 
 
 def test_clean_campaign_report(tmp_path):

@@ -15,7 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 
-from dcprop.errors import ExampleFailure, PoolExhausted, RankCrashed, RankTimeout, RunnerError
+from dcprop.errors import (
+    ExampleFailure,
+    HarnessError,
+    PoolExhausted,
+    RankCrashed,
+    RankTimeout,
+    RunnerError,
+    carry_runner_errors,
+    reraise_carried,
+)
 from dcprop.runner import Pool
 from dcprop.specs import MeshSpec
 
@@ -98,6 +107,44 @@ def test_checkpoint_exception_is_identified_by_its_cause(small_pool):
     )
     headline = str(info.value).splitlines()[0]
     assert "CheckpointException: RuntimeError: Missing key in checkpoint state_dict: b." in headline
+
+
+@pytest.mark.parametrize(
+    ("fn", "args", "cause"),
+    [
+        (helpers.unmet_precondition, (), "UsageError: this property needs a scenario"),
+        ("helpers:no_such_property", (), "AttributeError"),
+        (helpers.take, (helpers.RanksCannotImport(),), "No module named 'only_on_the_controller'"),
+    ],
+)
+def test_harness_errors_are_not_example_failures(small_pool, fn, args, cause):
+    """Unmet preconditions, unresolvable properties and objects the ranks cannot unpickle
+    say nothing about the code under test: a HarnessError, never an ExampleFailure
+    (an AssertionError, which Hypothesis would shrink and dcprop would write out)."""
+    with pytest.raises(HarnessError) as info:
+        small_pool.run(fn, *args)
+    assert not isinstance(info.value, AssertionError)
+    assert "harness failed on rank(s) [0, 1]" in str(info.value) and cause in str(info.value)
+    assert small_pool.run(helpers.all_reduce_rank) == {0: 1, 1: 1}
+    assert small_pool.restarts == 0
+
+
+def test_a_harness_error_ends_a_search_unshrunk(small_pool):
+    """As dcprop's campaign and property tests run their examples: Hypothesis stops at
+    the first harness error instead of shrinking it."""
+    tried = []
+
+    @reraise_carried()
+    @settings(max_examples=20, database=None, deadline=None)
+    @given(st.integers())
+    def search(n):
+        tried.append(n)
+        with carry_runner_errors():
+            small_pool.run(helpers.unmet_precondition)
+
+    with pytest.raises(HarnessError):
+        search()
+    assert len(tried) == 1
 
 
 def test_hang_times_out_with_stacks_and_pool_recovers(small_pool):

@@ -36,10 +36,12 @@ from typing import Any, cast
 
 from dcprop.errors import (
     ExampleFailure,
+    HarnessError,
     PoolExhausted,
     RankCrashed,
     RankTimeout,
     RunnerError,
+    headline,
 )
 from dcprop.runner.messages import Outcome, Task, example_world_size
 from dcprop.specs import MeshSpec
@@ -232,6 +234,8 @@ class Pool:
                     raise RunnerError(
                         f"rank {r.rank} exited during start-up:\n{_tail(r.log)}"
                     ) from None
+                if info["error"]:
+                    raise RunnerError(f"rank {r.rank} failed its start-up check: {info['error']}")
                 self.backend = info["backend"]
 
     def close(self) -> None:
@@ -397,14 +401,24 @@ def failure_from_outcomes(
     crashed: dict[int, int] | None = None,
     stacks: dict[int, str] | None = None,
     timeout: float = 0.0,
-) -> ExampleFailure | None:
+) -> ExampleFailure | HarnessError | None:
     """The exception that describes a set of per-rank outcomes, or None if all passed.
 
-    Shared by the pool and the torchrun mode.  Ranks that stopped only because a
-    peer failed (``PeerFailed``) are listed but not blamed.
+    Shared by the pool and the torchrun mode.  A failure of dcprop's own harness on any
+    rank is a :class:`~dcprop.errors.HarnessError` whatever else happened: the example
+    did not run as meant, so it has no verdict.  Ranks that stopped only because a peer
+    failed (``PeerFailed``) are listed but not blamed.
     """
     crashed = crashed or {}
     stacks = stacks or {}
+    internal = {r: o for r, o in sorted(outcomes.items()) if o.internal}
+    if internal:
+        first = next(iter(internal.values()))
+        return HarnessError(
+            f"dcprop's harness failed on rank(s) {sorted(internal)}, so the example has no "
+            f"verdict: {first.error_type}: {headline(first.message)}\n"
+            + "".join(f"\n--- rank {r} traceback ---\n{o.traceback}" for r, o in internal.items())
+        )
     errors = {r: o for r, o in sorted(outcomes.items()) if o.failed}
     blamed = {r: o for r, o in errors.items() if o.error_type != "PeerFailed"} or errors
     if not (errors or hung or crashed):
