@@ -22,7 +22,7 @@ from dcprop.runner.messages import Outcome, Task
 from dcprop.runner.worlds import Worlds
 from dcprop.specs import MeshSpec
 
-__all__ = ["RankContext", "execute", "failure_signature", "harness_error"]
+__all__ = ["RankContext", "execute", "failure_signature", "harness_error", "root_cause"]
 
 
 class RankContext:
@@ -226,7 +226,7 @@ def harness_error(rank: int, e: BaseException, started: float) -> Outcome:
 
 def _error(rank: int, e: BaseException, started: float) -> Outcome:
     error_type = type(e).__name__
-    root, frames = _root_cause(e)
+    root, frames = root_cause(e)
     message = str(e)
     if root is not e:  # lead with the cause: a CheckpointException's own line is rank numbers
         message = f"{type(root).__name__}: {root}\n{message}"
@@ -243,7 +243,7 @@ def _error(rank: int, e: BaseException, started: float) -> Outcome:
     )
 
 
-def _root_cause(e: BaseException) -> tuple[BaseException, list[Any]]:
+def root_cause(e: BaseException) -> tuple[BaseException, list[Any]]:
     """The exception a failure is about, and the frames it was raised in.
 
     DCP wraps what went wrong on any rank into one ``CheckpointException`` whose

@@ -14,6 +14,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from dcprop.errors import headline
+from dcprop.runner.execute import root_cause
+
 __all__ = ["preflight"]
 
 # (text in the error, fix): causes whose fix is known
@@ -40,9 +43,12 @@ def preflight(directory: str, group: dist.ProcessGroup | None = None) -> str | N
     for what, step in steps:
         try:
             step()
-        except Exception as e:
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
-            fix = next((fix for text, fix in _FIXES if text in str(e)), None)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            cause, _ = root_cause(e)
+            fix = next((fix for text, fix in _FIXES if text in str(cause)), None)
+            error = f"{type(cause).__name__}: {headline(str(cause))}"
             return f"cannot run {what}: {error}" + (f"; {fix}" if fix else "")
     return None
 
