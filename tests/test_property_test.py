@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import HealthCheck, assume, settings
+from hypothesis import HealthCheck, assume, example, settings
 from hypothesis.errors import Unsatisfiable
 
 from dcprop.testing import property_test
@@ -97,3 +97,19 @@ def test_each_property_test_draws_its_own_derandomized_sequence():
         assume(False)
 
     assert _first_scenarios(test_one, again) == first[:3]
+
+
+def test_hypothesis_decorators_on_a_property_test_apply():
+    """`@example` and `@settings` put on a property test reach the search it runs."""
+    seen = []
+
+    @settings(max_examples=1, database=None, suppress_health_check=[HealthCheck.filter_too_much])
+    @example(scenario="an explicit example")
+    @property_test("roundtrip", world_sizes=(1,))
+    def test(scenario):
+        seen.append(scenario)
+        assume(False)
+
+    with pytest.raises(Unsatisfiable):
+        test(dcprop_runner=None)
+    assert seen[0] == "an explicit example"
