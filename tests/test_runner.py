@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 
+import dcprop.specs as S
 from dcprop.errors import (
     ExampleFailure,
     HarnessError,
@@ -25,6 +26,7 @@ from dcprop.errors import (
     carry_runner_errors,
     reraise_carried,
 )
+from dcprop.properties import run_property
 from dcprop.runner import Pool
 from dcprop.specs import MeshSpec
 
@@ -127,6 +129,15 @@ def test_harness_errors_are_not_example_failures(small_pool, fn, args, cause):
     assert "harness failed on rank(s) [0, 1]" in str(info.value) and cause in str(info.value)
     assert small_pool.run(helpers.all_reduce_rank) == {0: 1, 1: 1}
     assert small_pool.restarts == 0
+
+
+@pytest.mark.parametrize("prop", ["finetune_resume", "submesh_layout"])
+def test_a_scenario_outside_a_propertys_precondition_is_a_harness_error(small_pool, prop):
+    """finetune_resume needs a pretrained submodule, submesh_layout an expert plan."""
+    model = S.ModelSpec(S.Block((("fc", S.Linear(4, 3)),)))
+    scenario = S.Scenario(model, S.Topology(1, MeshSpec((1,), ("shard",)), S.FSDP2Plan()))
+    with pytest.raises(HarnessError, match=f"UsageError: {prop} needs"):
+        run_property(small_pool, prop, scenario)
 
 
 def test_a_harness_error_ends_a_search_unshrunk(small_pool):
