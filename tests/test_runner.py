@@ -158,6 +158,23 @@ def test_a_harness_error_ends_a_search_unshrunk(small_pool):
     assert len(tried) == 1
 
 
+def test_ranks_without_numpy_fail_the_start_up_check_once(tmp_path, monkeypatch):
+    """The ranks import with the controller's sys.path: a `numpy` that does not import,
+    first on it, gives them the environment of a CPU torch wheel without numpy."""
+    blocked = tmp_path / "numpy"
+    blocked.mkdir()
+    (blocked / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with Pool(2) as pool:
+        with pytest.raises(RunnerError, match="install numpy: torch's object collectives"):
+            pool.run(helpers.all_reduce_rank)
+        with pytest.raises(RunnerError, match="install numpy"):  # not started again
+            pool.run(helpers.all_reduce_rank)
+        assert pool.starts == 1 and not pool.started
+
+
 def test_hang_times_out_with_stacks_and_pool_recovers(small_pool):
     with pytest.raises(RankTimeout) as info:
         small_pool.run(helpers.skip_barrier, 1)

@@ -129,6 +129,7 @@ class Pool:
         self._ranks: list[_Rank] = []
         self._ids = itertools.count()
         self._needs_restart = False
+        self._unfit: RunnerError | None = None  # the start-up check failed: it would again
         atexit.register(_close_ref, weakref.ref(self))
 
     # -- life cycle ----------------------------------------------------------------
@@ -152,6 +153,8 @@ class Pool:
     def start(self) -> None:
         if self._ranks:
             return
+        if self._unfit is not None:
+            raise self._unfit
         if self._needs_restart:
             if self._failed_restarts >= self.max_restarts:
                 raise PoolExhausted(
@@ -235,7 +238,10 @@ class Pool:
                         f"rank {r.rank} exited during start-up:\n{_tail(r.log)}"
                     ) from None
                 if info["error"]:
-                    raise RunnerError(f"rank {r.rank} failed its start-up check: {info['error']}")
+                    self._unfit = RunnerError(
+                        f"rank {r.rank} failed its start-up check: {info['error']}"
+                    )
+                    raise self._unfit
                 self.backend = info["backend"]
 
     def close(self) -> None:
