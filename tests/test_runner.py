@@ -295,6 +295,8 @@ def test_torchrun_mode_runs_the_same_properties():
             text=True,
             timeout=300,
             cwd=tmp,
+            # this checkout's dcprop, not an installed one (the ranks start from `tmp`)
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE])),
         )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
