@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import seed as hypothesis_seed
 
 from dcprop import specs as S
-from dcprop.errors import ExampleFailure, headline
+from dcprop.errors import ExampleFailure, carry_runner_errors, headline, reraise_carried
 from dcprop.known_bugs import KnownBug, describe, match_known
 from dcprop.properties import run_property
 
@@ -124,6 +124,7 @@ def signature_error(failure: ExampleFailure) -> ExampleFailure:
     return cls(str(failure), outcomes=failure.outcomes, signature=failure.signature)
 
 
+@reraise_carried()
 def run_campaign(
     runner: Any,
     property: str,
@@ -157,7 +158,8 @@ def run_campaign(
             return  # counts as passing, so Hypothesis keeps what it has
         report.examples += 1
         try:
-            run_property(runner, property, scenario, hooks=hooks)
+            with carry_runner_errors():  # the pool or the harness failed: not the example
+                run_property(runner, property, scenario, hooks=hooks)
         except ExampleFailure as failure:
             known = match_known(failure, scenario)
             if known is not None and not strict:

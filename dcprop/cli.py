@@ -19,10 +19,14 @@ from typing import Any
 from dcprop import __version__
 from dcprop.errors import DcpropError, UsageError, headline
 from dcprop.properties import PROPERTIES
+from dcprop.runner import resolve_device
 
 __all__ = ["main"]
 
 PROPERTY_NAMES = tuple(PROPERTIES)
+DEFAULT_WORLD_SIZE = 4
+#: ranks per CPU core beyond which `dcprop check` asks for --oversubscribe
+RANKS_PER_CORE = 2
 # Recipes are data in the repository's top-level strategies/ folder: found from the
 # working directory first, then beside the package source (an editable install).
 RECIPES_DIRS = (
@@ -46,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--world-size",
         type=int,
-        default=4,
-        help="largest world size; scenarios use 1..N ranks (default 4)",
+        default=DEFAULT_WORLD_SIZE,
+        help=f"largest world size; scenarios use 1..N ranks (default {DEFAULT_WORLD_SIZE})",
     )
     check.add_argument(
         "--max-examples",
@@ -74,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds spent shrinking a failure before reporting the smallest so far (default 60)",
     )
+    check.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help=f"allow --world-size above {RANKS_PER_CORE} ranks per CPU core (refused by default)",
+    )
     check.add_argument("--report", default=None, help="write a JSON report here")
     check.add_argument(
         "--repro-dir",
@@ -99,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # `--checkpointer my_ckpt:C` names a module in the working directory, as `python -m`,
+    # uvicorn and celery accept; the rank processes inherit this path
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         if args.command == "repro":
             return _repro(args.file)
@@ -152,11 +165,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
     if args.shrink_seconds < 0:
         raise UsageError(f"--shrink-seconds {args.shrink_seconds}: must be 0 or more")
-    device = args.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device, option="--device")
+    _check_world_size(args.world_size, args.oversubscribe)
+    _check_report_path(args.report)
     world_sizes = [
         w for w in recipe.get("world_sizes", range(1, args.world_size + 1)) if w <= args.world_size
     ]
@@ -177,6 +188,41 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_examples": max_examples,
         "recipe": recipe,
     }
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _check_world_size(world_size: int, oversubscribe: bool) -> None:
+    """Each rank is a process that computes: far more ranks than cores make every
+    example slow enough to time out, so that is refused unless asked for (the default
+    of 4 ranks is always allowed).  Under torchrun the launcher chose the processes."""
+    from dcprop.runner import under_torchrun
+
+    cores = _cores()
+    limit = max(DEFAULT_WORLD_SIZE, RANKS_PER_CORE * cores)
+    if oversubscribe or under_torchrun() or world_size <= limit:
+        return
+    raise UsageError(
+        f"--world-size {world_size}: {world_size} ranks on {cores} CPU core(s) is more than "
+        f"{limit} ({RANKS_PER_CORE} per core, and never fewer than {DEFAULT_WORLD_SIZE}); "
+        f"use --world-size {limit} or less, or add --oversubscribe"
+    )
+
+
+def _check_report_path(path: str | None) -> None:
+    """Before the campaign, not after it: a report that cannot be written loses the run."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--report {path}: the directory {folder} does not exist; create it")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        raise UsageError(f"--report {path}: cannot write a file there; choose another path")
 
 
 def _explicit(recipe: dict[str, Any], prop: str, world: int) -> tuple[Any, ...]:

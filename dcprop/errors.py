@@ -6,12 +6,14 @@ else that dcprop raises derives from :class:`DcpropError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 __all__ = [
     "DcpropError",
     "ExampleFailure",
+    "HarnessError",
     "PoolExhausted",
     "PropertyFailure",
     "RankCrashed",
@@ -19,7 +21,9 @@ __all__ = [
     "RunnerError",
     "SpecError",
     "UsageError",
+    "carry_runner_errors",
     "headline",
+    "reraise_carried",
 ]
 
 
@@ -64,6 +68,13 @@ class RunnerError(DcpropError):
     """The runner itself could not do its job (start-up, transport, configuration)."""
 
 
+class HarnessError(RunnerError):
+    """dcprop's own harness failed on a rank (unpickling a task, building meshes, resolving
+    the property, importing the user's checkpointer or model factory, a scenario that does
+    not meet a property's precondition).  It says nothing about the code under test, so it
+    is never shrunk or written as a reproducer."""
+
+
 class PoolExhausted(RunnerError):
     """The pool was restarted more often than its restart budget allows."""
 
@@ -97,3 +108,36 @@ class RankTimeout(ExampleFailure):
 
 class RankCrashed(ExampleFailure):
     """A rank process died mid-example (signal, ``os._exit``, killed)."""
+
+
+class _Carried(BaseException):
+    """A RunnerError on its way out of a Hypothesis test (see carry_runner_errors)."""
+
+    def __init__(self, error: RunnerError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@contextmanager
+def carry_runner_errors() -> Iterator[None]:
+    """Inside a Hypothesis test: let a RunnerError end the search at once.
+
+    Hypothesis shrinks any ``Exception`` a test raises as a failure of the example; a
+    RunnerError (the environment, the pool, dcprop's harness) is no such failure, and
+    shrinking it would only restart the pool many times over.  Hypothesis lets a
+    ``BaseException`` through at once, so the error travels as one until
+    :func:`reraise_carried`, around the whole search, raises it again as it was.
+    """
+    try:
+        yield
+    except RunnerError as e:
+        raise _Carried(e) from None
+
+
+@contextmanager
+def reraise_carried() -> Iterator[None]:
+    """Around a Hypothesis search: raise the RunnerError that carry_runner_errors carried."""
+    try:
+        yield
+    except _Carried as carried:
+        raise carried.error from None

@@ -60,12 +60,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _device(config: pytest.Config) -> str:
-    device = config.getoption("--dcprop-device")
-    if device == "auto":
-        import torch
+    from dcprop.errors import UsageError
+    from dcprop.runner import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    try:
+        return resolve_device(config.getoption("--dcprop-device"), option="--dcprop-device")
+    except UsageError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_configure(config: pytest.Config) -> None:

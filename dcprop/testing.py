@@ -13,13 +13,14 @@ plugin lists at the end of the run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
-from hypothesis import event, given
+from hypothesis import HealthCheck, event, given, settings
 
 from dcprop.campaign import is_final_replay, record_events, signature_error
-from dcprop.errors import ExampleFailure
+from dcprop.errors import ExampleFailure, carry_runner_errors, reraise_carried
 from dcprop.known_bugs import match_known
 from dcprop.properties import property_ref, run_property
 from dcprop.specs import Scenario
@@ -56,7 +57,8 @@ def check(
     checkpointer as ``checkpointer_ref`` (``"module:attr"``) where it was given so."""
     record_events(scenario)
     try:
-        run_property(runner, property, scenario, hooks=hooks)
+        with carry_runner_errors():  # the pool or the harness failed: not the example
+            run_property(runner, property, scenario, hooks=hooks)
     except ExampleFailure as failure:
         known = match_known(failure, scenario)
         if known is not None and not strict:
@@ -117,6 +119,48 @@ def property_test(
 
         for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
             setattr(test, attr, getattr(fn, attr))
-        return given(scenario=strategy)(test)
+        # Hypothesis derives a test's derandomized seed and database key from its source,
+        # the same `test` above for every property test: tell each apart by what it checks
+        test._hypothesis_internal_add_digest = (  # type: ignore[attr-defined]
+            f"{property} {fn.__module__}.{fn.__qualname__}".encode()
+        )
+        return _distributed(given(scenario=strategy)(test))
 
     return decorate
+
+
+def _distributed(given_test: Any) -> Any:
+    """``given_test`` under the settings it runs with (the user's ``@settings`` on the
+    result, else the profile current when it runs), less what a distributed example
+    cannot meet: a deadline (an example takes seconds; the first also starts the pool)
+    and the too-slow health check.
+
+    Hypothesis freezes a settings object's values when it is made, and refuses a second
+    ``@settings`` on one test; so the merge happens at call time, in a wrapper that
+    hands on to ``given_test`` what Hypothesis' decorators (``@settings``, ``@example``,
+    ``@seed``) recorded on it.  A RunnerError ends the search unshrunk and is raised as
+    itself (see ``carry_runner_errors``)."""
+
+    @functools.wraps(given_test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        recorded = vars(run)
+        for name, value in recorded.items():
+            if name.startswith(_RECORDED_BY_HYPOTHESIS):
+                setattr(given_test, name, value)
+        chosen = (
+            recorded["_hypothesis_internal_use_settings"]
+            if recorded.get("_hypothesis_internal_settings_applied")
+            else settings()  # the current profile's values
+        )
+        given_test._hypothesis_internal_use_settings = settings(
+            chosen,
+            deadline=None,
+            suppress_health_check=(*chosen.suppress_health_check, HealthCheck.too_slow),
+        )
+        with reraise_carried():
+            given_test(*args, **kwargs)
+
+    return run
+
+
+_RECORDED_BY_HYPOTHESIS = ("_hypothesis_internal_", "hypothesis_explicit_examples")

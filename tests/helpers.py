@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from dcprop.checkpointer import DCPCheckpointer
+from dcprop.errors import UsageError
 
 
 # ---- rank functions for runner tests ------------------------------------------------
@@ -85,6 +86,26 @@ def write_file(ctx):
         f.write("x")
     dist.barrier(group=ctx.group())
     return sorted(os.listdir(ctx.tmpdir))
+
+
+def unmet_precondition(ctx):
+    """A property handed a scenario it does not fit: dcprop's harness, not the code under test."""
+    raise UsageError("this property needs a scenario with experts")
+
+
+def take(ctx, obj):
+    return None
+
+
+def _import_only_the_controller_has():
+    raise ModuleNotFoundError("No module named 'only_on_the_controller'")
+
+
+class RanksCannotImport(DCPCheckpointer):
+    """A user's checkpointer whose module the rank processes cannot import."""
+
+    def __reduce__(self):
+        return (_import_only_the_controller_has, ())
 
 
 # ---- deliberately faulty checkpointers (bug injections) ----------------------------

@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPERS = os.path.dirname(os.path.abspath(__file__))
+MANY_RANKS = 8 * (os.cpu_count() or 1)  # far more ranks than this machine has cores
 
 
-def dcprop(*args, cwd=ROOT, timeout=600):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HELPERS, ROOT]))
+def dcprop(*args, cwd=ROOT, timeout=600, pythonpath=()):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*pythonpath, HELPERS, ROOT]))
     return subprocess.run(
         [sys.executable, "-m", "dcprop.cli", *args],
         cwd=cwd,
@@ -33,12 +35,96 @@ def dcprop(*args, cwd=ROOT, timeout=600):
         (["--checkpointer", "no.such.module:X"], "does not import"),
         (["--checkpointer", "json"], "must look like 'package.module:attribute'"),
         (["--timeout", "0"], "must be positive"),
+        (["--report", "no/such/dir/report.json"], "no/such/dir does not exist; create it"),
+        (["--world-size", str(MANY_RANKS)], "add --oversubscribe"),
+        pytest.param(
+            ["--device", "cuda"],
+            "sees no CUDA device; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
+    """One line naming the argument and the fix, before any example ran."""
     result = dcprop("check", *args)
     assert result.returncode == 2, result.stderr
-    assert message in result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()] and message in result.stderr
+    assert "examples" not in result.stdout + result.stderr
+
+
+def test_a_checkpointer_in_the_working_directory_imports(tmp_path):
+    """`dcprop check --checkpointer my_ckpt:MyCheckpointer` beside my_ckpt.py, run as the
+    installed `dcprop` command (whose own folder, not the working directory, starts
+    sys.path), in the controller and on the ranks."""
+    (tmp_path / "my_ckpt.py").write_text(
+        "from dcprop.checkpointer import DCPCheckpointer\n\n\n"
+        "class MyCheckpointer(DCPCheckpointer):\n    pass\n"
+    )
+    command = tmp_path / "bin" / "dcprop"
+    command.parent.mkdir()
+    command.write_text("import sys\nfrom dcprop.cli import main\nsys.exit(main())\n")
+    args = ["--properties", "roundtrip", "--world-size", "1", "--max-examples", "2"]
+    result = subprocess.run(
+        [sys.executable, str(command), "check", "--checkpointer", "my_ckpt:MyCheckpointer", *args],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_an_environment_without_numpy_is_refused_at_start_up(tmp_path):
+    """The CPU torch wheel does not install numpy, which torch's object collectives (and
+    so dcp.save) need.  A `numpy` that does not import, first on the path, reproduces
+    that environment: the pool's start-up check names the cause and the fix, nothing is
+    shrunk and no reproducer is written."""
+    blocked = tmp_path / "no-numpy" / "numpy"
+    blocked.mkdir(parents=True)
+    missing = "raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n"
+    (blocked / "__init__.py").write_text(missing)
+    repros = tmp_path / "repros"
+    result = dcprop(
+        "check",
+        "--properties",
+        "roundtrip",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "3",
+        "--repro-dir",
+        str(repros),
+        pythonpath=[str(blocked.parent)],
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dcprop:")]
+    assert len(errors) == 1 and "install numpy: torch's object collectives need it" in errors[0]
+    assert "all_gather_object" in errors[0]
+    assert not repros.exists()
+
+
+def test_a_harness_error_exits_2_without_a_reproducer(tmp_path):
+    """The user's checkpointer imports in the controller but not on the ranks: dcprop
+    could not run the example, which is not a failure of the checkpointer's save/load."""
+    repros = tmp_path / "repros"
+    result = dcprop(
+        "check",
+        "--properties",
+        "roundtrip",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "3",
+        "--checkpointer",
+        "helpers:RanksCannotImport",
+        "--repro-dir",
+        str(repros),
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "HarnessError: dcprop's harness failed on rank(s) [0, 1]" in result.stderr
+    assert "No module named 'only_on_the_controller'" in result.stderr
+    assert not repros.exists()
 
 
 def test_clean_campaign_report(tmp_path):

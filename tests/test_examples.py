@@ -50,3 +50,21 @@ def test_checkpointer_example_catches_the_buggy_one(tmp_path):
     scripts = os.listdir(tmp_path)
     assert scripts and "dcprop reproducers" in out
     assert all(f"python {tmp_path / script}" in out for script in scripts)
+
+
+def _readme_commands():
+    """The README's set-up commands: the code blocks of its "Start here" section."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("## Start here", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in section.split("```")[1::2]]
+
+
+def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
+    campaign, tests = _readme_commands()
+    assert campaign.endswith("dcprop check") and tests.endswith("--hypothesis-profile=dcprop-ci -q")
+    for command in (campaign, tests):  # torch pinned and first: no CUDA wheels pulled
+        assert command.startswith("pip install torch==")
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    assert "python3 -m venv" in ci  # a fresh environment: a missing dependency fails CI
+    assert tests in ci.splitlines()

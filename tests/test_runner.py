@@ -15,7 +15,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 
-from dcprop.errors import ExampleFailure, PoolExhausted, RankCrashed, RankTimeout, RunnerError
+import dcprop.specs as S
+from dcprop.errors import (
+    ExampleFailure,
+    HarnessError,
+    PoolExhausted,
+    RankCrashed,
+    RankTimeout,
+    RunnerError,
+    carry_runner_errors,
+    reraise_carried,
+)
+from dcprop.properties import run_property
 from dcprop.runner import Pool
 from dcprop.specs import MeshSpec
 
@@ -98,6 +109,70 @@ def test_checkpoint_exception_is_identified_by_its_cause(small_pool):
     )
     headline = str(info.value).splitlines()[0]
     assert "CheckpointException: RuntimeError: Missing key in checkpoint state_dict: b." in headline
+
+
+@pytest.mark.parametrize(
+    ("fn", "args", "cause"),
+    [
+        (helpers.unmet_precondition, (), "UsageError: this property needs a scenario"),
+        ("helpers:no_such_property", (), "AttributeError"),
+        (helpers.take, (helpers.RanksCannotImport(),), "No module named 'only_on_the_controller'"),
+    ],
+)
+def test_harness_errors_are_not_example_failures(small_pool, fn, args, cause):
+    """Unmet preconditions, unresolvable properties and objects the ranks cannot unpickle
+    say nothing about the code under test: a HarnessError, never an ExampleFailure
+    (an AssertionError, which Hypothesis would shrink and dcprop would write out)."""
+    with pytest.raises(HarnessError) as info:
+        small_pool.run(fn, *args)
+    assert not isinstance(info.value, AssertionError)
+    assert "harness failed on rank(s) [0, 1]" in str(info.value) and cause in str(info.value)
+    assert small_pool.run(helpers.all_reduce_rank) == {0: 1, 1: 1}
+    assert small_pool.restarts == 0
+
+
+@pytest.mark.parametrize("prop", ["finetune_resume", "submesh_layout"])
+def test_a_scenario_outside_a_propertys_precondition_is_a_harness_error(small_pool, prop):
+    """finetune_resume needs a pretrained submodule, submesh_layout an expert plan."""
+    model = S.ModelSpec(S.Block((("fc", S.Linear(4, 3)),)))
+    scenario = S.Scenario(model, S.Topology(1, MeshSpec((1,), ("shard",)), S.FSDP2Plan()))
+    with pytest.raises(HarnessError, match=f"UsageError: {prop} needs"):
+        run_property(small_pool, prop, scenario)
+
+
+def test_a_harness_error_ends_a_search_unshrunk(small_pool):
+    """As dcprop's campaign and property tests run their examples: Hypothesis stops at
+    the first harness error instead of shrinking it."""
+    tried = []
+
+    @reraise_carried()
+    @settings(max_examples=20, database=None, deadline=None)
+    @given(st.integers())
+    def search(n):
+        tried.append(n)
+        with carry_runner_errors():
+            small_pool.run(helpers.unmet_precondition)
+
+    with pytest.raises(HarnessError):
+        search()
+    assert len(tried) == 1
+
+
+def test_ranks_without_numpy_fail_the_start_up_check_once(tmp_path, monkeypatch):
+    """The ranks import with the controller's sys.path: a `numpy` that does not import,
+    first on it, gives them the environment of a CPU torch wheel without numpy."""
+    blocked = tmp_path / "numpy"
+    blocked.mkdir()
+    (blocked / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with Pool(2) as pool:
+        with pytest.raises(RunnerError, match="install numpy: torch's object collectives"):
+            pool.run(helpers.all_reduce_rank)
+        with pytest.raises(RunnerError, match="install numpy"):  # not started again
+            pool.run(helpers.all_reduce_rank)
+        assert pool.starts == 1 and not pool.started
 
 
 def test_hang_times_out_with_stacks_and_pool_recovers(small_pool):
@@ -220,6 +295,8 @@ def test_torchrun_mode_runs_the_same_properties():
             text=True,
             timeout=300,
             cwd=tmp,
+            # this checkout's dcprop, not an installed one (the ranks start from `tmp`)
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE])),
         )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]

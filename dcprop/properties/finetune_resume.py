@@ -25,7 +25,7 @@ import torch
 
 from dcprop import specs as S
 from dcprop.compare import assert_same
-from dcprop.errors import PropertyFailure
+from dcprop.errors import PropertyFailure, UsageError
 from dcprop.properties._harness import (
     DEFAULT_HOOKS,
     Hooks,
@@ -40,7 +40,7 @@ __all__ = ["finetune_resume", "pretrain_scenario"]
 
 def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
     if scenario.pretrained is None:
-        raise PropertyFailure("finetune_resume needs a scenario with pretrained=<submodule>")
+        raise UsageError("finetune_resume needs a scenario with pretrained=<submodule>")
     prefix = scenario.pretrained + "."
     steps = scenario.training.steps
 

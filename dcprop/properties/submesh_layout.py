@@ -14,7 +14,7 @@ import torch
 
 from dcprop import specs as S
 from dcprop.compare import local_values
-from dcprop.errors import PropertyFailure
+from dcprop.errors import PropertyFailure, UsageError
 from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup, uninterrupted_next_loss
 from dcprop.properties.roundtrip import check_frozen_absent, check_roundtrip
 
@@ -25,7 +25,7 @@ def submesh_layout(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS)
     topology = scenario.save
     plan = topology.plan
     if not (isinstance(plan, S.FSDP2Plan) and plan.experts):
-        raise PropertyFailure("submesh_layout needs a save plan with experts=ExpertParallel(...)")
+        raise UsageError("submesh_layout needs a save plan with experts=ExpertParallel(...)")
     job = setup(ctx, scenario, topology, hooks=hooks)
     if job is None:
         return {}

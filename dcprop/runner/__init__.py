@@ -9,14 +9,41 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from dcprop.errors import UsageError
 from dcprop.runner.pool import DEFAULT_TIMEOUT, Pool
 
-__all__ = ["DEFAULT_TIMEOUT", "Pool", "SPMDRunner", "make_runner", "under_torchrun"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Pool",
+    "SPMDRunner",
+    "make_runner",
+    "resolve_device",
+    "under_torchrun",
+]
 
 
 def under_torchrun() -> bool:
     """True in a process started by torchrun (or a launcher that sets the same variables)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def resolve_device(requested: str, *, option: str) -> str:
+    """ "cpu", "cuda" or "auto" -> "cpu" or "cuda"; "cuda" without a CUDA device is a
+    :class:`~dcprop.errors.UsageError` that names ``option`` (checked here, in the
+    controller: on the ranks it would be a start-up traceback).  Imports torch unless "cpu"."""
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "auto":
+        return "cpu"
+    build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    raise UsageError(
+        f"{option} cuda: torch {torch.__version__} ({build}) sees no CUDA device; "
+        f"use {option} cpu or {option} auto"
+    )
 
 
 def make_runner(

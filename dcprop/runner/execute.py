@@ -13,15 +13,16 @@ import time
 import traceback
 from typing import Any
 
+import attrs
 import torch
 import torch.distributed as dist
 
-from dcprop.errors import PropertyFailure, headline
+from dcprop.errors import DcpropError, PropertyFailure, headline
 from dcprop.runner.messages import Outcome, Task
 from dcprop.runner.worlds import Worlds
 from dcprop.specs import MeshSpec
 
-__all__ = ["RankContext", "execute", "failure_signature"]
+__all__ = ["RankContext", "execute", "failure_signature", "harness_error", "root_cause"]
 
 
 class RankContext:
@@ -176,23 +177,28 @@ def _seed_everything(seed: int) -> None:
 def execute(task: Task, worlds: Worlds, device: torch.device) -> Outcome:
     """Run ``task`` on this rank and report how it went.  Never raises, except
     KeyboardInterrupt: any other exception (``CheckpointException`` derives from
-    BaseException) becomes an ``error`` outcome."""
+    BaseException) becomes an outcome: ``internal`` where dcprop's own harness failed
+    (building the example's meshes, resolving its function, a ``DcpropError`` such as a
+    property's unmet precondition), ``error`` where the code under test or a property's
+    check did."""
     rank = dist.get_rank()
     started = time.perf_counter()
     try:
         worlds.prepare(task.meshes, task.world_size)
+        fn = resolve(task.fn) if isinstance(task.fn, str) else task.fn
     except Exception as e:
-        return _error(rank, e, started)
+        return harness_error(rank, e, started)
     if rank >= task.world_size:
         return Outcome(rank, "idle")
     state = _GlobalState(worlds.known_groups())
     _seed_everything(task.seed)
     try:
-        fn = resolve(task.fn) if isinstance(task.fn, str) else task.fn
         value = fn(RankContext(task, worlds, device), *task.args)
         outcome = Outcome(rank, "ok", value=value, seconds=time.perf_counter() - started)
     except KeyboardInterrupt:
         raise
+    except DcpropError as e:
+        outcome = harness_error(rank, e, started)
     except BaseException as e:
         outcome = _error(rank, e, started)
     finally:
@@ -213,9 +219,14 @@ def resolve(ref: str) -> Any:
     return obj
 
 
+def harness_error(rank: int, e: BaseException, started: float) -> Outcome:
+    """The outcome of an exception raised by dcprop's harness rather than the code under test."""
+    return attrs.evolve(_error(rank, e, started), status="internal")
+
+
 def _error(rank: int, e: BaseException, started: float) -> Outcome:
     error_type = type(e).__name__
-    root, frames = _root_cause(e)
+    root, frames = root_cause(e)
     message = str(e)
     if root is not e:  # lead with the cause: a CheckpointException's own line is rank numbers
         message = f"{type(root).__name__}: {root}\n{message}"
@@ -233,7 +244,7 @@ def _error(rank: int, e: BaseException, started: float) -> Outcome:
     )
 
 
-def _root_cause(e: BaseException) -> tuple[BaseException, list[Any]]:
+def root_cause(e: BaseException) -> tuple[BaseException, list[Any]]:
     """The exception a failure is about, and the frames it was raised in.
 
     DCP wraps what went wrong on any rank into one ``CheckpointException`` whose

@@ -54,7 +54,9 @@ class Outcome:
     """What one rank reports for one task."""
 
     rank: int
-    status: str  # "ok" | "error" | "idle"
+    # "ok" | "error" (the code under test or a property assertion failed) | "internal"
+    # (dcprop's harness failed: see HarnessError) | "idle" (outside the example's world)
+    status: str
     value: Any = None
     error_type: str = ""
     message: str = ""
@@ -65,7 +67,11 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.status == "error"
+        return self.status in ("error", "internal")
+
+    @property
+    def internal(self) -> bool:
+        return self.status == "internal"
 
 
 def blamed_outcomes(outcomes: dict[int, Outcome]) -> dict[int, Outcome]:

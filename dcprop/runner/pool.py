@@ -36,10 +36,12 @@ from typing import Any, cast
 
 from dcprop.errors import (
     ExampleFailure,
+    HarnessError,
     PoolExhausted,
     RankCrashed,
     RankTimeout,
     RunnerError,
+    headline,
 )
 from dcprop.runner.messages import Outcome, Task, blamed_outcomes, example_world_size
 from dcprop.specs import MeshSpec
@@ -127,6 +129,7 @@ class Pool:
         self._ranks: list[_Rank] = []
         self._ids = itertools.count()
         self._needs_restart = False
+        self._unfit: RunnerError | None = None  # the start-up check failed: it would again
         atexit.register(_close_ref, weakref.ref(self))
 
     # -- life cycle ----------------------------------------------------------------
@@ -150,6 +153,8 @@ class Pool:
     def start(self) -> None:
         if self._ranks:
             return
+        if self._unfit is not None:
+            raise self._unfit
         if self._needs_restart:
             if self._failed_restarts >= self.max_restarts:
                 raise PoolExhausted(
@@ -232,6 +237,11 @@ class Pool:
                     raise RunnerError(
                         f"rank {r.rank} exited during start-up:\n{_tail(r.log)}"
                     ) from None
+                if info["error"]:
+                    self._unfit = RunnerError(
+                        f"rank {r.rank} failed its start-up check: {info['error']}"
+                    )
+                    raise self._unfit
                 self.backend = info["backend"]
 
     def close(self) -> None:
@@ -397,14 +407,24 @@ def failure_from_outcomes(
     crashed: dict[int, int] | None = None,
     stacks: dict[int, str] | None = None,
     timeout: float = 0.0,
-) -> ExampleFailure | None:
+) -> ExampleFailure | HarnessError | None:
     """The exception that describes a set of per-rank outcomes, or None if all passed.
 
-    Shared by the pool and the torchrun mode.  Ranks that stopped only because a
-    peer failed (``PeerFailed``) are listed but not blamed.
+    Shared by the pool and the torchrun mode.  A failure of dcprop's own harness on any
+    rank is a :class:`~dcprop.errors.HarnessError` whatever else happened: the example
+    did not run as meant, so it has no verdict.  Ranks that stopped only because a peer
+    failed (``PeerFailed``) are listed but not blamed.
     """
     crashed = crashed or {}
     stacks = stacks or {}
+    internal = {r: o for r, o in sorted(outcomes.items()) if o.internal}
+    if internal:
+        first = next(iter(internal.values()))
+        return HarnessError(
+            f"dcprop's harness failed on rank(s) {sorted(internal)}, so the example has no "
+            f"verdict: {first.error_type}: {headline(first.message)}\n"
+            + "".join(f"\n--- rank {r} traceback ---\n{o.traceback}" for r, o in internal.items())
+        )
     errors = {r: o for r, o in sorted(outcomes.items()) if o.failed}
     blamed = blamed_outcomes(outcomes)
     if not (errors or hung or crashed):

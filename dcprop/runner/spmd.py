@@ -29,6 +29,7 @@ from dcprop.runner import under_torchrun
 from dcprop.runner.execute import execute
 from dcprop.runner.messages import Outcome, Task, example_world_size
 from dcprop.runner.pool import DEFAULT_TIMEOUT, failure_from_outcomes
+from dcprop.runner.preflight import preflight
 from dcprop.runner.worker import backend_for
 from dcprop.runner.worlds import Worlds
 from dcprop.specs import MeshSpec
@@ -65,13 +66,18 @@ class SPMDRunner:
         self._worlds = Worlds(device_type)
         self._ids = itertools.count()
         self._broken = False
-        base = [
+        base: list[Any] = [
             tempfile.mkdtemp(prefix=f"dcprop-{os.getpid()}-", dir=tmp_root)
             if self.rank == 0
             else None
         ]
         dist.broadcast_object_list(base, src=0, group=self._control)
         self._base: str | None = base[0]
+        problem = preflight(base[0], self._control)
+        if problem is not None:
+            self._broken = True  # every rank stops here: no rank follows
+            self.close()
+            raise RunnerError(f"rank {self.rank} failed its start-up check: {problem}")
 
     @property
     def is_driver(self) -> bool:

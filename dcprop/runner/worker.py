@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    from dcprop.runner.execute import _error, execute
+    from dcprop.runner.execute import execute, harness_error
+    from dcprop.runner.preflight import preflight
     from dcprop.runner.worlds import Worlds
 
     backend, device_type = backend_for(args.device, args.world_size)
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         timeout=timedelta(seconds=args.pg_timeout),
     )
     worlds = Worlds(device_type)
-    conn.send(("ready", {"rank": args.rank, "backend": backend, "device": str(device)}))
+    problem = preflight(os.path.dirname(args.store))
+    conn.send(
+        ("ready", {"rank": args.rank, "backend": backend, "device": str(device), "error": problem})
+    )
     while True:
         try:
             name, payload = conn.recv()
@@ -106,14 +110,14 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         try:
             task = pickle.loads(payload)
-        except Exception as e:
-            outcome = _error(args.rank, e, started)
+        except Exception as e:  # e.g. the user's checkpointer does not import on this rank
+            outcome = harness_error(args.rank, e, started)
         else:
             outcome = execute(task, worlds, device)
         try:
             conn.send(("outcome", outcome))
         except Exception as e:  # an unpicklable return value
-            conn.send(("outcome", _error(args.rank, e, started)))
+            conn.send(("outcome", harness_error(args.rank, e, started)))
     stacks.close()
     os._exit(0)  # skip interpreter teardown: torch's exit hooks can abort a rank late
 
