@@ -104,6 +104,10 @@ def property_test(
     strategy = scenarios(property, **scenario_kwargs)
     ref = checkpointer if isinstance(checkpointer, str) else None
 
+    # built once, before the search: a checkpointer that does not import is bad input
+    # (UsageError), which must not be shrunk as if it were a failing example
+    hooks = functools.cache(lambda: _hooks(checkpointer, model_factory))
+
     def decorate(fn: Callable[..., Any]) -> Any:
         def test(dcprop_runner: Any, scenario: Scenario) -> None:
             fn(scenario)
@@ -111,7 +115,7 @@ def property_test(
                 dcprop_runner,
                 property,
                 scenario,
-                hooks=_hooks(checkpointer, model_factory),
+                hooks=hooks(),
                 test_id=f"{fn.__module__}.{fn.__qualname__}",
                 checkpointer_ref=ref,
                 strict=strict,
@@ -124,12 +128,12 @@ def property_test(
         test._hypothesis_internal_add_digest = (  # type: ignore[attr-defined]
             f"{property} {fn.__module__}.{fn.__qualname__}".encode()
         )
-        return _distributed(given(scenario=strategy)(test))
+        return _distributed(given(scenario=strategy)(test), prepare=hooks)
 
     return decorate
 
 
-def _distributed(given_test: Any) -> Any:
+def _distributed(given_test: Any, prepare: Callable[[], Any]) -> Any:
     """``given_test`` under the settings it runs with (the user's ``@settings`` on the
     result, else the profile current when it runs), less what a distributed example
     cannot meet: a deadline (an example takes seconds; the first also starts the pool)
@@ -139,10 +143,11 @@ def _distributed(given_test: Any) -> Any:
     ``@settings`` on one test; so the merge happens at call time, in a wrapper that
     hands on to ``given_test`` what Hypothesis' decorators (``@settings``, ``@example``,
     ``@seed``) recorded on it.  A RunnerError ends the search unshrunk and is raised as
-    itself (see ``carry_runner_errors``)."""
+    itself (see ``carry_runner_errors``).  ``prepare`` runs first, outside the search."""
 
     @functools.wraps(given_test)
     def run(*args: Any, **kwargs: Any) -> None:
+        prepare()
         recorded = vars(run)
         for name, value in recorded.items():
             if name.startswith(_RECORDED_BY_HYPOTHESIS):

@@ -113,3 +113,15 @@ def test_hypothesis_decorators_on_a_property_test_apply():
     with pytest.raises(Unsatisfiable):
         test(dcprop_runner=None)
     assert seen[0] == "an explicit example"
+
+
+def test_a_checkpointer_that_does_not_import_is_bad_input_not_a_failing_example():
+    """Resolved once, before the search: a UsageError, never an example to shrink."""
+    from dcprop.errors import UsageError
+
+    @property_test("roundtrip", world_sizes=(1,), checkpointer="no_such_module_dcprop:Ckpt")
+    def test_mine(scenario):
+        raise AssertionError("no example may run")
+
+    with pytest.raises(UsageError, match="no_such_module_dcprop"):
+        test_mine(dcprop_runner=None)
