@@ -62,9 +62,11 @@ def _readme_commands():
 def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
     campaign, tests = _readme_commands()
     assert campaign.endswith("dcprop check") and tests.endswith("--hypothesis-profile=dcprop-ci -q")
-    for command in (campaign, tests):  # torch pinned and first: no CUDA wheels pulled
-        assert command.startswith("pip install torch==")
+    for command in (campaign, tests):  # a new environment, torch pinned and first in it
+        assert command.startswith(
+            "python3 -m venv .venv && . .venv/bin/activate && pip install torch=="
+        )
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci = f.read()
-    assert "python3 -m venv" in ci  # a fresh environment: a missing dependency fails CI
+    assert "rm -rf .venv" in ci  # a fresh environment: a missing dependency fails CI
     assert tests in ci.splitlines()
