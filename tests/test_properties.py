@@ -38,6 +38,34 @@ def test_reshard(scenario):
     pass
 
 
+# Gradients that are zero in exact arithmetic are rounding noise, which Adam scales up to
+# steps of size lr: fc0 before a LayerNorm over one feature (dcprop check --seed 1,
+# shrunk), a Linear's bias before a BatchNorm (and that norm's running mean).
+ZERO_GRADIENT_SCENARIOS = [
+    S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)), ("norm1", S.LayerNorm(1))))),
+        S.Topology(
+            3, S.MeshSpec((3, 1), ("replicate", "shard")), S.FSDP2Plan(replicate_dim="replicate")
+        ),
+        optimizer=S.OptimizerSpec(kind="adam"),
+        training=S.TrainingSpec(steps=2),
+    ),
+    S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(3, 2)), ("bn", S.BatchNorm(2))))),
+        S.Topology(3, S.MeshSpec((3,), ("shard",)), S.FSDP2Plan()),
+        optimizer=S.OptimizerSpec(kind="adam"),
+        training=S.TrainingSpec(steps=2, batch_size=2),
+    ),
+]
+
+
+def with_zero_gradient_examples(test):
+    for scenario in ZERO_GRADIENT_SCENARIOS:
+        test = example(scenario=scenario).via("a gradient that is zero in exact arithmetic")(test)
+    return test
+
+
+@with_zero_gradient_examples
 @with_seed_examples("ddp_parity")
 @property_test("ddp_parity", world_sizes=(1, 2, 3, 4))
 def test_ddp_parity(scenario):
