@@ -2,14 +2,16 @@
 
 import helpers
 import pytest
-from hypothesis import example, find, settings
+from hypothesis import example, find, given, settings
+from hypothesis import strategies as st
 from seeds import CPU_SEEDS, SEED_003_FSDP1
 
 import dcprop.specs as S
 from dcprop import strategies as dst
-from dcprop.errors import ExampleFailure
+from dcprop.errors import ExampleFailure, PropertyFailure
 from dcprop.properties import run_property
 from dcprop.properties._harness import Hooks
+from dcprop.properties.ddp_parity import Reference, Tolerance, adam_step_bound, compare_trained
 from dcprop.testing import property_test
 
 # --- every property over generated scenarios (the profile sets how many), with the ----
@@ -82,6 +84,46 @@ def test_finetune_resume(scenario):
 @property_test("submesh_layout", world_sizes=(1, 2, 3, 4))
 def test_submesh_layout(scenario):
     pass
+
+
+@settings(deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3).filter(lambda g: abs(g) > 1e-30), min_size=1, max_size=64))
+def test_adam_step_bound_bounds_every_adam_update(gradients):
+    """ddp_parity lets a free element drift by this bound per step: no gradient sequence
+    may move Adam further (eps 0 is Adam's largest step)."""
+    torch = pytest.importorskip("torch")
+    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([p], lr=1.0, eps=0.0)
+    for step, g in enumerate(gradients, start=1):
+        before = p.detach().clone()
+        p.grad = torch.tensor([g], dtype=torch.float64)
+        optimizer.step()
+        assert abs(float(p - before)) <= adam_step_bound(step) * (1 + 1e-9)
+
+
+def test_mixed_precision_compares_updates_not_values():
+    """A dropped gradient (a quarter of the update) hides inside a 2% tolerance on values
+    but not inside 10% of the update; bf16-sized errors (1%) of the update pass."""
+    torch = pytest.importorskip("torch")
+    fsdp1 = S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP1Plan(mixed_precision="bf16"))
+    model = S.ModelSpec(S.Block((("fc0", S.Linear(2, 2)),)))
+    scenario = S.Scenario(model, fsdp1, device="cuda")
+    initial = {"fc0.weight": torch.full((2, 2), 0.3), "fc0.bias": torch.full((2,), -0.3)}
+    update = {"fc0.weight": torch.full((2, 2), 4e-3), "fc0.bias": torch.full((2,), -4e-3)}
+    never = {k: torch.full(v.shape, 1) for k, v in initial.items()}
+    trained = {f"model/{k}": initial[k] + update[k] for k in initial}
+    reference = Reference([0.0], initial, trained, never)
+    tol = Tolerance.of(scenario)
+
+    def run(factor):
+        actual = {f"model/{k}": initial[k] + factor * update[k] for k in initial}
+        compare_trained(scenario, reference, trained, actual, tol, what="mixed", rank=0)
+
+    run(1.01)
+    with pytest.raises(PropertyFailure, match="update"):
+        run(0.75)
+    assert torch.allclose(initial["fc0.weight"] + 0.75 * update["fc0.weight"],
+                          trained["model/fc0.weight"], rtol=2e-2, atol=2e-3)  # fmt: skip
 
 
 @pytest.mark.gpu

@@ -300,9 +300,10 @@ def _mark_free(
     coupled_decay = spec.weight_decay if spec.kind == "adam" else 0.0
     twins = dict(twin.named_parameters())
     for name, p in module.named_parameters():
-        if p.grad is None:
+        exact_grad = twins[name].grad
+        if p.grad is None or exact_grad is None:
             continue
-        exact = twins[name].grad.detach().cpu() + coupled_decay * twins[name].detach().cpu()
+        exact = exact_grad.detach().cpu() + coupled_decay * twins[name].detach().cpu()
         noise = (p.grad.detach().cpu().double() + coupled_decay * p.detach().cpu().double()) - exact
         free = noise.abs() * (scale * spec.lr * NOISE_MARGIN) >= exact.abs() * tol.atol
         since = free_since[name]
