@@ -12,6 +12,7 @@ from dcprop.errors import ExampleFailure, PropertyFailure
 from dcprop.properties import run_property
 from dcprop.properties._harness import Hooks
 from dcprop.properties.ddp_parity import Reference, Tolerance, adam_step_bound, compare_trained
+from dcprop.properties.reshard import _owned
 from dcprop.testing import property_test
 
 # --- every property over generated scenarios (the profile sets how many), with the ----
@@ -124,6 +125,41 @@ def test_mixed_precision_compares_updates_not_values():
         run(0.75)
     assert torch.allclose(initial["fc0.weight"] + 0.75 * update["fc0.weight"],
                           trained["model/fc0.weight"], rtol=2e-2, atol=2e-3)  # fmt: skip
+
+
+def test_reshard_builds_b_from_its_own_seed(dcprop_runner):
+    """LayerNorm(1)'s weight has an exactly zero gradient: SGD never moves it.  A load that
+    forgets it (DropKey drops the last model key) leaves B's initial value, which passed
+    for the saved one while B was built from A's seed whenever frozen keys were skipped."""
+    frozen_skipped = S.StateDictSpec(ignore_frozen_params=True)
+    scenario = S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)), ("norm1", S.LayerNorm(1))))),
+        S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(), frozen_skipped),
+        load=S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan(), frozen_skipped),
+        frozen=("fc0.bias",),
+    )
+    assert run_property(dcprop_runner, "reshard", scenario)
+    drop_key = Hooks(checkpointer=helpers.INJECTIONS["drop_key"])
+    with pytest.raises(ExampleFailure, match=r"norm1\.weight"):
+        run_property(dcprop_runner, "reshard", scenario, hooks=drop_key)
+
+
+def test_reshard_expects_a_ranks_own_expert_from_the_mesh():
+    """An expert key lost on both sides is missing: ownership comes from the rank's
+    coordinate on the expert dim, not from what the load produced."""
+    plan = S.FSDP2Plan(experts=S.ExpertParallel("experts"))
+    expected = {
+        "model/fc.weight": 0,
+        "model/experts.0.0.weight": 1,
+        "model/experts.1.0.weight": 2,
+        "optim/state/experts.1.0.weight/step": 3,
+    }
+    assert _owned(expected, plan, 1) == {
+        "model/fc.weight": 0,
+        "model/experts.1.0.weight": 2,
+        "optim/state/experts.1.0.weight/step": 3,
+    }
+    assert _owned(expected, S.FSDP2Plan(), None) == expected
 
 
 @pytest.mark.gpu
