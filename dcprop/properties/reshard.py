@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from dcprop import specs as S
-from dcprop.compare import assert_same, full_values
+from dcprop.compare import assert_same, full_values, local_values
 from dcprop.errors import PropertyFailure
 from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, setup
+from dcprop.properties.roundtrip import check_frozen_absent
 
 __all__ = ["STEP_RTOL", "reshard"]
 
@@ -36,6 +37,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
             for _ in range(scenario.training.steps):
                 a.train_step()
             state = a.state()
+            check_frozen_absent(a, local_values(state))
             a.save(state, "ckpt")
             expected = full_values(a.state(**_FULL))
             next_loss = a.train_step()
@@ -55,6 +57,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         part = torch.load(_expected_file(ctx, r), weights_only=False)
         reference.setdefault("loss", part["loss"])
         reference.setdefault("state", {}).update(part["state"])
+    check_frozen_absent(b, local_values(b.state()))
     skipped = _skipped(scenario)
     own_initial = {k: v for k, v in full_values(b.state(**_FULL)).items() if k in skipped}
     if scenario.save.state_dict.ignore_frozen_params:  # B can neither read nor require them
