@@ -66,7 +66,6 @@ from typing import Any
 
 import attrs
 import torch
-import torch.distributed as dist
 
 from dcprop import build
 from dcprop import specs as S
@@ -189,9 +188,6 @@ def ddp_parity(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> 
         what=f"state after {steps} steps, {kind} vs single-process reference", rank=ctx.rank,
     )  # fmt: skip
     if compare_ddp:
-        # DDP broadcasts rank 0's buffers before each forward: that is its state
-        for buf in ddp.model.buffers():
-            dist.broadcast(buf, group_src=0, group=ddp.group)
         compare_trained(
             scenario, reference, _trained_state(ddp), final, tol,
             what=f"state after {steps} steps, {kind} vs DDP", rank=ctx.rank,
