@@ -37,7 +37,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
             for _ in range(scenario.training.steps):
                 a.train_step()
             state = a.state()
-            check_frozen_absent(a, local_values(state))
+            _check_frozen_absent(a)
             a.save(state, "ckpt")
             expected = full_values(a.state(**_FULL))
             next_loss = a.train_step()
@@ -57,7 +57,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         part = torch.load(_expected_file(ctx, r), weights_only=False)
         reference.setdefault("loss", part["loss"])
         reference.setdefault("state", {}).update(part["state"])
-    check_frozen_absent(b, local_values(b.state()))
+    _check_frozen_absent(b)
     skipped = _skipped(scenario)
     own_initial = {k: v for k, v in full_values(b.state(**_FULL)).items() if k in skipped}
     if scenario.save.state_dict.ignore_frozen_params:  # B can neither read nor require them
@@ -116,6 +116,14 @@ def _skipped(scenario: S.Scenario) -> frozenset[str]:
     if not any(t.state_dict.ignore_frozen_params for t in (scenario.save, scenario.load_topology)):
         return frozenset()
     return frozenset(f"model/{name}" for name in scenario.frozen_state_dict_names)
+
+
+def _check_frozen_absent(job: Job) -> None:
+    """Under ignore_frozen_params no frozen name is in the job's state dict: checked on a
+    state dict every rank holds (cpu_offload keeps a full one on rank 0 only), so every
+    rank raises or none does."""
+    if job.topology.state_dict.ignore_frozen_params:
+        check_frozen_absent(job, local_values(job.state(cpu_offload=False)))
 
 
 def _owned(expected: dict[str, Any], plan: S.Plan, coordinate: int | None) -> dict[str, Any]:
