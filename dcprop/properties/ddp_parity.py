@@ -25,8 +25,10 @@ a bug without also hiding bugs everywhere else.
 So the reference run also computes every gradient in float64 at the same parameter
 values and data.  An element is *free* from the first step at which its float32
 gradient's relative rounding error ``rho`` could move an Adam update by more than a
-tenth of the tolerance (``lr * rho * NOISE_MARGIN >= atol``; an exactly zero
-gradient is always free), and stays free (its moments carry the noise from then on).
+tenth of the tolerance (``lr * rho * NOISE_MARGIN > atol``), and stays free (its
+moments carry the noise from then on).  A gradient that is exactly zero in both
+precisions (an embedding row no token used, the weights behind a dead ReLU) is no
+noise: Adam does not move it, and it is judged strictly.
 For a free element the arithmetic still fixes how far it can have moved: Adam's
 bias-corrected ``|m_hat| / sqrt(v_hat)`` is at most :func:`adam_step_bound` for any
 gradient sequence, so two runs differ by at most ``2 * lr * adam_step_bound(t)`` per
@@ -301,7 +303,7 @@ def _mark_free(
             continue
         exact = exact_grad.detach().cpu() + coupled_decay * twins[name].detach().cpu()
         noise = (p.grad.detach().cpu().double() + coupled_decay * p.detach().cpu().double()) - exact
-        free = noise.abs() * (scale * spec.lr * NOISE_MARGIN) >= exact.abs() * tol.atol
+        free = noise.abs() * (scale * spec.lr * NOISE_MARGIN) > exact.abs() * tol.atol
         since = free_since[name]
         since[free & (since > step)] = step
 
