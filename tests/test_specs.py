@@ -170,3 +170,28 @@ def test_plan_kinds_and_counts():
         S.FSDP2Plan(replicate_dim="replicate", tp=S.TensorParallel("tp", (("a", "b"),))),
     )
     assert (t.plan_kind, t.shard_count, t.dp_size) == ("hsdp+tp", 2, 4)
+
+
+def test_feeding_names_the_parameters_that_reach_a_module():
+    model = S.ModelSpec(
+        S.Block(
+            (
+                ("fc", S.Linear(2, 2)),
+                (
+                    "br",
+                    S.Branches((S.Linear(2, 2), S.Sequential((S.Linear(2, 2), S.BatchNorm(2))))),
+                ),
+                ("rep", S.Repeat(S.Sequential((S.BatchNorm(4), S.Linear(4, 4))))),
+            )
+        )
+    )
+    fc = {"fc.weight", "fc.bias"}
+    assert model.feeding("fc") == frozenset()
+    # a sibling branch sees the same input, so it does not feed
+    assert model.feeding("br.1.1") == fc | {"br.1.0.weight", "br.1.0.bias"}
+    # a second pass of a Repeat sees what its body computed on the first
+    branches = {f"br.{m}.{p}" for m in ("0", "1.0", "1.1") for p in ("weight", "bias")}
+    body = {f"rep.body.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")}
+    assert model.feeding("rep.body.0") == fc | branches | body
+    with pytest.raises(SpecError, match="no module at path 'nope'"):
+        model.feeding("nope")
