@@ -452,6 +452,36 @@ class ModelSpec(_Spec):
     def has_batch_statistics(self) -> bool:
         return any(isinstance(layer, BatchNorm) for _, layer in self.modules())
 
+    def feeding(self, path: str) -> frozenset[str]:
+        """Parameter FQNs whose values reach the input of the module at ``path``: those
+        of every layer applied before it, and of an enclosing :class:`Repeat`'s body
+        (a later pass sees what earlier passes computed)."""
+        self.module(path)  # raises on an unknown path
+        canonical = {alias: fqn for fqn, names in self.aliases().items() for alias in names}
+
+        def inside(layer: Any, prefix: str) -> set[str]:
+            return {
+                canonical[_join(p, n)]
+                for p, leaf in walk(layer, prefix)
+                for n, _ in own_parameters(leaf)
+            }
+
+        def before(layer: Any, prefix: str) -> set[str]:
+            if prefix == path:
+                return set()
+            upstream: set[str] = set()
+            for name, child in children_of(layer):
+                child_path = _join(prefix, name)
+                if is_within(path, child_path):
+                    if isinstance(layer, Repeat) and (layer.times > 1 or layer.no_grad_residual):
+                        upstream |= inside(child, child_path)
+                    return upstream | before(child, child_path)
+                if not isinstance(layer, (Branches, Experts)):  # siblings see the same input
+                    upstream |= inside(child, child_path)
+            return upstream
+
+        return frozenset(before(self.root, ""))
+
 
 # ------------------------------------------------------------------ the topology
 

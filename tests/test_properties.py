@@ -1,15 +1,19 @@
 """Every property on CPU at world sizes up to 4, and bug injections each must catch."""
 
+import attrs
 import helpers
 import pytest
-from hypothesis import example, find, settings
+from hypothesis import example, find, given, settings
+from hypothesis import strategies as st
 from seeds import CPU_SEEDS, SEED_003_FSDP1
 
 import dcprop.specs as S
 from dcprop import strategies as dst
-from dcprop.errors import ExampleFailure
+from dcprop.errors import ExampleFailure, PropertyFailure
 from dcprop.properties import run_property
 from dcprop.properties._harness import Hooks
+from dcprop.properties.ddp_parity import Reference, Tolerance, adam_step_bound, compare_trained
+from dcprop.properties.reshard import _owned
 from dcprop.testing import property_test
 
 # --- every property over generated scenarios (the profile sets how many), with the ----
@@ -26,18 +30,61 @@ def with_seed_examples(prop):
     return decorate
 
 
+# After a step DDP's ranks hold different running statistics (DDP broadcasts rank 0's
+# before the next forward, not after this one); DCP saves one copy (dcprop check --seed 12).
+DDP_BATCH_STATISTICS = S.Scenario(
+    S.ModelSpec(
+        S.Block((("fc0", S.Linear(1, 1)), ("act1", S.Activation()), ("bn2", S.BatchNorm(1))))
+    ),
+    S.Topology(2, S.MeshSpec((2,), ("dp",)), S.DDPPlan()),
+    load=S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
+    training=S.TrainingSpec(batch_size=2),
+)
+DDP_STATS = "DDP ranks' own batch statistics"
+
+
+@example(scenario=attrs.evolve(DDP_BATCH_STATISTICS, load=None)).via(DDP_STATS)
 @with_seed_examples("roundtrip")
 @property_test("roundtrip", world_sizes=(1, 2, 3, 4))
 def test_roundtrip(scenario):
     pass
 
 
+@example(scenario=DDP_BATCH_STATISTICS).via(DDP_STATS)
 @with_seed_examples("reshard")
 @property_test("reshard", world_sizes=(1, 2, 3, 4))
 def test_reshard(scenario):
     pass
 
 
+# Gradients that are zero in exact arithmetic are rounding noise, which Adam scales up to
+# steps of size lr: fc0 before a LayerNorm over one feature (dcprop check --seed 1,
+# shrunk), a Linear's bias before a BatchNorm (and that norm's running mean).
+ZERO_GRADIENT_SCENARIOS = [
+    S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)), ("norm1", S.LayerNorm(1))))),
+        S.Topology(
+            3, S.MeshSpec((3, 1), ("replicate", "shard")), S.FSDP2Plan(replicate_dim="replicate")
+        ),
+        optimizer=S.OptimizerSpec(kind="adam"),
+        training=S.TrainingSpec(steps=2),
+    ),
+    S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(3, 2)), ("bn", S.BatchNorm(2))))),
+        S.Topology(3, S.MeshSpec((3,), ("shard",)), S.FSDP2Plan()),
+        optimizer=S.OptimizerSpec(kind="adam"),
+        training=S.TrainingSpec(steps=2, batch_size=2),
+    ),
+]
+
+
+def with_zero_gradient_examples(test):
+    for scenario in ZERO_GRADIENT_SCENARIOS:
+        test = example(scenario=scenario).via("a gradient that is zero in exact arithmetic")(test)
+    return test
+
+
+@with_zero_gradient_examples
 @with_seed_examples("ddp_parity")
 @property_test("ddp_parity", world_sizes=(1, 2, 3, 4))
 def test_ddp_parity(scenario):
@@ -54,6 +101,81 @@ def test_finetune_resume(scenario):
 @property_test("submesh_layout", world_sizes=(1, 2, 3, 4))
 def test_submesh_layout(scenario):
     pass
+
+
+@settings(deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3).filter(lambda g: abs(g) > 1e-30), min_size=1, max_size=64))
+def test_adam_step_bound_bounds_every_adam_update(gradients):
+    """ddp_parity lets a free element drift by this bound per step: no gradient sequence
+    may move Adam further (eps 0 is Adam's largest step)."""
+    torch = pytest.importorskip("torch")
+    p = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([p], lr=1.0, eps=0.0)
+    for step, g in enumerate(gradients, start=1):
+        before = p.detach().clone()
+        p.grad = torch.tensor([g], dtype=torch.float64)
+        optimizer.step()
+        assert abs(float(p - before)) <= adam_step_bound(step) * (1 + 1e-9)
+
+
+def test_mixed_precision_compares_updates_not_values():
+    """A dropped gradient (a quarter of the update) hides inside a 2% tolerance on values
+    but not inside 10% of the update; bf16-sized errors (1%) of the update pass."""
+    torch = pytest.importorskip("torch")
+    fsdp1 = S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP1Plan(mixed_precision="bf16"))
+    model = S.ModelSpec(S.Block((("fc0", S.Linear(2, 2)),)))
+    scenario = S.Scenario(model, fsdp1, device="cuda")
+    initial = {"fc0.weight": torch.full((2, 2), 0.3), "fc0.bias": torch.full((2,), -0.3)}
+    update = {"fc0.weight": torch.full((2, 2), 4e-3), "fc0.bias": torch.full((2,), -4e-3)}
+    never = {k: torch.full(v.shape, 1) for k, v in initial.items()}
+    trained = {f"model/{k}": initial[k] + update[k] for k in initial}
+    reference = Reference([0.0], initial, trained, never)
+    tol = Tolerance.of(scenario)
+
+    def run(factor):
+        actual = {f"model/{k}": initial[k] + factor * update[k] for k in initial}
+        compare_trained(scenario, reference, trained, actual, tol, what="mixed", rank=0)
+
+    run(1.01)
+    with pytest.raises(PropertyFailure, match="update"):
+        run(0.75)
+    assert torch.allclose(initial["fc0.weight"] + 0.75 * update["fc0.weight"],
+                          trained["model/fc0.weight"], rtol=2e-2, atol=2e-3)  # fmt: skip
+
+
+def test_reshard_builds_b_from_its_own_seed(dcprop_runner):
+    """LayerNorm(1)'s weight has an exactly zero gradient: SGD never moves it.  A load that
+    forgets it (DropKey drops the last model key) leaves B's initial value, which passed
+    for the saved one while B was built from A's seed whenever frozen keys were skipped."""
+    frozen_skipped = S.StateDictSpec(ignore_frozen_params=True)
+    scenario = S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)), ("norm1", S.LayerNorm(1))))),
+        S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(), frozen_skipped),
+        load=S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan(), frozen_skipped),
+        frozen=("fc0.bias",),
+    )
+    assert run_property(dcprop_runner, "reshard", scenario)
+    drop_key = Hooks(checkpointer=helpers.INJECTIONS["drop_key"])
+    with pytest.raises(ExampleFailure, match=r"norm1\.weight"):
+        run_property(dcprop_runner, "reshard", scenario, hooks=drop_key)
+
+
+def test_reshard_expects_a_ranks_own_expert_from_the_mesh():
+    """An expert key lost on both sides is missing: ownership comes from the rank's
+    coordinate on the expert dim, not from what the load produced."""
+    plan = S.FSDP2Plan(experts=S.ExpertParallel("experts"))
+    expected = {
+        "model/fc.weight": 0,
+        "model/experts.0.0.weight": 1,
+        "model/experts.1.0.weight": 2,
+        "optim/state/experts.1.0.weight/step": 3,
+    }
+    assert _owned(expected, plan, 1) == {
+        "model/fc.weight": 0,
+        "model/experts.1.0.weight": 2,
+        "optim/state/experts.1.0.weight/step": 3,
+    }
+    assert _owned(expected, S.FSDP2Plan(), None) == expected
 
 
 @pytest.mark.gpu

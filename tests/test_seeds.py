@@ -3,7 +3,7 @@ runs each through its property as an explicit example)."""
 
 import pytest
 from hypothesis import find, settings
-from seeds import SEED_003_FSDP1, SEED_004_WORLD8
+from seeds import CPU_SEEDS, SEED_003_FSDP1, SEED_003_PARITY, SEED_004, SEED_004_WORLD8
 
 import dcprop.specs as S
 from dcprop import strategies as dst
@@ -103,13 +103,34 @@ COVERAGE = {
 }
 
 
+SEEDS = {
+    **{name: scenario for name, (_, scenario) in CPU_SEEDS.items()},
+    "004-expert-submesh": SEED_004_WORLD8,
+    "003-fsdp1": SEED_003_FSDP1,
+}
+
+
 @pytest.mark.parametrize("name", sorted(COVERAGE))
 def test_strategies_generate_the_seed_scenario(name):
     strategy, predicate = COVERAGE[name]
-    found = find(strategy, predicate, settings=FIND)
-    assert predicate(found)
+    # the predicate describes the seed (else the search below proves nothing about it) ...
+    assert predicate(SEEDS[name])
+    # ... and the strategies reach it (find raises NoSuchExample otherwise)
+    find(strategy, predicate, settings=FIND)
 
 
-def test_seed_specs_validate_everywhere():
-    assert SEED_004_WORLD8.world_size == 8
-    assert SEED_003_FSDP1.device == "cuda"
+def test_seed_variants_keep_the_upstream_structure():
+    """SEED_004 is seed 004's layout at 4 ranks: half the experts on half the ep dim;
+    SEED_003_FSDP1 is seed 003's parity run under FSDP1 on GPUs."""
+    small, world8 = SEED_004.save, SEED_004_WORLD8.save
+    assert small.plan == world8.plan and small.mesh.dim_names == world8.mesh.dim_names
+    assert (small.mesh.shape, world8.mesh.shape) == ((2, 2), (2, 4))
+    assert SEED_004.optimizer == SEED_004_WORLD8.optimizer
+    fsdp1, parity = SEED_003_FSDP1, SEED_003_PARITY
+    assert (fsdp1.model, fsdp1.frozen, fsdp1.optimizer) == (
+        parity.model,
+        parity.frozen,
+        parity.optimizer,
+    )
+    assert fsdp1.device == "cuda" and isinstance(fsdp1.save.plan, S.FSDP1Plan)
+    assert fsdp1.save.plan.wrap == parity.save.plan.wrap

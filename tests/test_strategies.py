@@ -157,7 +157,9 @@ def test_parallel_plans_fit_their_mesh(data):
     model = data.draw(
         dst.models(tp_size=mesh.shape[-1], experts=mesh.shape[-1] if len(mesh.shape) == 2 else 0)
     )
-    plan = data.draw(dst.parallel_plans(model, mesh))
-    names = dst._topology.names_for
-    del names
-    assert plan is not None
+    device = data.draw(st.sampled_from(S.DEVICES))
+    plan = data.draw(dst.parallel_plans(model, mesh, device=device))
+    # the plan names the mesh's dims and the model's modules: the scenario validates
+    rows = S.TrainingSpec(batch_size=2)  # enough for a BatchNorm
+    scenario = S.Scenario(model, S.Topology(world, mesh, plan), training=rows, device=device)
+    assert scenario.save.plan_kind in dst._topology.plan_kinds_for(model, mesh, device)

@@ -146,9 +146,8 @@ class Job:
 
     def sync_buffers(self) -> None:
         """Make plain (non-DTensor) buffers equal on every rank, as DDP does before each
-        forward: DCP saves one copy of a replicated tensor, so copies must agree."""
-        if isinstance(self.topology.plan, S.DDPPlan):
-            return
+        forward (so after a step, DDP's ranks disagree too): DCP saves one copy of a
+        replicated tensor, so copies must agree."""
         for _, buf in self.model.named_buffers():
             if not hasattr(buf, "to_local") and buf.numel():
                 dist.broadcast(buf, group_src=0, group=self.group)

@@ -4,34 +4,150 @@ single-process reference.
 The same global batches train three models for several steps: the scenario's
 sharded plan, DDP over the same ranks, and a single process that replays every
 data-parallel rank's rows in turn (so layers with batch statistics see the same
-per-rank batches).  Per-step losses and final full parameters must agree within
-:data:`RTOL`/:data:`ATOL`.
+per-rank batches).  Per-step losses, final parameters, buffers (batch-norm running
+statistics, as rank 0 holds them: DDP broadcasts rank 0's before every forward and
+the harness does the same for sharded plans) and optimizer state (momentum, Adam's
+moments and step) must agree.
+
+What the arithmetic decides
+---------------------------
+The runs add the same float32 numbers in different orders (all-reduce, reduce-scatter,
+a local sum), so every gradient carries a few ulps of rounding noise.  For most
+parameters that noise stays a few ulps of the parameter (:data:`RTOL`/:data:`ATOL`).
+It does not where a gradient is zero, or nearly so, in exact arithmetic: a Linear's
+bias feeding a BatchNorm (normalisation removes any per-feature shift), everything
+before a LayerNorm over one feature.  Then the float32 gradient *is* the noise, and
+a normalising optimizer (Adam, AdamW: ``m / (sqrt(v) + eps)``) turns noise of either
+sign into a step of the size of the learning rate.  The two runs step such an element
+differently and neither is wrong; no tolerance on the value can tell them apart from
+a bug without also hiding bugs everywhere else.
+
+So the reference run also computes every gradient in float64 at the same parameter
+values and data.  An element is *free* from the first step at which its float32
+gradient's relative rounding error ``rho`` could move an Adam update by more than a
+tenth of the tolerance (``lr * rho * NOISE_MARGIN > atol``), and stays free (its
+moments carry the noise from then on).  A gradient that is exactly zero in both
+precisions (an embedding row no token used, the weights behind a dead ReLU) is no
+noise: Adam does not move it, and it is judged strictly.
+For a free element the arithmetic still fixes how far it can have moved: Adam's
+bias-corrected ``|m_hat| / sqrt(v_hat)`` is at most :func:`adam_step_bound` for any
+gradient sequence, so two runs differ by at most ``2 * lr * adam_step_bound(t)`` per
+step since it became free, and that is what a free element is checked against.  Every
+other element keeps the strict tolerance.  Under SGD a noisy gradient makes a noisy
+step (``lr`` times a few ulps) and nothing is free.  A batch-norm buffer whose input a
+free parameter element reaches (:meth:`~dcprop.specs.ModelSpec.feeding`) is not
+decided by the arithmetic either: its running mean and variance are not compared, its
+batch count is.  Optimizer state needs no exception: the moments of noise are noise.
+
+The other properties that train compare runs with the same arithmetic (roundtrip,
+finetune_resume: bitwise against an uninterrupted run on the same topology, whose
+noise is the same noise) or compare only a forward pass on loaded, bitwise-equal
+parameters (reshard's step after resharding), so none of them meets free elements.
+
+Mixed precision (FSDP1 on GPU)
+------------------------------
+bf16 keeps 8 significant bits (relative rounding 2**-8 = 4e-3), fp16 11 (5e-4); with
+``param_dtype``, ``reduce_dtype`` and ``buffer_dtype`` low, each gradient element is
+off by a few roundings, ~1e-2 relative for bf16, while the parameters and Adam's step
+stay in float32.  A tolerance on parameter *values* of that size (``2e-2 * |p|``, with
+``|p| ~ 0.3``: 6e-3) would hide what the bugs do to a few steps of ``lr <= 0.1``
+updates.  So mixed runs compare *updates* (final minus initial value):
+:data:`MIXED_RTOL` = 10% of the reference's update is several times the bf16 error,
+and well below a dropped gradient (one of at most four data-parallel ranks' rows: 25%
+of the update and up), a frozen layer stepped anyway (the whole update, against an
+update of exactly 0), a skipped step (the whole update) or a wrong shard (the value,
+not just the update).  The free-element rule above runs with the low precision's
+rounding (``rho`` scaled by its unit roundoff over float32's).
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any
 
+import attrs
 import torch
 
 from dcprop import build
 from dcprop import specs as S
-from dcprop.compare import assert_same
+from dcprop.compare import assert_same, full_values
 from dcprop.errors import PropertyFailure
 from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, batch_rows, setup
 
-__all__ = ["ATOL", "RTOL", "ddp_parity", "reference_run"]
+__all__ = [
+    "ATOL",
+    "MIXED_ATOL",
+    "MIXED_RTOL",
+    "RTOL",
+    "Reference",
+    "Tolerance",
+    "adam_step_bound",
+    "compare_trained",
+    "ddp_parity",
+    "reference_run",
+]
 
-# Why these: the three runs add the same float32 numbers in different orders
-# (all-reduce vs reduce-scatter vs a local sum), an error of a few ulps per step
-# (~1e-7 relative) that Adam can grow by its 1/sqrt(v) normalisation over a
-# handful of steps.  1e-4 relative sits three orders above that and far below a
+# float32 reassociation: a few ulps per step (~1e-7 relative), grown by Adam's 1/sqrt(v)
+# over a handful of steps; 1e-4 relative sits three orders above that and far below a
 # dropped gradient, a wrong shard or a skipped frozen layer (order 1e-2 and up).
 RTOL = 1e-4
 ATOL = 1e-5
-# fp16/bf16 mixed precision (FSDP1 on GPU) rounds every op to 3 significant digits.
-MIXED_RTOL = 2e-2
-MIXED_ATOL = 2e-3
+# Mixed precision: relative to each element's update (see the module docstring).
+MIXED_RTOL = 1e-1
+MIXED_ATOL = 1e-5
+# A bf16 forward pass: the loss is off by ~2**-8 per op.
+MIXED_LOSS_RTOL = 2e-2
+# How far below the tolerance an element's rounding-driven update must stay to be judged.
+NOISE_MARGIN = 10.0
+
+_UNIT_ROUNDOFF = {
+    None: torch.finfo(torch.float32).eps / 2,
+    "bf16": torch.finfo(torch.bfloat16).eps / 2,
+    "fp16": torch.finfo(torch.float16).eps / 2,
+}
+_FULL: dict[str, Any] = dict(
+    full_state_dict=True,
+    cpu_offload=False,
+    broadcast_from_rank0=False,
+    flatten_optimizer_state_dict=False,
+    ignore_frozen_params=False,
+)
+
+
+@attrs.frozen
+class Tolerance:
+    """How closely a run must match: ``rtol``/``atol`` on values, or (``on_updates``)
+    ``rtol`` relative to each parameter's update; ``loss_rtol`` for per-step losses."""
+
+    rtol: float
+    atol: float
+    loss_rtol: float
+    on_updates: bool = False
+    mixed: str | None = None
+
+    @classmethod
+    def of(cls, scenario: S.Scenario) -> Tolerance:
+        plan = scenario.save.plan
+        if isinstance(plan, S.FSDP1Plan) and plan.mixed_precision:
+            return cls(MIXED_RTOL, MIXED_ATOL, MIXED_LOSS_RTOL, True, plan.mixed_precision)
+        return cls(RTOL, ATOL, RTOL)
+
+    def __str__(self) -> str:
+        of = " of the update" if self.on_updates else ""
+        return f"rtol={self.rtol:g}{of}, atol={self.atol:g}"
+
+
+@attrs.frozen
+class Reference:
+    """The single-process run: its losses, its initial parameters, its final state
+    (flattened like ``full_values(get_state_dict(...))``), and per parameter element the
+    step from which the element is free (``steps`` where it never is)."""
+
+    losses: list[float]
+    initial: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    free_since: dict[str, torch.Tensor]
 
 
 def ddp_parity(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
@@ -42,80 +158,281 @@ def ddp_parity(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> 
     ddp_topology = S.Topology(world, S.MeshSpec((world,), ("world",)), S.DDPPlan())
     ddp = Job(ctx, scenario, ddp_topology, hooks=hooks)
     steps = scenario.training.steps
-    rtol, atol = _tolerance(scenario)
+    tol = Tolerance.of(scenario)
 
-    runs = {"sharded": [], "ddp": []}  # type: dict[str, list[float]]
+    runs: dict[str, list[float]] = {"sharded": [], "ddp": []}
     for _ in range(steps):
         runs["sharded"].append(sharded.train_step())
         runs["ddp"].append(ddp.train_step())
-    reference_losses, reference_params = reference_run(
-        scenario, sharded.shard.parts, sharded.rows, ctx.device, hooks
+    reference = reference_run(
+        scenario, sharded.shard.parts, sharded.rows, ctx.device, hooks, tol=tol
     )
-    runs["reference"] = reference_losses
+    runs["reference"] = reference.losses
 
     # Batch statistics depend on how rows are split: compare DDP only on the same split.
     compare_ddp = (
         not scenario.model.has_batch_statistics() or ddp.shard.parts == sharded.shard.parts
     )
-    for other in ("ddp", "reference") if compare_ddp else ("reference",):
+    others = ("ddp", "reference") if compare_ddp else ("reference",)
+    for other in others:
         for step, (a, b) in enumerate(zip(runs[other], runs["sharded"])):
-            if not _close(a, b, rtol, atol):
+            if abs(a - b) > tol.atol + tol.loss_rtol * abs(a):
                 raise PropertyFailure(
                     f"step {step}: {scenario.save.plan_kind} loss {b!r} != {other} loss {a!r} "
-                    f"(rtol={rtol:g}, atol={atol:g}) on rank {ctx.rank}; losses so far: "
-                    f"sharded {runs['sharded'][: step + 1]}, {other} {runs[other][: step + 1]}"
+                    f"(rtol={tol.loss_rtol:g}, atol={tol.atol:g}) on rank {ctx.rank}; losses "
+                    f"so far: sharded {runs['sharded'][: step + 1]}, "
+                    f"{other} {runs[other][: step + 1]}"
                 )
-    final = sharded.full_parameters()
-    assert_same(
-        reference_params,
-        final,
-        what=f"parameters after {steps} steps, "
-        f"{scenario.save.plan_kind} vs single-process reference",
-        rank=ctx.rank,
-        rtol=rtol,
-        atol=atol,
-    )
+    final = _trained_state(sharded)
+    kind = scenario.save.plan_kind
+    compare_trained(
+        scenario, reference, reference.state, final, tol,
+        what=f"state after {steps} steps, {kind} vs single-process reference", rank=ctx.rank,
+    )  # fmt: skip
     if compare_ddp:
-        assert_same(
-            ddp.full_parameters(),
-            final,
-            what=f"parameters after {steps} steps, {scenario.save.plan_kind} vs DDP",
-            rank=ctx.rank,
-            rtol=rtol,
-            atol=atol,
-        )
+        compare_trained(
+            scenario, reference, _trained_state(ddp), final, tol,
+            what=f"state after {steps} steps, {kind} vs DDP", rank=ctx.rank,
+        )  # fmt: skip
     return {"losses": runs["sharded"]}
 
 
+def _trained_state(job: Job) -> dict[str, Any]:
+    """Full parameters, buffers and optimizer state, flattened (collective)."""
+    state = full_values(job.state(**_FULL))
+    params = {f"model/{k}": v for k, v in job.full_parameters().items()}
+    return {**{k: v for k, v in state.items() if not _is_param_groups(k)}, **params}
+
+
+def _is_param_groups(key: str) -> bool:
+    return key.startswith("optim/param_groups")
+
+
+# ----------------------------------------------------------------- the reference run
+
+
 def reference_run(
-    scenario: S.Scenario, parts: int, rows: int, device: Any, hooks: Hooks = DEFAULT_HOOKS
-) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train in this process alone, replaying ``parts`` data-parallel ranks per step."""
+    scenario: S.Scenario,
+    parts: int,
+    rows: int,
+    device: Any,
+    hooks: Hooks = DEFAULT_HOOKS,
+    *,
+    tol: Tolerance | None = None,
+) -> Reference:
+    """Train in this process alone, replaying ``parts`` data-parallel ranks per step.
+
+    Buffers keep what the first part's forward made of them, as rank 0's do.  Under a
+    normalising optimizer a float64 twin computes each step's exact gradients to find
+    the free elements (see the module docstring)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tol = tol or Tolerance.of(scenario)
     module = hooks.model_factory(scenario.model, scenario.seed, device, scenario.frozen)
     optimizer = build.optimizer_for(module.parameters(), scenario.optimizer)
+    initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
+    steps = scenario.training.steps
+    free_since = {n: torch.full(p.shape, steps) for n, p in initial.items()}
+    normalising = scenario.optimizer.kind != "sgd"
     losses = []
-    for step in range(scenario.training.steps):
-        total = 0.0
+    for step in range(steps):
+        twin = _float64_twin(module) if normalising else None
+        total, width, kept = 0.0, 1, None
         for index in range(parts):
             x, _ = batch_rows(scenario.model, scenario.training, step, index, parts, rows, device)
-            out = module(x).float().square()
-            width = out.shape[-1]
-            part_sum = out.sum()
-            (part_sum / (rows * width)).backward()
+            part_sum, width = _backward(module, x, rows)
             total += float(part_sum.detach().to(torch.float64).item())
+            if twin is not None:
+                _backward(twin, x.double() if x.is_floating_point() else x, rows)
+            if index == 0:
+                kept = copy.deepcopy(dict(module.named_buffers()))
+        if twin is not None:
+            _mark_free(module, twin, scenario.optimizer, tol, step, free_since)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, buf in module.named_buffers():
+                buf.copy_(kept[name])  # type: ignore[index]
         losses.append(total / (rows * width))
-    params = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
-    return losses, params
+    msd, osd = get_state_dict(module, optimizer, options=_state_options())
+    state = full_values({"model": msd, "optim": osd})
+    state = {k: v for k, v in state.items() if not _is_param_groups(k)}
+    return Reference(losses, initial, state, free_since)
 
 
-def _tolerance(scenario: S.Scenario) -> tuple[float, float]:
-    plan = scenario.save.plan
-    if isinstance(plan, S.FSDP1Plan) and plan.mixed_precision:
-        return MIXED_RTOL, MIXED_ATOL
-    return RTOL, ATOL
+def _state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**_FULL)
 
 
-def _close(a: float, b: float, rtol: float, atol: float) -> bool:
-    return abs(a - b) <= atol + rtol * abs(a)
+def _backward(module: torch.nn.Module, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
+    out = module(x)
+    out = out.to(torch.promote_types(out.dtype, torch.float32)).square()
+    width = out.shape[-1]
+    part_sum = out.sum()
+    (part_sum / (rows * width)).backward()
+    return part_sum, width
+
+
+def _float64_twin(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` in float64 at its current values (train mode, no gradients yet)."""
+    twin = copy.deepcopy(module).double()
+    for p in twin.parameters():
+        p.grad = None
+    return twin
+
+
+def _mark_free(
+    module: torch.nn.Module,
+    twin: torch.nn.Module,
+    spec: S.OptimizerSpec,
+    tol: Tolerance,
+    step: int,
+    free_since: dict[str, torch.Tensor],
+) -> None:
+    """Record which elements become free at ``step``: their gradient's relative rounding
+    error (float32 vs float64, scaled to the run's precision) could move an update by
+    ``atol / NOISE_MARGIN`` or more."""
+    scale = _UNIT_ROUNDOFF[tol.mixed] / _UNIT_ROUNDOFF[None]
+    coupled_decay = spec.weight_decay if spec.kind == "adam" else 0.0
+    twins = dict(twin.named_parameters())
+    for name, p in module.named_parameters():
+        exact_grad = twins[name].grad
+        if p.grad is None or exact_grad is None:
+            continue
+        exact = exact_grad.detach().cpu() + coupled_decay * twins[name].detach().cpu()
+        noise = (p.grad.detach().cpu().double() + coupled_decay * p.detach().cpu().double()) - exact
+        free = noise.abs() * (scale * spec.lr * NOISE_MARGIN) > exact.abs() * tol.atol
+        since = free_since[name]
+        since[free & (since > step)] = step
+
+
+def adam_step_bound(step: int, betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """The largest ``|m_hat| / sqrt(v_hat)`` of Adam's ``step``-th update (1-based), over
+    all gradient sequences: ``m_hat = sum w_i g_i`` and ``v_hat = sum u_i g_i**2`` with
+    bias-corrected weights, so by Cauchy-Schwarz it is ``sqrt(sum w_i**2 / u_i)``."""
+    b1, b2 = betas
+    total = 0.0
+    for age in range(step):
+        w = (1 - b1) * b1**age / (1 - b1**step)
+        u = (1 - b2) * b2**age / (1 - b2**step)
+        total += w * w / u
+    return math.sqrt(total)
+
+
+# ----------------------------------------------------------------------- comparing
+
+
+def compare_trained(
+    scenario: S.Scenario,
+    reference: Reference,
+    expected: dict[str, Any],
+    actual: dict[str, Any],
+    tol: Tolerance,
+    *,
+    what: str,
+    rank: int,
+) -> None:
+    """``actual`` matches ``expected`` (both flattened trained states) within ``tol``,
+    free elements within their step bound and undecided buffers by their count only."""
+    allowance = _allowances(scenario, reference)
+    undecided = _undecided_buffers(scenario, allowance)
+    strict_e: dict[str, Any] = {}
+    strict_a: dict[str, Any] = {}
+    for key in sorted(set(expected) | set(actual)):
+        if key not in expected or key not in actual:  # assert_same names the missing side
+            strict_e.update({key: expected[key]} if key in expected else {})
+            strict_a.update({key: actual[key]} if key in actual else {})
+            continue
+        e, a = expected[key], actual[key]
+        name = key[len("model/") :] if key.startswith("model/") else None
+        if name in undecided:
+            continue
+        canonical = _canonical(scenario.model).get(name or "")
+        if canonical is not None and isinstance(e, torch.Tensor) and e.shape == a.shape:
+            bound = allowance[canonical]
+            _check_free(key, e, a, bound, tol, what, rank)
+            decided = bound == 0
+            if tol.on_updates:
+                start = reference.initial[canonical]
+                e, a, key = e - start, a - start, f"{key} (update)"
+            e, a = e[decided], a[decided]
+        strict_e[key], strict_a[key] = e, a
+    if tol.on_updates:
+        _assert_updates(strict_e, strict_a, tol, what, rank)
+    else:
+        assert_same(strict_e, strict_a, what=what, rank=rank, rtol=tol.rtol, atol=tol.atol)
+
+
+def _allowances(scenario: S.Scenario, reference: Reference) -> dict[str, torch.Tensor]:
+    """Per parameter element: how far two runs may differ because the element is free
+    (0 where it never is)."""
+    steps = scenario.training.steps
+    lr = scenario.optimizer.lr
+    # after[t]: the most two runs can drift apart from step t (0-based) to the end
+    after = [2 * lr * sum(adam_step_bound(s + 1) for s in range(t, steps)) for t in range(steps)]
+    after.append(0.0)
+    table = torch.tensor(after, dtype=torch.float64)
+    return {name: table[since] for name, since in reference.free_since.items()}
+
+
+def _undecided_buffers(scenario: S.Scenario, allowance: dict[str, torch.Tensor]) -> set[str]:
+    """Running statistics of a batch norm that a free parameter element feeds."""
+    free = {name for name, bound in allowance.items() if bool((bound > 0).any())}
+    if not free:
+        return set()
+    out = set()
+    for path, layer in scenario.model.modules():
+        if isinstance(layer, S.BatchNorm) and scenario.model.feeding(path) & free:
+            out |= {f"{path}.running_mean" if path else "running_mean"}
+            out |= {f"{path}.running_var" if path else "running_var"}
+    return out
+
+
+def _canonical(model: S.ModelSpec) -> dict[str, str]:
+    return {alias: fqn for fqn, names in model.aliases().items() for alias in names}
+
+
+def _check_free(
+    key: str,
+    expected: torch.Tensor,
+    actual: torch.Tensor,
+    bound: torch.Tensor,
+    tol: Tolerance,
+    what: str,
+    rank: int,
+) -> None:
+    free = bound > 0
+    if not bool(free.any()):
+        return
+    excess = (actual.double() - expected.double()).abs() - bound - tol.atol
+    excess[~free] = -1
+    if bool((excess > 0).any()):
+        i = int(excess.flatten().argmax())
+        raise PropertyFailure(
+            f"{what} on rank {rank}: {key} element {i} is free (its gradient is rounding "
+            f"noise) but moved further than any optimizer step allows: expected "
+            f"{expected.flatten()[i].item():.8g}, got {actual.flatten()[i].item():.8g}, "
+            f"bound {bound.flatten()[i].item():.6g}"
+        )
+
+
+def _assert_updates(
+    expected: dict[str, Any], actual: dict[str, Any], tol: Tolerance, what: str, rank: int
+) -> None:
+    """Mixed precision: parameter updates relative to the reference's update; buffers and
+    optimizer state relative to their value."""
+    updates = [k for k in expected if k.endswith(" (update)")]
+    for key in updates:
+        e, a = expected[key].double(), actual[key].double()
+        bad = (a - e).abs() > tol.atol + tol.rtol * e.abs()
+        if bool(bad.any()):
+            i = int(bad.flatten().nonzero()[0])
+            raise PropertyFailure(
+                f"{what} on rank {rank}: {key} element {i}: expected "
+                f"{e.flatten()[i].item():.8g}, got {a.flatten()[i].item():.8g} ({tol})"
+            )
+    rest_e = {k: v for k, v in expected.items() if k not in updates}
+    rest_a = {k: v for k, v in actual.items() if k not in updates}
+    assert_same(rest_e, rest_a, what=what, rank=rank, rtol=MIXED_LOSS_RTOL, atol=tol.atol)

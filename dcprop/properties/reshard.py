@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from dcprop import specs as S
-from dcprop.compare import assert_same, full_values
+from dcprop.compare import assert_same, full_values, local_values
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup
+from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, setup
+from dcprop.properties.roundtrip import check_frozen_absent
 
 __all__ = ["STEP_RTOL", "reshard"]
 
@@ -36,6 +37,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
             for _ in range(scenario.training.steps):
                 a.train_step()
             state = a.state()
+            _check_frozen_absent(a)
             a.save(state, "ckpt")
             expected = full_values(a.state(**_FULL))
             next_loss = a.train_step()
@@ -46,9 +48,8 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
     if failed is not None:
         raise failed
 
-    # Parameters that the checkpoint may leave out must start equal under B.
-    seed = scenario.seed if _frozen_skipped(scenario) else scenario.seed + 1
-    b = setup(ctx, scenario, scenario.load_topology, seed=seed, hooks=hooks)
+    # A seed of its own: a value the load never wrote cannot pass for one it did.
+    b = setup(ctx, scenario, scenario.load_topology, seed=scenario.seed + 1, hooks=hooks)
     if b is None:
         return {}
     reference: dict[str, Any] = {}
@@ -56,19 +57,25 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         part = torch.load(_expected_file(ctx, r), weights_only=False)
         reference.setdefault("loss", part["loss"])
         reference.setdefault("state", {}).update(part["state"])
+    _check_frozen_absent(b)
+    skipped = _skipped(scenario)
+    own_initial = {k: v for k, v in full_values(b.state(**_FULL)).items() if k in skipped}
     if scenario.save.state_dict.ignore_frozen_params:  # B can neither read nor require them
         b.restore("ckpt", ignore_frozen_params=True)
     else:
         b.restore("ckpt")
-    loaded = _comparable(full_values(b.state(**_FULL)), scenario)
-    expected = _owned(_comparable(reference["state"], scenario), loaded, b.topology)
+    loaded = full_values(b.state(**_FULL))
+    # what is deliberately not in the checkpoint keeps B's own initial values
+    expected = {**_comparable(reference["state"]), **own_initial}
     assert_same(
-        expected,
-        loaded,
+        _owned(expected, b.topology.plan, _expert_coordinate(b)),
+        _comparable(loaded),
         what=f"full state after resharding {_describe(scenario.save)} -> "
         f"{_describe(scenario.load_topology)}",
         rank=ctx.rank,
     )
+    if skipped:  # the step compares functions: frozen weights come from A, as in fine-tuning
+        _set_full(b, {k: v for k, v in reference["state"].items() if k in own_initial})
     b.steps_taken = scenario.training.steps
     loss = b.train_step()
     # Batch statistics depend on the split of rows; an expert layout on either side
@@ -103,29 +110,48 @@ def _expected_file(ctx: Any, rank: int) -> str:
     return os.path.join(ctx.tmpdir, f"expected-rank{rank}.pt")
 
 
-def _frozen_skipped(scenario: S.Scenario) -> bool:
-    return any(t.state_dict.ignore_frozen_params for t in (scenario.save, scenario.load_topology))
+def _skipped(scenario: S.Scenario) -> frozenset[str]:
+    """Flattened keys deliberately not in the checkpoint: frozen parameters when either
+    side's options skip them."""
+    if not any(t.state_dict.ignore_frozen_params for t in (scenario.save, scenario.load_topology)):
+        return frozenset()
+    return frozenset(f"model/{name}" for name in scenario.frozen_state_dict_names)
 
 
-def _owned(expected: dict[str, Any], loaded: dict[str, Any], topology: S.Topology) -> dict:
-    """Under an expert layout a rank holds only its own experts: expect exactly those."""
-    plan = topology.plan
+def _check_frozen_absent(job: Job) -> None:
+    """Under ignore_frozen_params no frozen name is in the job's state dict: checked on a
+    state dict every rank holds (cpu_offload keeps a full one on rank 0 only), so every
+    rank raises or none does."""
+    if job.topology.state_dict.ignore_frozen_params:
+        check_frozen_absent(job, local_values(job.state(cpu_offload=False)))
+
+
+def _owned(expected: dict[str, Any], plan: S.Plan, coordinate: int | None) -> dict[str, Any]:
+    """Under an expert layout a rank holds only its own expert, the one at its
+    ``coordinate`` on the expert dim of the mesh: expect exactly that one."""
     if not (isinstance(plan, S.FSDP2Plan) and plan.experts):
         return expected
-    experts = plan.experts.module + "."
-    return {k: v for k, v in expected.items() if experts not in k or k in loaded}
+    experts = f"/{plan.experts.module}."
+    mine = f"{experts}{coordinate}."
+    return {k: v for k, v in expected.items() if experts not in "/" + k or mine in "/" + k}
 
 
-def _comparable(values: dict[str, Any], scenario: S.Scenario) -> dict[str, Any]:
-    """Entries both topologies must agree on: frozen parameters are left out when either
-    side's options skip them (then they are deliberately not in the checkpoint)."""
-    frozen = scenario.frozen_state_dict_names if _frozen_skipped(scenario) else frozenset()
-    out = {}
-    for k, v in values.items():
-        if k.split("/", 1)[-1] in frozen or _PARAM_LIST.match(k):
-            continue
-        out[k] = v
-    return out
+def _expert_coordinate(job: Job) -> int | None:
+    experts = getattr(job.topology.plan, "experts", None)
+    return None if experts is None else job.mesh.get_local_rank(experts.dim)
+
+
+def _comparable(values: dict[str, Any]) -> dict[str, Any]:
+    """Which FQNs a param group lists is layout (a rank lists only its own experts)."""
+    return {k: v for k, v in values.items() if not _PARAM_LIST.match(k)}
+
+
+def _set_full(job: Job, values: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = {k[len("model/") :]: v.to(job.ctx.device) for k, v in values.items()}
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(job.model, full, options=options)
 
 
 def _describe(t: S.Topology) -> str:
