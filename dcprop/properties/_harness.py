@@ -21,6 +21,9 @@ from torch import nn
 from dcprop import build
 from dcprop import specs as S
 from dcprop.checkpointer import Checkpointer, DCPCheckpointer
+from dcprop.contract import Contract
+from dcprop.errors import PropertyFailure
+from dcprop.runner.execute import PeerFailed
 
 __all__ = ["Hooks", "Job", "setup"]
 
@@ -89,13 +92,14 @@ class Job:
         self.topology = topology
         self.spec = model or scenario.model
         self.hooks = hooks
+        self.frozen = scenario.frozen if frozen is None else frozen
         self.mesh = ctx.mesh(topology.mesh)
         self.group = ctx.group(topology.world_size)
         module = hooks.model_factory(
             self.spec,
             scenario.seed if seed is None else seed,
             ctx.device,
-            scenario.frozen if frozen is None else frozen,
+            self.frozen,
         )
         self.model = build.wrap(
             module,
@@ -160,6 +164,34 @@ class Job:
         opts = state_dict_options(options or self.topology.state_dict, **overrides)
         msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
         return {"model": msd, "optim": osd}
+
+    def check_keys(
+        self,
+        state: dict[str, Any],
+        when: str,
+        options: S.StateDictSpec | None = None,
+        **overrides: Any,
+    ) -> None:
+        """Check ``state`` (from :meth:`state` with the same arguments) against the key
+        contract: the entries the spec says this rank's state dict holds."""
+        spec = attrs.evolve(options or self.topology.state_dict, **overrides)
+        contract = Contract(
+            self.spec, self.frozen, self.scenario.optimizer, self.topology, spec, self.rank
+        )
+        try:
+            contract.check(state, when)
+        except PropertyFailure:
+            self.agree(False, f"the key check {when}")
+            raise
+        self.agree(True, f"the key check {when}")
+
+    def agree(self, ok: bool, what: str) -> None:
+        """Like the runner's ``ctx.agree``, over this job's ranks (a sub-world's job
+        cannot wait for ranks outside it)."""
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self.group)
+        if flag.item() and ok:
+            raise PeerFailed(f"another rank failed during {what}")
 
     def apply(
         self, state: dict[str, Any], options: S.StateDictSpec | None = None, **overrides: Any

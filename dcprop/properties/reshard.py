@@ -36,6 +36,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
             for _ in range(scenario.training.steps):
                 a.train_step()
             state = a.state()
+            a.check_keys(state, "before save")
             a.save(state, "ckpt")
             expected = full_values(a.state(**_FULL))
             next_loss = a.train_step()
@@ -60,7 +61,8 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         b.restore("ckpt", ignore_frozen_params=True)
     else:
         b.restore("ckpt")
-    loaded = _comparable(full_values(b.state(**_FULL)), scenario)
+    after = b.state(**_FULL)
+    loaded = _comparable(full_values(after), scenario)
     expected = _owned(_comparable(reference["state"], scenario), loaded, b.topology)
     assert_same(
         expected,
@@ -69,6 +71,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         f"{_describe(scenario.load_topology)}",
         rank=ctx.rank,
     )
+    b.check_keys(after, "after load", **_FULL)
     b.steps_taken = scenario.training.steps
     loss = b.train_step()
     # Batch statistics depend on the split of rows; an expert layout on either side
