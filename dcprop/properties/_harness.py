@@ -150,9 +150,8 @@ class Job:
 
     def sync_buffers(self) -> None:
         """Make plain (non-DTensor) buffers equal on every rank, as DDP does before each
-        forward: DCP saves one copy of a replicated tensor, so copies must agree."""
-        if isinstance(self.topology.plan, S.DDPPlan):
-            return
+        forward: DCP saves one copy of a replicated tensor, so copies must agree.  DDP
+        too: it syncs before the next forward, so after a step its copies differ."""
         for _, buf in self.model.named_buffers():
             if not hasattr(buf, "to_local") and buf.numel():
                 dist.broadcast(buf, group_src=0, group=self.group)
@@ -254,9 +253,11 @@ class Job:
         return out
 
     def perturb(self, keep: Callable[[str], bool] = lambda name: False) -> None:
-        """Change every parameter, buffer and optimizer state entry on this rank (except
+        """Change every parameter, buffer, optimizer state entry and optimizer
+        hyperparameter (lr, betas, eps, weight decay, momentum, ...) on this rank (except
         parameter names for which ``keep`` is true), so that a load that restores
-        nothing cannot pass for one that restores everything."""
+        nothing cannot pass for one that restores everything.  The changed
+        hyperparameters are never stepped with: the load replaces them."""
         g = torch.Generator().manual_seed(1_000_003 + self.steps_taken)
         with torch.no_grad():
             for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
@@ -266,6 +267,13 @@ class Job:
                 for value in param_state.values():
                     if isinstance(value, torch.Tensor):
                         _shift(value, g)
+        for group in self.optimizer.param_groups:
+            for key, value in group.items():
+                # Zero momentum means no momentum buffers; get_state_dict steps a
+                # stateless optimizer once, which under a non-zero one would create
+                # buffers that the checkpoint never had.
+                if key != "params" and not (key == "momentum" and not value):
+                    group[key] = _nudge(value)
 
 
 def _shift(t: torch.Tensor, g: torch.Generator) -> None:
@@ -277,6 +285,17 @@ def _shift(t: torch.Tensor, g: torch.Generator) -> None:
         local.add_(noise + 0.5)
     else:
         local.add_(1)
+
+
+def _nudge(value: Any) -> Any:
+    """A different value of a hyperparameter's type: numbers change, flags stay."""
+    if isinstance(value, tuple):
+        return tuple(_nudge(x) for x in value)
+    if isinstance(value, float):
+        return value * 1.5 + 0.25
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value + 1
+    return value
 
 
 _WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
