@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -59,6 +59,11 @@ class Contract:
     options: S.StateDictSpec
     rank: int
 
+    def top_keys(self) -> frozenset[str]:
+        """What the harness saves: the LR scheduler beside model and optimizer."""
+        scheduler = ("scheduler",) if self.optimizer.scheduler else ()
+        return frozenset(("model", "optim", *scheduler))
+
     def model_keys(self) -> frozenset[str]:
         if self._off_rank0(full_only=self.options.cpu_offload):
             return frozenset()
@@ -76,7 +81,8 @@ class Contract:
             return frozenset()
         frozen = set(self.frozen)
         trained = [n for n in self.model.parameter_names() if n not in frozen and self._owns(n)]
-        names = [*_state_names(self.optimizer), *(f"/{h}" for h in hyperparameters(self.optimizer))]
+        hyper = _fresh(self.optimizer).hyperparameters
+        names = [*_state_names(self.optimizer), *(f"/{h}" for h in hyper)]
         return frozenset(
             f"param_groups.{fqn}.{n[1:]}" if n.startswith("/") else f"state.{fqn}.{n}"
             for fqn in trained
@@ -85,7 +91,7 @@ class Contract:
 
     def check(self, state: Mapping[str, Any], when: str) -> None:
         """Raise :class:`PropertyFailure` naming each missing and unexpected key."""
-        problems = []
+        problems = _differences("state", self.top_keys(), set(state))
         if "model" in state:
             model = set(state["model"])
             self._check_frozen_absent(model, when)
@@ -94,6 +100,9 @@ class Contract:
             flat = self.options.flatten_optimizer_state_dict
             found = optimizer_entries(state["optim"], flattened=flat)
             problems += _differences("optimizer", self.optimizer_keys(), found)
+        if "scheduler" in state:
+            found = set(state["scheduler"])
+            problems += _differences("scheduler", _fresh(self.optimizer).scheduler_keys, found)
         if problems:
             raise PropertyFailure(
                 f"state dict {when} on rank {self.rank} breaks the key contract of "
@@ -170,13 +179,23 @@ def _state_names(spec: S.OptimizerSpec) -> tuple[str, ...]:
     return _STATE_NAMES[kind]
 
 
+class _Fresh(NamedTuple):
+    hyperparameters: tuple[str, ...]
+    scheduler_keys: frozenset[str]
+
+
 @functools.lru_cache(maxsize=64)
-def hyperparameters(spec: S.OptimizerSpec) -> tuple[str, ...]:
-    """The names in one param group of the optimizer ``spec`` builds (torch's defaults
-    for its kind: lr, betas, eps, foreach, ...), ``params`` aside."""
+def _fresh(spec: S.OptimizerSpec) -> _Fresh:
+    """What the optimizer and LR scheduler that ``spec`` builds hold whatever they train:
+    the names in a param group (torch's for the kind: lr, betas, eps, foreach, ...;
+    ``initial_lr`` under a scheduler), ``params`` aside, and the scheduler's keys."""
     import torch
 
     from dcprop import build
 
     optimizer = build.optimizer_for([torch.nn.Parameter(torch.zeros(1))], spec)
-    return tuple(sorted(k for k in optimizer.param_groups[0] if k != "params"))
+    scheduler = build.scheduler_for(optimizer, spec)
+    return _Fresh(
+        tuple(sorted(k for k in optimizer.param_groups[0] if k != "params")),
+        frozenset(scheduler.state_dict() if scheduler is not None else ()),
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -109,6 +109,7 @@ class Job:
             device=ctx.device,
         )
         self.optimizer = build.optimizer_for(self.model.parameters(), scenario.optimizer)
+        self.scheduler = build.scheduler_for(self.optimizer, scenario.optimizer)
         self.shard = build.data_shard(topology, self.mesh)
         self.rows = global_rows(scenario)
         self.steps_taken = 0
@@ -141,12 +142,24 @@ class Job:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.steps_taken += 1
         self.sync_buffers()
         summed = total.detach().reshape(1).to(torch.float64).cpu()
         dist.all_reduce(summed, group=self.group)
         replicas = self.topology.world_size // self.shard.parts  # tensor-parallel copies
         return float(summed.item() / replicas / (self.rows * width))
+
+    def lrs(self) -> list[float]:
+        """The learning rate of each param group: what the next step will use."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def next_step(self) -> NextStep:
+        """One :meth:`train_step`, with the learning rates around it."""
+        before = self.lrs()
+        loss = self.train_step()
+        return NextStep(before, loss, self.lrs())
 
     def sync_buffers(self) -> None:
         """Make plain (non-DTensor) buffers equal on every rank, as DDP does before each
@@ -157,12 +170,16 @@ class Job:
                 dist.broadcast(buf, group_src=0, group=self.group)
 
     def state(self, options: S.StateDictSpec | None = None, **overrides: Any) -> dict[str, Any]:
-        """``{"model": ..., "optim": ...}`` from ``get_state_dict``."""
+        """``{"model": ..., "optim": ...}`` from ``get_state_dict``, and the LR scheduler's
+        ``state_dict()`` under ``"scheduler"`` if there is one."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         opts = state_dict_options(options or self.topology.state_dict, **overrides)
         msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
-        return {"model": msd, "optim": osd}
+        state = {"model": msd, "optim": osd}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def check_keys(
         self,
@@ -203,6 +220,8 @@ class Job:
             set_state_dict,
         )
 
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         spec = options or self.topology.state_dict
         if spec.ignore_frozen_params or overrides.get("ignore_frozen_params"):
             # frozen parameters are deliberately absent: a strict load_state_dict would
@@ -274,6 +293,9 @@ class Job:
                 # buffers that the checkpoint never had.
                 if key != "params" and not (key == "momentum" and not value):
                     group[key] = _nudge(value)
+        if self.scheduler is not None:
+            sched = self.scheduler.state_dict()
+            self.scheduler.load_state_dict({k: _nudge(v) for k, v in sched.items()})
 
 
 def _shift(t: torch.Tensor, g: torch.Generator) -> None:
@@ -289,8 +311,8 @@ def _shift(t: torch.Tensor, g: torch.Generator) -> None:
 
 def _nudge(value: Any) -> Any:
     """A different value of a hyperparameter's type: numbers change, flags stay."""
-    if isinstance(value, tuple):
-        return tuple(_nudge(x) for x in value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_nudge(x) for x in value)
     if isinstance(value, float):
         return value * 1.5 + 0.25
     if isinstance(value, int) and not isinstance(value, bool):
@@ -338,14 +360,23 @@ def load_template_overrides(options: S.StateDictSpec) -> dict[str, Any]:
     return {}
 
 
-def uninterrupted_next_loss(
+class NextStep(NamedTuple):
+    """A training step as a resumed run must repeat it: the learning rates it steps
+    with, its loss, and the learning rates it leaves for the step after."""
+
+    lrs: list[float]
+    loss: float
+    next_lrs: list[float]
+
+
+def uninterrupted_next_step(
     ctx: Any, scenario: S.Scenario, topology: S.Topology, hooks: Hooks
-) -> float:
-    """The loss of step ``training.steps`` in a fresh run that was never interrupted."""
+) -> NextStep:
+    """Step ``training.steps`` of a fresh run that was never interrupted."""
     twin = Job(ctx, scenario, topology, hooks=hooks)
     for _ in range(scenario.training.steps):
         twin.train_step()
-    return twin.train_step()
+    return twin.next_step()
 
 
 def setup(ctx: Any, scenario: S.Scenario, topology: S.Topology, **kwargs: Any) -> Job | None:

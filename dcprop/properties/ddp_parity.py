@@ -93,6 +93,7 @@ def reference_run(
     """Train in this process alone, replaying ``parts`` data-parallel ranks per step."""
     module = hooks.model_factory(scenario.model, scenario.seed, device, scenario.frozen)
     optimizer = build.optimizer_for(module.parameters(), scenario.optimizer)
+    scheduler = build.scheduler_for(optimizer, scenario.optimizer)
     losses = []
     for step in range(scenario.training.steps):
         total = 0.0
@@ -105,6 +106,8 @@ def reference_run(
             total += float(part_sum.detach().to(torch.float64).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         losses.append(total / (rows * width))
     params = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()}
     return losses, params

@@ -22,7 +22,7 @@ from dcprop.properties._harness import (
     Hooks,
     Job,
     setup,
-    uninterrupted_next_loss,
+    uninterrupted_next_step,
 )
 
 __all__ = ["check_roundtrip", "roundtrip"]
@@ -36,7 +36,7 @@ def roundtrip(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> d
     losses = [job.train_step() for _ in range(scenario.training.steps)]
     return check_roundtrip(
         job,
-        uninterrupted=lambda: uninterrupted_next_loss(ctx, scenario, scenario.save, hooks),
+        uninterrupted=lambda: uninterrupted_next_step(ctx, scenario, scenario.save, hooks),
         losses=losses,
     )
 
@@ -77,11 +77,11 @@ def check_roundtrip(
     job.check_keys(loaded, "after load")
 
     job.steps_taken -= 1  # the perturbing step is undone by the load: replay it
-    resumed = job.train_step()
+    resumed = job.next_step()
     expected = uninterrupted()
     if resumed != expected:
         raise PropertyFailure(
-            f"next step after load: loss {resumed!r} != {expected!r} from an "
+            f"next step after load: {resumed!r} != {expected!r} from an "
             f"uninterrupted run (rank {job.rank}, step {job.steps_taken - 1})"
         )
     return {"entries": len(saved), "losses": losses}

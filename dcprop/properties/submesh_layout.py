@@ -15,7 +15,7 @@ import torch
 from dcprop import specs as S
 from dcprop.contract import expert_coordinate
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup, uninterrupted_next_loss
+from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup, uninterrupted_next_step
 from dcprop.properties.roundtrip import check_roundtrip
 
 __all__ = ["expected_layout", "submesh_layout"]
@@ -38,7 +38,7 @@ def submesh_layout(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS)
 
     result = check_roundtrip(
         job,
-        uninterrupted=lambda: uninterrupted_next_loss(ctx, scenario, topology, hooks),
+        uninterrupted=lambda: uninterrupted_next_step(ctx, scenario, topology, hooks),
         losses=losses,
     )
     return {**result, "keys": len(expected)}

@@ -20,18 +20,23 @@ def _optimizers(draw: Any, kinds: tuple[str, ...]) -> S.OptimizerSpec:
     lr = draw(st.sampled_from((0.01, 0.1, 0.001)))
     momentum = draw(st.sampled_from((0.0, 0.9)))
     decay = draw(st.sampled_from((0.0, 0.01)))
+    scheduler = draw(st.sampled_from((None, *S.SCHEDULERS)))
+    period = draw(st.integers(1, 3))
+    factor = draw(st.sampled_from((0.5, 0.9)))
     return S.OptimizerSpec(
         kind,
         lr=lr,
         momentum=momentum if kind == "sgd" else 0.0,
         weight_decay=0.0 if kind == "adam" else decay,
+        scheduler=scheduler and S.SchedulerSpec(scheduler, period=period, factor=factor),
     )
 
 
 def optimizers(kinds: Any = OPTIMIZER_KINDS) -> st.SearchStrategy[S.OptimizerSpec]:
-    """SGD (with and without momentum), Adam, AdamW with weight decay.
+    """SGD (with and without momentum), Adam, AdamW with weight decay, each with or
+    without an LR scheduler (StepLR, LinearLR).
 
-    Shrinks toward plain SGD with lr 0.01.
+    Shrinks toward plain SGD with lr 0.01 and no scheduler.
     """
     return _optimizers(check_choices("kinds", kinds, OPTIMIZER_KINDS))
 
