@@ -104,9 +104,11 @@ class Contract:
             found = set(state["scheduler"])
             problems += _differences("scheduler", _fresh(self.optimizer).scheduler_keys, found)
         if problems:
+            # the first lines stay the same across shrink steps: they are the signature
             raise PropertyFailure(
-                f"state dict {when} on rank {self.rank} breaks the key contract of "
-                f"{self._describe()}:\n  " + "\n  ".join(problems)
+                f"state dict {when} on rank {self.rank} breaks the key contract:\n  "
+                + "\n  ".join(problems)
+                + f"\n  (the contract of {self._describe()})"
             )
 
     def _check_frozen_absent(self, keys: set[str], when: str) -> None:

@@ -20,16 +20,23 @@ def _optimizers(draw: Any, kinds: tuple[str, ...]) -> S.OptimizerSpec:
     lr = draw(st.sampled_from((0.01, 0.1, 0.001)))
     momentum = draw(st.sampled_from((0.0, 0.9)))
     decay = draw(st.sampled_from((0.0, 0.01)))
-    scheduler = draw(st.sampled_from((None, *S.SCHEDULERS)))
-    period = draw(st.integers(1, 3))
-    factor = draw(st.sampled_from((0.5, 0.9)))
     return S.OptimizerSpec(
         kind,
         lr=lr,
         momentum=momentum if kind == "sgd" else 0.0,
         weight_decay=0.0 if kind == "adam" else decay,
-        scheduler=scheduler and S.SchedulerSpec(scheduler, period=period, factor=factor),
+        scheduler=draw(st.sampled_from(_SCHEDULERS)),
     )
+
+
+# One draw, so that a scheduler costs the choice sequence (and shrinking) little.
+_SCHEDULERS = (
+    None,
+    S.SchedulerSpec("step"),
+    S.SchedulerSpec("linear", period=3),
+    S.SchedulerSpec("step", period=2, factor=0.9),
+    S.SchedulerSpec("linear", period=1, factor=0.9),
+)
 
 
 def optimizers(kinds: Any = OPTIMIZER_KINDS) -> st.SearchStrategy[S.OptimizerSpec]:
