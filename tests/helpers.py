@@ -218,6 +218,18 @@ class KeepLiveLR(_Faulty):
             mapping[key] = value
 
 
+class KeepLiveScheduler(_Faulty):
+    """Restores model and optimizer but leaves the LR scheduler's state as it was."""
+
+    def load(self, state_dict, path, *, group):
+        live = state_dict.pop("scheduler", None)
+        try:
+            super().load(state_dict, path, group=group)
+        finally:
+            if live is not None:
+                state_dict["scheduler"] = live
+
+
 class ZeroAsNaN(_Faulty):
     """Loads every floating-point zero as NaN (as a reader of uninitialised memory would)."""
 
@@ -244,6 +256,7 @@ INJECTIONS = {
     "drop_buffers": DropBuffers(),
     "zero_frozen": ZeroFrozen(),
     "keep_live_lr": KeepLiveLR(),
+    "keep_live_scheduler": KeepLiveScheduler(),
     "zero_as_nan": ZeroAsNaN(),
     "zero_as_negative_zero": ZeroAsNegativeZero(),
 }
