@@ -23,6 +23,7 @@ __all__ = [
     "build_model",
     "data_shard",
     "optimizer_for",
+    "scheduler_for",
     "wrap",
 ]
 
@@ -253,6 +254,18 @@ def optimizer_for(params: Any, spec: S.OptimizerSpec) -> torch.optim.Optimizer:
     if spec.kind == "adam":
         return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def scheduler_for(optimizer: torch.optim.Optimizer, spec: S.OptimizerSpec) -> Any:
+    """The LR scheduler ``spec`` names over ``optimizer``, or None."""
+    sched = spec.scheduler
+    if sched is None:
+        return None
+    if sched.kind == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, sched.period, gamma=sched.factor)
+    return torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=sched.factor, total_iters=sched.period
+    )
 
 
 def _depth_first(paths: tuple[str, ...]) -> list[str]:

@@ -6,6 +6,7 @@ a DTensor), and the largest absolute difference.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -13,7 +14,15 @@ import torch
 
 from dcprop.errors import PropertyFailure
 
-__all__ = ["Mismatch", "assert_same", "flatten", "full_values", "local_values", "mismatches"]
+__all__ = [
+    "Mismatch",
+    "assert_same",
+    "bits",
+    "flatten",
+    "full_values",
+    "local_values",
+    "mismatches",
+]
 
 
 class Mismatch:
@@ -92,6 +101,20 @@ class _LocalShard:
         self.where = _shard_where(x)
 
 
+# Same-width integer views: comparing these compares bit patterns, so NaN != 0.0,
+# inf != the largest float, -0.0 != 0.0, and two NaNs are equal only with one payload.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bit pattern as an integer tensor of the same element width (a complex
+    tensor gets a last dim for its real and imaginary parts)."""
+    t = _real(t)
+    if not t.is_floating_point():
+        return t  # integers and booleans compare bitwise already
+    return t.contiguous().view(_BITS[t.element_size()])
+
+
 def _tensor_detail(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> str | None:
     if a.shape != b.shape:
         return f"shape {tuple(a.shape)} != {tuple(b.shape)}"
@@ -100,22 +123,49 @@ def _tensor_detail(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -
     if a.numel() == 0:
         return None
     if rtol == 0 and atol == 0:
-        if torch.equal(a, b) or (
-            a.is_floating_point() and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
-        ):
-            return None
-    elif torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol):
+        differ = bits(a) != bits(b)
+        if a.is_complex():
+            differ = differ.any(-1)
+        what = "bitwise"
+    else:
+        # allclose, except that NaN equals only NaN (never a number)
+        differ = ~torch.isclose(
+            _real(a).double(), _real(b).double(), rtol=rtol, atol=atol, equal_nan=True
+        )
+        if a.is_complex():
+            differ = differ.any(-1)
+        what = f"beyond rtol={rtol:g}, atol={atol:g}"
+    count = int(differ.sum())
+    if not count:
         return None
-    diff = (a.double() - b.double()).abs()
-    idx = int(diff.flatten().argmax())
+    diff = (_real(a).double() - _real(b).double()).abs()
+    if a.is_complex():
+        diff = diff.amax(-1)
+    # the largest difference among differing elements, NaN and inf included
+    rank = torch.where(differ, diff.nan_to_num(nan=math.inf), -1.0)
+    idx = int(rank.flatten().argmax())
     where = (
         tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), a.shape)) if a.dim() else ()
     )
+    expected, got = _show(a.flatten()[idx]), _show(b.flatten()[idx])
+    if expected == got:  # NaNs with different payloads
+        expected, got = (_show(x.flatten()[idx], bitwise=True) for x in (a, b))
     return (
-        f"max abs difference {diff.max().item():.6g} at index {where} "
-        f"(expected {a.flatten()[idx].item():.8g}, got {b.flatten()[idx].item():.8g}; "
-        f"{int((diff > atol + rtol * b.double().abs()).sum())} of {a.numel()} elements differ)"
+        f"{count} of {a.numel()} elements differ {what}; largest difference "
+        f"{diff.flatten()[idx].item():.6g} at index {where} (expected {expected}, got {got})"
     )
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _show(x: torch.Tensor, bitwise: bool = False) -> str:
+    """One element, so that -0.0 and NaN read as such (``bitwise``: with its bits)."""
+    if bitwise:
+        return f"{x.item()!r} (bits {bits(x).flatten().tolist()})"
+    value = x.item()
+    return repr(value) if isinstance(value, (float, complex)) else str(value)
 
 
 def mismatches(

@@ -43,6 +43,7 @@ __all__ = [
     "OptimizerSpec",
     "Repeat",
     "Scenario",
+    "SchedulerSpec",
     "Sequential",
     "StateDictSpec",
     "StorageSpec",
@@ -53,6 +54,7 @@ __all__ = [
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
 DEVICES = ("cpu", "cuda")
+SCHEDULERS = ("step", "linear")
 FSDP1_SHARDING_STRATEGIES = (
     "FULL_SHARD",
     "SHARD_GRAD_OP",
@@ -724,13 +726,27 @@ class Topology(_Spec):
 
 
 @attrs.frozen(repr=False)
+class SchedulerSpec(_Spec):
+    """An LR scheduler, stepped after every optimizer step and saved with the optimizer:
+    ``"step"`` is ``StepLR(step_size=period, gamma=factor)``, ``"linear"`` is
+    ``LinearLR(start_factor=factor, total_iters=period)``."""
+
+    kind: str = attrs.field(default="step", validator=v.in_(SCHEDULERS))
+    period: int = attrs.field(default=1, validator=[v.instance_of(int), v.ge(1), v.le(64)])
+    factor: float = attrs.field(default=0.5, converter=float, validator=[v.gt(0.0), v.le(1.0)])
+
+
+@attrs.frozen(repr=False)
 class OptimizerSpec(_Spec):
-    """SGD (with or without momentum), Adam, or AdamW."""
+    """SGD (with or without momentum), Adam, or AdamW; optionally with an LR scheduler."""
 
     kind: str = attrs.field(default="sgd", validator=v.in_(("sgd", "adam", "adamw")))
     lr: float = attrs.field(default=0.01, converter=float, validator=v.gt(0.0))
     momentum: float = attrs.field(default=0.0, converter=float, validator=[v.ge(0.0), v.lt(1.0)])
     weight_decay: float = attrs.field(default=0.0, converter=float, validator=v.ge(0.0))
+    scheduler: SchedulerSpec | None = attrs.field(
+        default=None, validator=v.optional(v.instance_of(SchedulerSpec))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.momentum and self.kind != "sgd":

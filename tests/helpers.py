@@ -208,6 +208,67 @@ class ZeroFrozen(_Faulty):
                 _local(value).zero_()
 
 
+def _tensors(tree):
+    """Every tensor in a nested state dict (DTensors: their local shard)."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
+    elif isinstance(tree, torch.Tensor):
+        yield _local(tree)
+
+
+def _param_groups(optim):
+    """Each hyperparameter mapping of an optimizer state dict, nested or flattened:
+    ``(mapping, key)`` pairs for its ``lr``."""
+    if "param_groups" in optim:
+        return [(group, "lr") for group in optim["param_groups"]]
+    return [(optim, k) for k in optim if k.startswith("param_groups.") and k.endswith(".lr")]
+
+
+class KeepLiveLR(_Faulty):
+    """Restores every optimizer entry except the learning rate, which keeps the value
+    the live optimizer had before the load."""
+
+    def load(self, state_dict, path, *, group):
+        live = [(m, k, m[k]) for m, k in _param_groups(state_dict["optim"])]
+        super().load(state_dict, path, group=group)
+        for mapping, key, value in live:
+            mapping[key] = value
+
+
+class KeepLiveScheduler(_Faulty):
+    """Restores model and optimizer but leaves the LR scheduler's state as it was."""
+
+    def load(self, state_dict, path, *, group):
+        live = state_dict.pop("scheduler", None)
+        try:
+            super().load(state_dict, path, group=group)
+        finally:
+            if live is not None:
+                state_dict["scheduler"] = live
+
+
+class ZeroAsNaN(_Faulty):
+    """Loads every floating-point zero as NaN (as a reader of uninitialised memory would)."""
+
+    def on_load(self, state_dict):
+        for t in _tensors(state_dict):
+            if t.is_floating_point():
+                t.masked_fill_(t == 0, float("nan"))
+
+
+class ZeroAsNegativeZero(_Faulty):
+    """Loads every floating-point 0.0 as -0.0 (a sign bit set by a bad conversion)."""
+
+    def on_load(self, state_dict):
+        for t in _tensors(state_dict):
+            if t.is_floating_point():
+                t.masked_fill_((t == 0) & ~t.signbit(), -0.0)
+
+
 INJECTIONS = {
     "drop_key": DropKey(),
     "corrupt_one_element": CorruptOneElement(),
@@ -215,6 +276,10 @@ INJECTIONS = {
     "wrong_offsets": WrongOffsets(),
     "drop_buffers": DropBuffers(),
     "zero_frozen": ZeroFrozen(),
+    "keep_live_lr": KeepLiveLR(),
+    "keep_live_scheduler": KeepLiveScheduler(),
+    "zero_as_nan": ZeroAsNaN(),
+    "zero_as_negative_zero": ZeroAsNegativeZero(),
 }
 
 
@@ -228,6 +293,33 @@ def double_grads_on_rank0(model, seed, device, frozen):
             if p.requires_grad:
                 p.register_hook(lambda g: g * 2)
     return module
+
+
+def without_running_mean(model, seed, device, frozen):
+    """A model factory whose state dict leaves out every BatchNorm's ``running_mean``
+    (a persistent buffer): a state-dict hook drops it and a load hook stops strict
+    loading from asking for it, so it is missing from what is saved and what is loaded
+    alike, and a load never restores it."""
+    from dcprop.build import build_model
+
+    module = build_model(model, seed=seed, device=device, frozen=frozen)
+    for bn in module.modules():
+        if isinstance(bn, torch.nn.BatchNorm1d):
+            bn.register_state_dict_post_hook(_drop_running_mean)
+            bn.register_load_state_dict_post_hook(_forgive_running_mean)
+    return module
+
+
+def _drop_running_mean(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + "running_mean", None)
+
+
+def _forgive_running_mean(module, incompatible_keys):
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.endswith("running_mean")]
+
+
+MODEL_INJECTIONS = {"without_running_mean": without_running_mean}
 
 
 # ---- known-bug matching --------------------------------------------------------------

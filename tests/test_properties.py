@@ -216,6 +216,8 @@ def _has_bn(s):
     return s.model.has_batch_statistics()
 
 
+ZEROS = dict(layers=("linear", "activation"), kinds=("fsdp2", "ddp"))
+
 INJECTIONS = [
     # (injection, property, extra scenario kwargs, a condition the scenario must meet)
     ("drop_key", "roundtrip", {}, None),
@@ -225,14 +227,29 @@ INJECTIONS = [
     ("drop_buffers", "roundtrip", dict(layers=("linear", "batchnorm")), _has_bn),
     ("zero_frozen", "roundtrip", {}, lambda s: bool(s.frozen)),
     ("corrupt_one_element", "submesh_layout", {}, None),
+    # caught only by the key contract: the buffer is missing from both sides
+    ("without_running_mean", "roundtrip", dict(layers=("linear", "batchnorm")), _has_bn),
+    # caught only because hyperparameters and the LR scheduler are saved and perturbed
+    ("keep_live_lr", "roundtrip", {}, lambda s: not s.save.state_dict.flatten_optimizer_state_dict),
+    ("keep_live_lr", "roundtrip", {}, lambda s: s.save.state_dict.flatten_optimizer_state_dict),
+    ("keep_live_scheduler", "roundtrip", {}, lambda s: s.optimizer.scheduler is not None),
+    # caught only by comparing bit patterns; a dead ReLU leaves zeros in momentum buffers
+    ("zero_as_nan", "roundtrip", ZEROS, None),
+    ("zero_as_negative_zero", "roundtrip", ZEROS, None),
 ]
+
+
+def _hooks(name):
+    if name in helpers.MODEL_INJECTIONS:
+        return Hooks(model_factory=helpers.MODEL_INJECTIONS[name])
+    return Hooks(checkpointer=helpers.INJECTIONS[name])
 
 
 @pytest.mark.parametrize(
     ("name", "prop", "kwargs", "want"), INJECTIONS, ids=[f"{i[0]}-{i[1]}" for i in INJECTIONS]
 )
 def test_injected_checkpointer_bug_is_caught_and_shrunk(dcprop_runner, name, prop, kwargs, want):
-    hooks = Hooks(checkpointer=helpers.INJECTIONS[name])
+    hooks = _hooks(name)
     strategy = dst.scenarios(prop, **{**SMALL, **kwargs})
     found = find(strategy, _catches(dcprop_runner, prop, hooks, want), settings=FIND)
     print(f"{name} / {prop} shrunk to: {found!r}")

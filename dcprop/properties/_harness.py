@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -21,6 +21,9 @@ from torch import nn
 from dcprop import build
 from dcprop import specs as S
 from dcprop.checkpointer import Checkpointer, DCPCheckpointer
+from dcprop.contract import Contract
+from dcprop.errors import PropertyFailure
+from dcprop.runner.execute import PeerFailed
 
 __all__ = ["Hooks", "Job", "setup"]
 
@@ -89,13 +92,14 @@ class Job:
         self.topology = topology
         self.spec = model or scenario.model
         self.hooks = hooks
+        self.frozen = scenario.frozen if frozen is None else frozen
         self.mesh = ctx.mesh(topology.mesh)
         self.group = ctx.group(topology.world_size)
         module = hooks.model_factory(
             self.spec,
             scenario.seed if seed is None else seed,
             ctx.device,
-            scenario.frozen if frozen is None else frozen,
+            self.frozen,
         )
         self.model = build.wrap(
             module,
@@ -105,6 +109,7 @@ class Job:
             device=ctx.device,
         )
         self.optimizer = build.optimizer_for(self.model.parameters(), scenario.optimizer)
+        self.scheduler = build.scheduler_for(self.optimizer, scenario.optimizer)
         self.shard = build.data_shard(topology, self.mesh)
         self.rows = global_rows(scenario)
         self.steps_taken = 0
@@ -137,6 +142,8 @@ class Job:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.steps_taken += 1
         self.sync_buffers()
         summed = total.detach().reshape(1).to(torch.float64).cpu()
@@ -144,21 +151,63 @@ class Job:
         replicas = self.topology.world_size // self.shard.parts  # tensor-parallel copies
         return float(summed.item() / replicas / (self.rows * width))
 
+    def lrs(self) -> list[float]:
+        """The learning rate of each param group: what the next step will use."""
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def next_step(self) -> NextStep:
+        """One :meth:`train_step`, with the learning rates around it."""
+        before = self.lrs()
+        loss = self.train_step()
+        return NextStep(before, loss, self.lrs())
+
     def sync_buffers(self) -> None:
         """Make plain (non-DTensor) buffers equal on every rank, as DDP does before each
-        forward (so after a step, DDP's ranks disagree too): DCP saves one copy of a
-        replicated tensor, so copies must agree."""
+        forward: DCP saves one copy of a replicated tensor, so copies must agree.  DDP
+        too: it syncs before the next forward, so after a step its copies differ."""
         for _, buf in self.model.named_buffers():
             if not hasattr(buf, "to_local") and buf.numel():
                 dist.broadcast(buf, group_src=0, group=self.group)
 
     def state(self, options: S.StateDictSpec | None = None, **overrides: Any) -> dict[str, Any]:
-        """``{"model": ..., "optim": ...}`` from ``get_state_dict``."""
+        """``{"model": ..., "optim": ...}`` from ``get_state_dict``, and the LR scheduler's
+        ``state_dict()`` under ``"scheduler"`` if there is one."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         opts = state_dict_options(options or self.topology.state_dict, **overrides)
         msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
-        return {"model": msd, "optim": osd}
+        state = {"model": msd, "optim": osd}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def check_keys(
+        self,
+        state: dict[str, Any],
+        when: str,
+        options: S.StateDictSpec | None = None,
+        **overrides: Any,
+    ) -> None:
+        """Check ``state`` (from :meth:`state` with the same arguments) against the key
+        contract: the entries the spec says this rank's state dict holds."""
+        spec = attrs.evolve(options or self.topology.state_dict, **overrides)
+        contract = Contract(
+            self.spec, self.frozen, self.scenario.optimizer, self.topology, spec, self.rank
+        )
+        try:
+            contract.check(state, when)
+        except PropertyFailure:
+            self.agree(False, f"the key check {when}")
+            raise
+        self.agree(True, f"the key check {when}")
+
+    def agree(self, ok: bool, what: str) -> None:
+        """Like the runner's ``ctx.agree``, over this job's ranks (a sub-world's job
+        cannot wait for ranks outside it)."""
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+        dist.all_reduce(flag, group=self.group)
+        if flag.item() and ok:
+            raise PeerFailed(f"another rank failed during {what}")
 
     def apply(
         self, state: dict[str, Any], options: S.StateDictSpec | None = None, **overrides: Any
@@ -171,6 +220,8 @@ class Job:
             set_state_dict,
         )
 
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         spec = options or self.topology.state_dict
         if spec.ignore_frozen_params or overrides.get("ignore_frozen_params"):
             # frozen parameters are deliberately absent: a strict load_state_dict would
@@ -221,9 +272,11 @@ class Job:
         return out
 
     def perturb(self, keep: Callable[[str], bool] = lambda name: False) -> None:
-        """Change every parameter, buffer and optimizer state entry on this rank (except
+        """Change every parameter, buffer, optimizer state entry and optimizer
+        hyperparameter (lr, betas, eps, weight decay, momentum, ...) on this rank (except
         parameter names for which ``keep`` is true), so that a load that restores
-        nothing cannot pass for one that restores everything."""
+        nothing cannot pass for one that restores everything.  The changed
+        hyperparameters are never stepped with: the load replaces them."""
         g = torch.Generator().manual_seed(1_000_003 + self.steps_taken)
         with torch.no_grad():
             for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
@@ -233,6 +286,16 @@ class Job:
                 for value in param_state.values():
                     if isinstance(value, torch.Tensor):
                         _shift(value, g)
+        for group in self.optimizer.param_groups:
+            for key, value in group.items():
+                # Zero momentum means no momentum buffers; get_state_dict steps a
+                # stateless optimizer once, which under a non-zero one would create
+                # buffers that the checkpoint never had.
+                if key != "params" and not (key == "momentum" and not value):
+                    group[key] = _nudge(value)
+        if self.scheduler is not None:
+            sched = self.scheduler.state_dict()
+            self.scheduler.load_state_dict({k: _nudge(v) for k, v in sched.items()})
 
 
 def _shift(t: torch.Tensor, g: torch.Generator) -> None:
@@ -244,6 +307,17 @@ def _shift(t: torch.Tensor, g: torch.Generator) -> None:
         local.add_(noise + 0.5)
     else:
         local.add_(1)
+
+
+def _nudge(value: Any) -> Any:
+    """A different value of a hyperparameter's type: numbers change, flags stay."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_nudge(x) for x in value)
+    if isinstance(value, float):
+        return value * 1.5 + 0.25
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value + 1
+    return value
 
 
 _WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -286,14 +360,23 @@ def load_template_overrides(options: S.StateDictSpec) -> dict[str, Any]:
     return {}
 
 
-def uninterrupted_next_loss(
+class NextStep(NamedTuple):
+    """A training step as a resumed run must repeat it: the learning rates it steps
+    with, its loss, and the learning rates it leaves for the step after."""
+
+    lrs: list[float]
+    loss: float
+    next_lrs: list[float]
+
+
+def uninterrupted_next_step(
     ctx: Any, scenario: S.Scenario, topology: S.Topology, hooks: Hooks
-) -> float:
-    """The loss of step ``training.steps`` in a fresh run that was never interrupted."""
+) -> NextStep:
+    """Step ``training.steps`` of a fresh run that was never interrupted."""
     twin = Job(ctx, scenario, topology, hooks=hooks)
     for _ in range(scenario.training.steps):
         twin.train_step()
-    return twin.train_step()
+    return twin.next_step()
 
 
 def setup(ctx: Any, scenario: S.Scenario, topology: S.Topology, **kwargs: Any) -> Job | None:

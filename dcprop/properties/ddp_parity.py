@@ -234,6 +234,7 @@ def reference_run(
     steps = scenario.training.steps
     free_since = {n: torch.full(p.shape, steps) for n, p in initial.items()}
     normalising = scenario.optimizer.kind != "sgd"
+    scheduler = build.scheduler_for(optimizer, scenario.optimizer)
     losses = []
     for step in range(steps):
         twin = _float64_twin(module) if normalising else None
@@ -253,6 +254,8 @@ def reference_run(
         with torch.no_grad():
             for name, buf in module.named_buffers():
                 buf.copy_(kept[name])  # type: ignore[index]
+        if scheduler is not None:
+            scheduler.step()
         losses.append(total / (rows * width))
     msd, osd = get_state_dict(module, optimizer, options=_state_options())
     state = full_values({"model": msd, "optim": osd})

@@ -49,7 +49,9 @@ def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
         return {}
     for _ in range(steps):
         pre.train_step()
-    pre.save(pre.state(), "pretrain")
+    state = pre.state()
+    pre.check_keys(state, "before save")
+    pre.save(state, "pretrain")
     pretrained = {prefix + k: v for k, v in pre.full_parameters().items()}
 
     frozen = tuple(
@@ -62,12 +64,16 @@ def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
     _check_pretrained(first, pretrained, "after loading the pretrain checkpoint")
     for _ in range(steps):
         first.train_step()
-    first.save(first.state(ignore_frozen_params=True), "finetune")
+    state = first.state(ignore_frozen_params=True)
+    first.check_keys(state, "before save", ignore_frozen_params=True)
+    first.save(state, "finetune")
     uninterrupted = [first.train_step() for _ in range(steps)]
     expected = first.full_parameters()
 
     second = _finetune_job(ctx, scenario, frozen, scenario.seed + 2, hooks)
     second.restore("finetune", ignore_frozen_params=True)
+    loaded = second.state(ignore_frozen_params=True)
+    second.check_keys(loaded, "after load", ignore_frozen_params=True)
     second.steps_taken = steps
     resumed = [second.train_step() for _ in range(steps)]
     if resumed != uninterrupted:

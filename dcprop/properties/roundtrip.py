@@ -22,10 +22,10 @@ from dcprop.properties._harness import (
     Hooks,
     Job,
     setup,
-    uninterrupted_next_loss,
+    uninterrupted_next_step,
 )
 
-__all__ = ["check_frozen_absent", "check_roundtrip", "roundtrip"]
+__all__ = ["check_roundtrip", "roundtrip"]
 
 
 def roundtrip(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def roundtrip(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> d
     losses = [job.train_step() for _ in range(scenario.training.steps)]
     return check_roundtrip(
         job,
-        uninterrupted=lambda: uninterrupted_next_loss(ctx, scenario, scenario.save, hooks),
+        uninterrupted=lambda: uninterrupted_next_step(ctx, scenario, scenario.save, hooks),
         losses=losses,
     )
 
@@ -47,8 +47,8 @@ def check_roundtrip(
     """The round trip on a trained job (shared with ``submesh_layout``)."""
     options = job.topology.state_dict
     state = job.state()
+    job.check_keys(state, "before save")
     saved = local_values(state)
-    check_frozen_absent(job, saved)
     job.save(state, name)
 
     frozen = set(job.scenario.frozen) if options.ignore_frozen_params else set()
@@ -70,16 +70,18 @@ def check_roundtrip(
         )
 
     job.restore(name)
-    after = local_values(job.state())
+    loaded = job.state()
+    after = local_values(loaded)
     job.ctx.agree(not mismatches(saved, after), "state comparison")
     assert_same(saved, after, what="state after load", rank=job.rank)
+    job.check_keys(loaded, "after load")
 
     job.steps_taken -= 1  # the perturbing step is undone by the load: replay it
-    resumed = job.train_step()
+    resumed = job.next_step()
     expected = uninterrupted()
     if resumed != expected:
         raise PropertyFailure(
-            f"next step after load: loss {resumed!r} != {expected!r} from an "
+            f"next step after load: {resumed!r} != {expected!r} from an "
             f"uninterrupted run (rank {job.rank}, step {job.steps_taken - 1})"
         )
     return {"entries": len(saved), "losses": losses}
@@ -89,17 +91,3 @@ def _has_elements(value: Any) -> bool:
     """A tensor (or a DTensor's local shard) with at least one element."""
     tensor = getattr(value, "tensor", value)
     return isinstance(tensor, torch.Tensor) and tensor.numel() > 0
-
-
-def check_frozen_absent(job: Job, saved: dict[str, Any]) -> None:
-    """Under ignore_frozen_params, no name of a frozen parameter is in the model state
-    dict (``saved``: flattened, as from ``local_values``)."""
-    if not job.topology.state_dict.ignore_frozen_params:
-        return
-    frozen = job.scenario.frozen_state_dict_names
-    present = sorted(k for k in saved if k.startswith("model/") and k[len("model/") :] in frozen)
-    if present:
-        raise PropertyFailure(
-            f"ignore_frozen_params=True but the model state dict on rank "
-            f"{job.rank} holds frozen parameters {present[:5]}"
-        )

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from dcprop import specs as S
-from dcprop.compare import local_values
+from dcprop.contract import expert_coordinate
 from dcprop.errors import PropertyFailure, UsageError
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup, uninterrupted_next_loss
-from dcprop.properties.roundtrip import check_frozen_absent, check_roundtrip
+from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup, uninterrupted_next_step
+from dcprop.properties.roundtrip import check_roundtrip
 
 __all__ = ["expected_layout", "submesh_layout"]
 
@@ -31,24 +31,14 @@ def submesh_layout(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS)
         return {}
     losses = [job.train_step() for _ in range(scenario.training.steps)]
     state = job.state()
-    check_frozen_absent(job, local_values(state))  # first: the layout check would see it too
+    job.check_keys(state, "before save")  # exactly the keys this rank owns
     expected = expected_layout(scenario, ctx.rank)
-    _check_model(state["model"], expected, topology.state_dict, ctx.rank)
-    stateless = scenario.optimizer.kind == "sgd" and not scenario.optimizer.momentum
-    trained = (
-        set()
-        if stateless
-        else {
-            n
-            for n in scenario.model.parameter_names()
-            if n in expected and n not in scenario.frozen
-        }
-    )
-    _check_optimizer(state["optim"], expected, trained, topology.state_dict, ctx.rank)
+    if not topology.state_dict.full_state_dict:
+        _check_placements(state, expected, topology.state_dict, ctx.rank)
 
     result = check_roundtrip(
         job,
-        uninterrupted=lambda: uninterrupted_next_loss(ctx, scenario, topology, hooks),
+        uninterrupted=lambda: uninterrupted_next_step(ctx, scenario, topology, hooks),
         losses=losses,
     )
     return {**result, "keys": len(expected)}
@@ -61,7 +51,7 @@ def expected_layout(scenario: S.Scenario, rank: int) -> dict[str, tuple[int, ...
     assert isinstance(plan, S.FSDP2Plan) and plan.experts is not None
     grid = torch.arange(topology.world_size).reshape(topology.mesh.shape)
     axis = topology.mesh.dim_names.index(plan.experts.dim)
-    mine = int((grid == rank).nonzero()[0][axis])
+    mine = expert_coordinate(topology, rank)
     module = plan.experts.module
     out = {}
     for name in scenario.model.state_dict_names():
@@ -71,63 +61,34 @@ def expected_layout(scenario: S.Scenario, rank: int) -> dict[str, tuple[int, ...
                 out[name] = tuple(grid.select(axis, mine).flatten().tolist())
         else:
             out[name] = tuple(range(topology.world_size))
-    if topology.state_dict.ignore_frozen_params:
-        frozen = scenario.frozen_state_dict_names
-        out = {k: v for k, v in out.items() if k not in frozen}
     return out
 
 
-def _check_model(
-    msd: dict[str, Any], expected: dict[str, tuple[int, ...]], options: S.StateDictSpec, rank: int
-) -> None:
-    if options.full_state_dict and options.cpu_offload and rank != 0:
-        return  # only rank 0 keeps a full, offloaded state dict
-    params = {k for k in msd if not _is_buffer_key(k, msd)}
-    missing, extra = sorted(set(expected) - params), sorted(params - set(expected))
-    if missing or extra:
-        raise PropertyFailure(
-            f"model state dict on rank {rank}: missing {missing[:6]}, unexpected {extra[:6]}"
-        )
-    if options.full_state_dict:
-        return
-    for key, ranks in expected.items():
-        _check_dtensor(msd[key], ranks, f"model state dict {key!r}", rank)
-
-
-def _check_optimizer(
-    osd: dict[str, Any],
+def _check_placements(
+    state: dict[str, Any],
     expected: dict[str, tuple[int, ...]],
-    trainable: set[str],
     options: S.StateDictSpec,
     rank: int,
 ) -> None:
-    """Optimizer state exists for exactly the parameters this rank trains (none for a
-    stateless optimizer), each value on its parameter's mesh."""
-    if options.full_state_dict and options.cpu_offload and rank != 0:
-        return
-    if options.flatten_optimizer_state_dict:
-        entries: dict[str, dict[str, Any]] = {}
-        for k, v in osd.items():
-            if k.startswith("state."):
-                fqn, _, name = k[len("state.") :].rpartition(".")
-                entries.setdefault(fqn, {})[name] = v
-    else:
-        entries = osd["state"]
-    if set(entries) != trainable:
-        raise PropertyFailure(
-            f"optimizer state on rank {rank} has keys for {sorted(set(entries) - trainable)[:6]}"
-            f" that the model does not train here, and lacks {sorted(trainable - set(entries))[:6]}"
-        )
-    if options.full_state_dict:
-        return
-    for key, values in entries.items():
-        for name, value in values.items():
-            if name != "step":
-                _check_dtensor(value, expected[key], f"optimizer state {key!r}[{name!r}]", rank)
+    """Each parameter, and each optimizer value of it, is a DTensor on its mesh (the
+    key contract has already said which keys there are)."""
+    for key, value in state["model"].items():
+        if key in expected:
+            _check_dtensor(value, expected[key], f"model state dict {key!r}", rank)
+    for key, name, value in _optimizer_values(state["optim"], options):
+        if name != "step":
+            _check_dtensor(value, expected[key], f"optimizer state {key!r}[{name!r}]", rank)
 
 
-def _is_buffer_key(key: str, msd: dict[str, Any]) -> bool:
-    return key.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")
+def _optimizer_values(osd: dict[str, Any], options: S.StateDictSpec) -> list[tuple[str, str, Any]]:
+    if not options.flatten_optimizer_state_dict:
+        return [(k, n, v) for k, values in osd["state"].items() for n, v in values.items()]
+    out = []
+    for k, v in osd.items():
+        if k.startswith("state."):
+            fqn, _, name = k[len("state.") :].rpartition(".")
+            out.append((fqn, name, v))
+    return out
 
 
 def _check_dtensor(value: Any, ranks: tuple[int, ...], what: str, rank: int) -> None:

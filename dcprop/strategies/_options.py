@@ -25,13 +25,25 @@ def _optimizers(draw: Any, kinds: tuple[str, ...]) -> S.OptimizerSpec:
         lr=lr,
         momentum=momentum if kind == "sgd" else 0.0,
         weight_decay=0.0 if kind == "adam" else decay,
+        scheduler=draw(st.sampled_from(_SCHEDULERS)),
     )
 
 
-def optimizers(kinds: Any = OPTIMIZER_KINDS) -> st.SearchStrategy[S.OptimizerSpec]:
-    """SGD (with and without momentum), Adam, AdamW with weight decay.
+# One draw, so that a scheduler costs the choice sequence (and shrinking) little.
+_SCHEDULERS = (
+    None,
+    S.SchedulerSpec("step"),
+    S.SchedulerSpec("linear", period=3),
+    S.SchedulerSpec("step", period=2, factor=0.9),
+    S.SchedulerSpec("linear", period=1, factor=0.9),
+)
 
-    Shrinks toward plain SGD with lr 0.01.
+
+def optimizers(kinds: Any = OPTIMIZER_KINDS) -> st.SearchStrategy[S.OptimizerSpec]:
+    """SGD (with and without momentum), Adam, AdamW with weight decay, each with or
+    without an LR scheduler (StepLR, LinearLR).
+
+    Shrinks toward plain SGD with lr 0.01 and no scheduler.
     """
     return _optimizers(check_choices("kinds", kinds, OPTIMIZER_KINDS))
 
