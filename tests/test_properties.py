@@ -84,6 +84,15 @@ def with_zero_gradient_examples(test):
     return test
 
 
+# the three runs' LR schedules are compared too (found when schedulers joined the state)
+@example(
+    scenario=S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),))),
+        S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
+        optimizer=S.OptimizerSpec(scheduler=S.SchedulerSpec()),
+        training=S.TrainingSpec(steps=2),
+    )
+).via("an LR scheduler in the trained state")
 @with_zero_gradient_examples
 @with_seed_examples("ddp_parity")
 @property_test("ddp_parity", world_sizes=(1, 2, 3, 4))

@@ -258,7 +258,10 @@ def reference_run(
             scheduler.step()
         losses.append(total / (rows * width))
     msd, osd = get_state_dict(module, optimizer, options=_state_options())
-    state = full_values({"model": msd, "optim": osd})
+    trained: dict[str, Any] = {"model": msd, "optim": osd}
+    if scheduler is not None:  # as Job.state holds it: the schedules must agree too
+        trained["scheduler"] = scheduler.state_dict()
+    state = full_values(trained)
     state = {k: v for k, v in state.items() if not _is_param_groups(k)}
     return Reference(losses, initial, state, free_since)
 
