@@ -64,6 +64,11 @@ class RunnerError(DcpropError):
     """The runner itself could not do its job (start-up, transport, configuration)."""
 
 
+class ExampleSkipped(RunnerError):
+    """The runner cannot run this example as its scenario describes it (under torchrun,
+    a job of another size than torchrun's world); the message says why."""
+
+
 class PoolExhausted(RunnerError):
     """The pool was restarted more often than its restart budget allows."""
 

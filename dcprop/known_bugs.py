@@ -137,12 +137,12 @@ def _expert_trainable_counts_differ(scenario: S.Scenario) -> bool:
 
 def _broadcast_off_the_model(sighting: Sighting) -> bool:
     """A rank of the default group holds no model of a topology that broadcasts from
-    rank 0: a rank of the example outside that topology's world, or a pool rank
-    outside the example's (it reported idle)."""
+    rank 0: the scenario's job is larger than that topology's world, or (a runner whose
+    pool is larger than the scenario's job) a rank outside the example reported idle."""
     scenario = sighting.scenario
     idle = any(o.status == "idle" for o in sighting.failure.outcomes.values())
     return any(
-        t.state_dict.broadcast_from_rank0 and (idle or t.world_size < scenario.world_size)
+        t.state_dict.broadcast_from_rank0 and (idle or t.world_size < scenario.job_world)
         for t in _topologies(scenario)
     )
 

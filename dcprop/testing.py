@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hypothesis import event, given
+from hypothesis import event, given, reject
 
 from dcprop.campaign import is_final_replay, record_events, signature_error
-from dcprop.errors import ExampleFailure
+from dcprop.errors import ExampleFailure, ExampleSkipped
 from dcprop.known_bugs import match_known
 from dcprop.properties import property_ref, run_property
 from dcprop.specs import Scenario
@@ -57,6 +57,9 @@ def check(
     record_events(scenario)
     try:
         run_property(runner, property, scenario, hooks=hooks)
+    except ExampleSkipped as e:
+        event(f"skipped: {e}")
+        reject()  # not a failure: this runner cannot run the example as drawn
     except ExampleFailure as failure:
         known = match_known(failure, scenario)
         if known is not None and not strict:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Flaky
 
 from dcprop.errors import ExampleFailure, PoolExhausted, RankCrashed, RankTimeout, RunnerError
-from dcprop.runner import Pool
+from dcprop.runner import Pool, Pools
 from dcprop.specs import MeshSpec
 
 HERE = os.path.dirname(__file__)
@@ -34,6 +34,38 @@ def test_sub_worlds_and_meshes(dcprop_runner):
     assert out == {r: [0, 1, 2] for r in range(3)}
     # idle ranks stayed correct: the whole pool still works
     assert dcprop_runner.run(helpers.all_reduce_rank, 0) == {r: 6 for r in range(4)}
+
+
+def test_the_default_group_is_the_examples_job(dcprop_runner):
+    """Each example's default process group is its job: its own world unless it asks
+    for a larger job, on whose first ranks it then runs (the others report idle)."""
+    assert dcprop_runner.run(helpers.default_world, world_size=2) == {0: 2, 1: 2}
+    spec = MeshSpec((3,), ("shard",))
+    assert dcprop_runner.run(helpers.default_world, world_size=3, meshes=(spec,)) == {
+        r: 3 for r in range(3)
+    }
+    on_sub_world = dcprop_runner.run(helpers.all_reduce_rank, 0, world_size=2, job_world_size=4)
+    assert on_sub_world == {0: 1, 1: 1}
+    assert dcprop_runner.run(helpers.default_world, world_size=2, job_world_size=4) == {0: 4, 1: 4}
+    with pytest.raises(RunnerError, match="job_world_size=1 cannot hold an example of 2 ranks"):
+        dcprop_runner.run(helpers.default_world, world_size=2, job_world_size=1)
+
+
+def test_pools_restart_only_the_pool_that_hung():
+    with Pools(2, timeout=4.0, grace=1.0) as pools:
+        assert pools.run(helpers.all_reduce_rank, world_size=1) == {0: 0}
+        one = pools.pool(1).pids()
+        with pytest.raises(RankTimeout):
+            pools.run(helpers.skip_barrier, 1, world_size=2)
+        assert pools.run(helpers.all_reduce_rank, world_size=2) == {0: 1, 1: 1}
+        assert pools.pool(1).pids() == one and pools.restarts == 1
+        assert sorted(pools.pools) == [1, 2] and pools.examples == 3
+    assert not pools.pool(1).started and not pools.pool(2).started
+
+
+def test_a_pool_runs_only_jobs_of_its_size():
+    with Pool(1) as pool, pytest.raises(RunnerError, match="job_world_size=2 needs a pool"):
+        pool.run(helpers.all_reduce_rank, world_size=1, job_world_size=2)
 
 
 def test_repeated_world_costs_no_new_groups(dcprop_runner):
@@ -159,7 +191,7 @@ INTERRUPTED = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {here!r})
     import helpers
-    from dcprop.runner import Pool
+    from dcprop.runner import Pool, Pools
     pool = Pool(2, timeout=60)
     pool.run(helpers.all_reduce_rank)
     print(" ".join(map(str, pool.pids())), pool.base_dir, flush=True)

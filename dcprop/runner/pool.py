@@ -269,13 +269,21 @@ class Pool:
         meshes: Sequence[MeshSpec] = (),
         seed: int = 0,
         timeout: float | None = None,
+        job_world_size: int | None = None,
     ) -> dict[int, Any]:
         """Call ``fn(ctx, *args)`` on ranks ``0..world_size-1``; return ``{rank: value}``.
 
         ``fn`` must be importable by reference (a module-level function).  Raises
         :class:`~dcprop.errors.ExampleFailure` (or a subclass) if any rank fails.
+        ``job_world_size``, where given, must be this pool's size: the example's
+        default process group (see :class:`~dcprop.runner.pools.Pools`).
         """
         k = example_world_size(world_size, tuple(meshes), self.world_size, "a pool")
+        if job_world_size not in (None, self.world_size):
+            raise RunnerError(
+                f"job_world_size={job_world_size} needs a pool of that many ranks, not "
+                f"{self.world_size}; run it on dcprop.runner.Pools"
+            )
         self.start()
         assert self._base is not None
         example_dir = tempfile.mkdtemp(prefix="example-", dir=self._base)
