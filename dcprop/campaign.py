@@ -27,6 +27,7 @@ from dcprop.known_bugs import KnownBug, describe, match_known
 from dcprop.properties import run_property
 
 __all__ = [
+    "CHECKED_ENDINGS",
     "ENDINGS",
     "PropertyReport",
     "describe_scenario",
@@ -46,6 +47,7 @@ ENDINGS = (
     "crash",  # a new crash: a rank process died
     "skipped",  # the runner cannot run it as described (torchrun's world is another size)
 )
+CHECKED_ENDINGS = ENDINGS[:2]
 
 
 @attrs.define
@@ -73,7 +75,7 @@ class PropertyReport:
     @property
     def checked(self) -> int:
         """Examples that reached the property's checks (held, or failed one)."""
-        return self.ended["held"] + self.ended["check failed"]
+        return sum(self.ended[e] for e in CHECKED_ENDINGS)
 
     def cover(self, scenario: S.Scenario) -> None:
         for category, value in describe_scenario(scenario).items():

@@ -42,6 +42,7 @@ from dcprop.errors import (
     RunnerError,
 )
 from dcprop.runner.messages import Outcome, Task, blamed_outcomes, example_world_size
+from dcprop.runner.spawn import RankProcess
 from dcprop.specs import MeshSpec
 
 __all__ = ["DEFAULT_TIMEOUT", "Pool", "failure_from_outcomes"]
@@ -78,7 +79,7 @@ class _Rank:
     __slots__ = ("conn", "log", "proc", "rank", "stacks")
 
     def __init__(
-        self, rank: int, proc: subprocess.Popen, conn: Connection, log: str, stacks: str
+        self, rank: int, proc: RankProcess, conn: Connection, log: str, stacks: str
     ) -> None:
         self.rank, self.proc, self.conn, self.log, self.stacks = rank, proc, conn, log, stacks
 
@@ -178,12 +179,7 @@ class Pool:
         ours, theirs = socket.socketpair()
         log = os.path.join(incarnation, f"rank{rank}.log")
         stacks = os.path.join(incarnation, f"rank{rank}.stacks")
-        cmd = [
-            sys.executable,
-            "-m",
-            "dcprop.runner.worker",
-            "--fd",
-            str(theirs.fileno()),
+        argv = [
             "--rank",
             str(rank),
             "--world-size",
@@ -197,18 +193,7 @@ class Pool:
             "--stacks",
             stacks,
         ]
-        env = dict(
-            os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p)
-        )
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                cmd,
-                pass_fds=(theirs.fileno(),),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=False,
-            )
+        proc = RankProcess(theirs, argv, log)
         theirs.close()
         conn = Connection(ours.detach())
         conn.send([p for p in sys.path])
@@ -355,7 +340,7 @@ class Pool:
         return {r: _main_thread_stack(self._ranks[r].stacks) for r in ranks}
 
 
-def _exit_code(proc: subprocess.Popen) -> int:
+def _exit_code(proc: RankProcess) -> int:
     try:
         return proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -383,9 +368,9 @@ def _wait_until_quiet(paths: list[str], limit: float = 3.0) -> None:
 
 
 def _main_thread_stack(path: str) -> str:
-    """The faulthandler dump in ``path``, without the worker's parent-watch thread."""
+    """The faulthandler dump in ``path``, without the rank's watchdog threads."""
     blocks = _tail(path, 400).strip().split("\n\n")
-    keep = [b for b in blocks if "in watch" not in b or "worker.py" not in b]
+    keep = [b for b in blocks if "in watch" not in b]
     return "\n\n".join(keep).strip()
 
 
