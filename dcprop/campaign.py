@@ -17,13 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, reject, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.errors import Unsatisfiable
 
 from dcprop import specs as S
 from dcprop.errors import ExampleFailure, ExampleSkipped, RankCrashed, RankTimeout, headline
-from dcprop.known_bugs import KnownBug, describe, match_known
+from dcprop.known_bugs import KNOWN_BUGS, KnownBug, describe, match_known
 from dcprop.properties import run_property
 
 __all__ = [
@@ -71,6 +72,7 @@ class PropertyReport:
     out_of_time: bool = False  # the time budget ended generation
     first_failure_at: int | None = None  # the example that first found a new failure
     first_failure_seconds: float | None = None
+    steered: dict[str, int] = attrs.field(factory=dict)  # draws skipped, per confirmed bug
 
     @property
     def checked(self) -> int:
@@ -113,6 +115,7 @@ class PropertyReport:
             "first_failure_at": self.first_failure_at,
             "first_failure_seconds": self.first_failure_seconds,
             "coverage": self.coverage,
+            "steered": self.steered,
         }
 
 
@@ -211,12 +214,16 @@ def run_campaign(
     shrink_seconds: float = 60.0,
     duration: float | None = None,
     database: str | None = None,
+    confirmed: set[str] | None = None,
 ) -> PropertyReport:
     """Run ``property`` over ``explicit`` scenarios, then up to ``max_examples`` drawn
     from ``strategy`` for up to ``duration`` seconds (None: no time limit).
     ``on_failure(scenario, failure)`` writes a reproducer and returns its path; it is
     called for the shrunk failure only.  ``database``: a directory where Hypothesis
     keeps failing examples, replayed first by the next campaign of this property.
+    ``confirmed``: ids of known bugs already met (shared between campaigns, updated
+    here); a drawn scenario that is certain to end in one of them is skipped and
+    counted in ``steered`` instead of paying for the bug again, unless ``strict``.
 
     Shrinking stops after ``shrink_seconds``: the smallest failure found by then is
     the one reported (Hypothesis alone would go on for up to five minutes, and a
@@ -225,6 +232,7 @@ def run_campaign(
     report = PropertyReport(property)
     started = time.perf_counter()
     last: dict[str, Any] = {}
+    confirmed = set() if confirmed is None else confirmed
 
     def attempt(scenario: S.Scenario) -> None:
         found_at = last.get("found_at")
@@ -250,6 +258,7 @@ def run_campaign(
             report.ended[ending(failure, known)] += 1
             if known is not None and not strict:
                 report.count_known(known, failure, scenario)
+                confirmed.add(known.id)
                 return
             last["scenario"], last["failure"] = scenario, failure
             if "found_at" not in last:
@@ -269,7 +278,6 @@ def run_campaign(
             _record(report, scenario, failure, on_failure)
     if max_examples > 0:
 
-        @hypothesis_seed(seed)
         @settings(
             max_examples=max_examples,
             deadline=None,
@@ -278,10 +286,15 @@ def run_campaign(
             report_multiple_bugs=False,
             print_blob=False,
             phases=(Phase.reuse, Phase.generate, Phase.shrink),
-            suppress_health_check=(HealthCheck.too_slow,),
+            suppress_health_check=(HealthCheck.too_slow, HealthCheck.filter_too_much),
         )
+        @hypothesis_seed(seed)  # under @settings: @seed alone would turn the database off
         @given(strategy)
         def search(scenario: S.Scenario) -> None:
+            bug = None if strict else certain_known_bug(scenario, confirmed)
+            if bug is not None:
+                report.steered[bug] = report.steered.get(bug, 0) + 1
+                reject()
             record_events(scenario)
             attempt(scenario)
 
@@ -291,11 +304,23 @@ def run_campaign(
             search()
         except ExampleFailure:
             _record(report, last["scenario"], last["failure"], on_failure)
-        except _OutOfTime:
-            pass
+        except (_OutOfTime, Unsatisfiable):
+            pass  # out of time, or every draw was certain to end in a confirmed known bug
     report.phase = "done"
     report.seconds = time.perf_counter() - started
     return report
+
+
+def certain_known_bug(scenario: S.Scenario, confirmed: set[str]) -> str | None:
+    """The id of a confirmed known bug that ``scenario`` is certain to end in, if any."""
+    return next(
+        (
+            b.id
+            for b in KNOWN_BUGS
+            if b.id in confirmed and b.certain_in is not None and b.certain_in(scenario)
+        ),
+        None,
+    )
 
 
 def is_final_replay() -> bool:

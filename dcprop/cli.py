@@ -275,6 +275,7 @@ def _check(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     deadline = None if duration is None else time.monotonic() + duration
     reports = []
+    confirmed: set[str] = set()  # known bugs met: draws certain to end in one are skipped
     try:
         with Progress(cfg["properties"], sys.stdout, deadline) as progress:
             for i, prop in enumerate(cfg["properties"]):
@@ -317,6 +318,7 @@ def _check(args: argparse.Namespace) -> int:
                     shrink_seconds=args.shrink_seconds,
                     duration=share,
                     database=args.database,
+                    confirmed=confirmed,
                 )
                 progress.done(report)
                 reports.append(report)
@@ -372,6 +374,12 @@ def _summary(reports: list[Any], seconds: float) -> None:
     )
     if known:
         print(f"({_examples(known)} ended in a known upstream bug and checked nothing past it)")
+    steered = sum(n for r in reports for n in r.steered.values())
+    if steered:
+        print(
+            f"({steered} drawn examples certain to end in a known bug met before were "
+            "skipped; --strict runs them)"
+        )
 
 
 def _write_report(
