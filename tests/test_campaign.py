@@ -106,4 +106,3 @@ def test_a_confirmed_known_bug_is_not_paid_for_again(dcprop_runner):
         confirmed={bug},
     )
     assert report.examples == 0 and report.steered[bug] >= 1
-
