@@ -32,7 +32,8 @@ class Progress:
         self.console = Console(file=stream)
         self.live: Live | None = None
         if self.console.is_terminal:
-            self.live = Live(self._table(), console=self.console, refresh_per_second=4)
+            # redrawn four times a second, so the time left counts down between examples
+            self.live = Live(console=self.console, refresh_per_second=4, get_renderable=self._table)
 
     def __enter__(self) -> Progress:
         if self.live is not None:
@@ -41,13 +42,11 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         if self.live is not None:
-            self.live.update(self._table(), refresh=True)
+            self.live.refresh()
             self.live.stop()
 
     def update(self, report: Any) -> None:
         self.reports[report.name] = report
-        if self.live is not None:
-            self.live.update(self._table())
 
     def done(self, report: Any) -> None:
         self.update(report)
