@@ -67,7 +67,7 @@ def test_a_rerun_replays_the_last_failure_first(dcprop_runner, tmp_path):
             max_examples=30,
             seed=seed,
             hooks=Hooks(checkpointer=helpers.INJECTIONS["zero_frozen"]),
-            shrink_seconds=5,
+            shrink_seconds=1,
             database=database,
         )
 
