@@ -3,8 +3,10 @@
 Shared by ``dcprop check`` and the pytest helpers.  A failure that matches a
 known upstream bug is counted and the search goes on (it is not shrunk unless
 ``strict``); such an example checked nothing past the bug, so the report says how
-many examples each known bug stopped.  Any other failure is shrunk by Hypothesis to
-a minimal scenario and written out as a reproducer.
+many examples each known bug stopped, and how every example ended (see
+:data:`ENDINGS`).  Any other failure is shrunk by Hypothesis to a minimal scenario
+and written out as a reproducer.  A campaign is sized by examples, by time, or
+both; with an example database, a re-run replays the last failures first.
 """
 
 from __future__ import annotations
@@ -15,15 +17,27 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, reject, settings
 from hypothesis import seed as hypothesis_seed
+from hypothesis.database import DirectoryBasedExampleDatabase
+from hypothesis.errors import Unsatisfiable
 
 from dcprop import specs as S
-from dcprop.errors import ExampleFailure, carry_runner_errors, headline, reraise_carried
-from dcprop.known_bugs import KnownBug, describe, match_known
+from dcprop.errors import (
+    ExampleFailure,
+    ExampleSkipped,
+    RankCrashed,
+    RankTimeout,
+    carry_runner_errors,
+    headline,
+    reraise_carried,
+)
+from dcprop.known_bugs import KNOWN_BUGS, KnownBug, describe, match_known
 from dcprop.properties import run_property
 
 __all__ = [
+    "CHECKED_ENDINGS",
+    "ENDINGS",
     "PropertyReport",
     "describe_scenario",
     "known_totals",
@@ -32,11 +46,27 @@ __all__ = [
 ]
 
 
+#: How an example can end.  Only the first two reached the property's checks.
+ENDINGS = (
+    "held",  # every check of the property passed
+    "check failed",  # a check of the property failed (a PropertyFailure): a new failure
+    "known bug",  # a known upstream bug stopped it: it checked nothing past the bug
+    "error",  # a new failure before the checks: an exception in the code under test
+    "hang",  # a new hang: ranks did not finish within the timeout
+    "crash",  # a new crash: a rank process died
+    "skipped",  # the runner cannot run it as described (torchrun's world is another size)
+)
+CHECKED_ENDINGS = ENDINGS[:2]
+
+
 @attrs.define
 class PropertyReport:
     """One property's campaign.  ``known`` has an entry per known upstream bug met:
     the bug, the first failure and scenario it was seen in, and ``examples``, how
-    many examples ended in it (and so checked nothing past it)."""
+    many examples ended in it (and so checked nothing past it).  ``ended`` counts
+    examples by how they ended (:data:`ENDINGS`); ``coverage`` counts them per
+    category of :func:`describe_scenario`.  ``phase`` is where the campaign is:
+    generating, shrinking, replaying or done."""
 
     name: str
     examples: int = 0
@@ -44,6 +74,23 @@ class PropertyReport:
     failures: list[dict[str, Any]] = attrs.field(factory=list)
     known: list[dict[str, Any]] = attrs.field(factory=list)
     shrink_stopped: bool = False  # the shrink budget ran out: the failure may shrink further
+    ended: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(ENDINGS, 0))
+    coverage: dict[str, dict[str, int]] = attrs.field(factory=dict)
+    phase: str = "generating"
+    out_of_time: bool = False  # the time budget ended generation
+    first_failure_at: int | None = None  # the example that first found a new failure
+    first_failure_seconds: float | None = None
+    steered: dict[str, int] = attrs.field(factory=dict)  # draws skipped, per confirmed bug
+
+    @property
+    def checked(self) -> int:
+        """Examples that reached the property's checks (held, or failed one)."""
+        return sum(self.ended[e] for e in CHECKED_ENDINGS)
+
+    def cover(self, scenario: S.Scenario) -> None:
+        for category, value in describe_scenario(scenario).items():
+            seen = self.coverage.setdefault(category, {})
+            seen[value] = seen.get(value, 0) + 1
 
     @property
     def known_examples(self) -> int:
@@ -70,6 +117,13 @@ class PropertyReport:
             "known_examples": self.known_examples,
             "known": self.known,
             "shrink_stopped": self.shrink_stopped,
+            "out_of_time": self.out_of_time,
+            "checked": self.checked,
+            "ended": self.ended,
+            "first_failure_at": self.first_failure_at,
+            "first_failure_seconds": self.first_failure_seconds,
+            "coverage": self.coverage,
+            "steered": self.steered,
         }
 
 
@@ -101,8 +155,32 @@ def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
         "layout": "uneven" if uneven else "even",
         "frozen": "some frozen" if scenario.frozen else "none frozen",
         "state dict": "full" if save.state_dict.full_state_dict else "sharded",
+        "worlds": str(save.world_size)
+        if save.world_size == load.world_size
+        else f"{save.world_size} -> {load.world_size}",
+        "job": "own world"
+        if scenario.job_world_size is None
+        else f"sub-world of {scenario.job_world_size}",
+        "options": _options(save.state_dict),
     }
     return out
+
+
+def _options(options: S.StateDictSpec) -> str:
+    """The state-dict options that differ from their defaults, as one category."""
+    changed = [f"{name}={value!r}" for name, value in S.explicit_fields(options) if name]
+    return ", ".join(changed) or "defaults"
+
+
+def ending(failure: ExampleFailure, known: KnownBug | None) -> str:
+    """How an example that raised ``failure`` ended (one of :data:`ENDINGS`)."""
+    if known is not None:
+        return "known bug"
+    if isinstance(failure, RankTimeout):
+        return "hang"
+    if isinstance(failure, RankCrashed):
+        return "crash"
+    return "check failed" if failure.signature.startswith("PropertyFailure") else "error"
 
 
 def record_events(scenario: S.Scenario) -> None:
@@ -124,6 +202,11 @@ def signature_error(failure: ExampleFailure) -> ExampleFailure:
     return cls(str(failure), outcomes=failure.outcomes, signature=failure.signature)
 
 
+class _OutOfTime(BaseException):
+    """Ends generation when the time budget is spent (a BaseException, so Hypothesis
+    does not take it for a failure to shrink)."""
+
+
 @reraise_carried()
 def run_campaign(
     runner: Any,
@@ -138,35 +221,60 @@ def run_campaign(
     on_failure: Callable[[S.Scenario, ExampleFailure], str] | None = None,
     explicit: tuple[S.Scenario, ...] = (),
     shrink_seconds: float = 60.0,
+    duration: float | None = None,
+    database: str | None = None,
+    confirmed: set[str] | None = None,
 ) -> PropertyReport:
-    """Run ``property`` over ``explicit`` scenarios, then ``max_examples`` drawn from
-    ``strategy``.  ``on_failure(scenario, failure)`` writes a reproducer and returns
-    its path; it is called for the shrunk failure only.
+    """Run ``property`` over ``explicit`` scenarios, then up to ``max_examples`` drawn
+    from ``strategy`` for up to ``duration`` seconds (None: no time limit).
+    ``on_failure(scenario, failure)`` writes a reproducer and returns its path; it is
+    called for the shrunk failure only.  ``database``: a directory where Hypothesis
+    keeps failing examples, replayed first by the next campaign of this property.
+    ``confirmed``: ids of known bugs already met (shared between campaigns, updated
+    here); a drawn scenario that is certain to end in one of them is skipped and
+    counted in ``steered`` instead of paying for the bug again, unless ``strict``.
 
     Shrinking stops after ``shrink_seconds``: the smallest failure found by then is
     the one reported (Hypothesis alone would go on for up to five minutes, and a
-    campaign should end within a few)."""
+    campaign should end within a few).  The time budget ends generation only: a
+    failure found in time is still shrunk."""
     report = PropertyReport(property)
     started = time.perf_counter()
     last: dict[str, Any] = {}
+    confirmed = set() if confirmed is None else confirmed
 
     def attempt(scenario: S.Scenario) -> None:
         found_at = last.get("found_at")
-        out_of_time = found_at is not None and time.perf_counter() - found_at > shrink_seconds
+        now = time.perf_counter()
+        if found_at is None and duration is not None and now - started > duration:
+            report.out_of_time = True
+            raise _OutOfTime
+        out_of_time = found_at is not None and now - found_at > shrink_seconds
         if out_of_time and not is_final_replay():
             report.shrink_stopped = True
             return  # counts as passing, so Hypothesis keeps what it has
+        if found_at is not None:
+            report.phase = "replaying" if is_final_replay() else "shrinking"
         report.examples += 1
+        report.cover(scenario)
         try:
             with carry_runner_errors():  # the pool or the harness failed: not the example
                 run_property(runner, property, scenario, hooks=hooks)
+            report.ended["held"] += 1
+        except ExampleSkipped:
+            report.ended["skipped"] += 1
         except ExampleFailure as failure:
             known = match_known(failure, scenario)
+            report.ended[ending(failure, known)] += 1
             if known is not None and not strict:
                 report.count_known(known, failure, scenario)
+                confirmed.add(known.id)
                 return
             last["scenario"], last["failure"] = scenario, failure
-            last.setdefault("found_at", time.perf_counter())
+            if "found_at" not in last:
+                last["found_at"] = time.perf_counter()
+                report.first_failure_at = report.examples
+                report.first_failure_seconds = round(last["found_at"] - started, 3)
             raise signature_error(failure) from None
         finally:
             report.seconds = time.perf_counter() - started
@@ -180,28 +288,49 @@ def run_campaign(
             _record(report, scenario, failure, on_failure)
     if max_examples > 0:
 
-        @hypothesis_seed(seed)
         @settings(
             max_examples=max_examples,
             deadline=None,
-            database=None,
+            database=None if database is None else DirectoryBasedExampleDatabase(database),
             derandomize=False,
             report_multiple_bugs=False,
             print_blob=False,
-            phases=(Phase.generate, Phase.shrink),
-            suppress_health_check=(HealthCheck.too_slow,),
+            phases=(Phase.reuse, Phase.generate, Phase.shrink),
+            suppress_health_check=(HealthCheck.too_slow, HealthCheck.filter_too_much),
         )
+        @hypothesis_seed(seed)  # under @settings: @seed alone would turn the database off
         @given(strategy)
         def search(scenario: S.Scenario) -> None:
+            bug = None if strict else certain_known_bug(scenario, confirmed)
+            if bug is not None:
+                report.steered[bug] = report.steered.get(bug, 0) + 1
+                reject()
             record_events(scenario)
             attempt(scenario)
 
+        # the database keys examples by test function: one key per property
+        search.hypothesis.inner_test._hypothesis_internal_add_digest = property.encode()  # type: ignore[attr-defined]
         try:
             search()
         except ExampleFailure:
             _record(report, last["scenario"], last["failure"], on_failure)
+        except (_OutOfTime, Unsatisfiable):
+            pass  # out of time, or every draw was certain to end in a confirmed known bug
+    report.phase = "done"
     report.seconds = time.perf_counter() - started
     return report
+
+
+def certain_known_bug(scenario: S.Scenario, confirmed: set[str]) -> str | None:
+    """The id of a confirmed known bug that ``scenario`` is certain to end in, if any."""
+    return next(
+        (
+            b.id
+            for b in KNOWN_BUGS
+            if b.id in confirmed and b.certain_in is not None and b.certain_in(scenario)
+        ),
+        None,
+    )
 
 
 def is_final_replay() -> bool:

@@ -27,6 +27,8 @@ PROPERTY_NAMES = tuple(PROPERTIES)
 DEFAULT_WORLD_SIZE = 4
 #: ranks per CPU core beyond which `dcprop check` asks for --oversubscribe
 RANKS_PER_CORE = 2
+DEFAULT_DURATION = 180.0  # seconds: the default campaign is sized by time
+DEFAULT_DATABASE = os.path.join(".hypothesis", "examples")  # where Hypothesis keeps its own
 # Recipes are data in the repository's top-level strategies/ folder: found from the
 # working directory first, then beside the package source (an editable install).
 RECIPES_DIRS = (
@@ -57,7 +59,29 @@ def _parser() -> argparse.ArgumentParser:
         "--max-examples",
         type=int,
         default=None,
-        help="examples per property (default: the recipe's, or 8)",
+        help="examples per property (default: the recipe's, or as many as --duration allows)",
+    )
+    check.add_argument(
+        "--duration",
+        default=None,
+        metavar="TIME",
+        help="time for the whole campaign, shared between the properties: 90s, 5m, 1h or "
+        f"seconds (default: the recipe's, or {DEFAULT_DURATION:g}s when no example count is "
+        "given); a failure found in time is still shrunk",
+    )
+    check.add_argument(
+        "--database",
+        default=DEFAULT_DATABASE,
+        metavar="DIR",
+        help="Hypothesis example database: a re-run replays the last failures first "
+        f"(default {DEFAULT_DATABASE})",
+    )
+    check.add_argument(
+        "--no-database",
+        dest="database",
+        action="store_const",
+        const=None,
+        help="keep no example database",
     )
     check.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0)")
     check.add_argument(
@@ -225,6 +249,37 @@ def _check_report_path(path: str | None) -> None:
         raise UsageError(f"--report {path}: cannot write a file there; choose another path")
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"5m"``, ``"1h"`` or plain seconds -> seconds."""
+    text = str(text).strip()
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UsageError(f"--duration {text!r}: give a positive time such as 90s, 5m or 1h")
+    return seconds
+
+
+def _budget(args: argparse.Namespace, cfg: dict[str, Any]) -> tuple[int, float | None]:
+    """Examples per property and seconds for the whole campaign (None: no limit).  A
+    campaign with no example count and no duration runs for DEFAULT_DURATION."""
+    recipe = cfg["recipe"]
+    given = args.duration if args.duration is not None else recipe.get("duration")
+    duration = None if given is None else parse_duration(given)
+    counted = args.max_examples is not None or "max_examples" in recipe
+    if not counted:
+        return UNLIMITED_EXAMPLES, DEFAULT_DURATION if duration is None else duration
+    return cfg["max_examples"], duration
+
+
+UNLIMITED_EXAMPLES = 10**6  # a campaign sized by time: Hypothesis stops at the deadline
+
+
 def _explicit(recipe: dict[str, Any], prop: str, world: int) -> tuple[Any, ...]:
     from dcprop.serialization import from_json
 
@@ -241,31 +296,6 @@ def _explicit(recipe: dict[str, Any], prop: str, world: int) -> tuple[Any, ...]:
     return tuple(out)
 
 
-class _Progress:
-    """One live line per property on a terminal; plain lines elsewhere."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.live = stream.isatty()
-
-    def update(self, report: Any) -> None:
-        if self.live:
-            self.stream.write("\r" + self._line(report) + "   ")
-            self.stream.flush()
-
-    def done(self, report: Any) -> None:
-        self.stream.write(("\r" if self.live else "") + self._line(report) + "\n")
-        self.stream.flush()
-
-    @staticmethod
-    def _line(r: Any) -> str:
-        rate = r.examples / r.seconds if r.seconds else 0.0
-        return (
-            f"{r.name:<16} {r.examples:>4} examples  {len(r.failures)} failures  "
-            f"{r.known_examples} known  {rate:5.2f} examples/s  {r.seconds:6.1f}s"
-        )
-
-
 def _check(args: argparse.Namespace) -> int:
     cfg = _settings(args)
     hooks = None
@@ -276,6 +306,7 @@ def _check(args: argparse.Namespace) -> int:
         hooks = Hooks(checkpointer=load_checkpointer(args.checkpointer))
     from dcprop import strategies as dst
     from dcprop.campaign import known_totals, run_campaign
+    from dcprop.progress import Progress, coverage_lines
     from dcprop.repro import write_reproducer
     from dcprop.runner import make_runner, under_torchrun
 
@@ -286,46 +317,62 @@ def _check(args: argparse.Namespace) -> int:
         runner.follow()
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run cleanup on `kill`
-    progress = _Progress(sys.stderr)
-    reports = []
+    max_examples, duration = _budget(args, cfg)
     started = time.perf_counter()
+    deadline = None if duration is None else time.monotonic() + duration
+    reports = []
+    confirmed: set[str] = set()  # known bugs met: draws certain to end in one are skipped
     try:
-        for prop in cfg["properties"]:
-            kwargs = dict(cfg["recipe"].get("scenario_kwargs", {}).get(prop, {}))
-            strategy = dst.scenarios(
-                prop, world_sizes=cfg["world_sizes"], device=cfg["device"], **kwargs
-            )
-
-            def write(scenario: Any, failure: Any, prop: str = prop) -> str:
-                path = write_reproducer(
-                    args.repro_dir,
-                    prop,
-                    scenario,
-                    error=str(failure),
-                    checkpointer=args.checkpointer,
+        with Progress(cfg["properties"], sys.stdout, deadline) as progress:
+            for i, prop in enumerate(cfg["properties"]):
+                kwargs = dict(cfg["recipe"].get("scenario_kwargs", {}).get(prop, {}))
+                if under_torchrun():
+                    kwargs.setdefault("job_world_size", runner.world_size)
+                strategy = dst.scenarios(
+                    prop, world_sizes=cfg["world_sizes"], device=cfg["device"], **kwargs
                 )
-                if args.add_to_corpus:
-                    _add_to_corpus(args.add_to_corpus, prop, scenario, failure)
-                return path
 
-            report = run_campaign(
-                runner,
-                prop,
-                strategy,
-                max_examples=cfg["max_examples"],
-                seed=args.seed,
-                hooks=hooks,
-                strict=args.strict,
-                on_example=progress.update,
-                on_failure=write,
-                explicit=explicit[prop],
-                shrink_seconds=args.shrink_seconds,
-            )
-            progress.done(report)
-            reports.append(report)
+                def write(scenario: Any, failure: Any, prop: str = prop) -> str:
+                    path = write_reproducer(
+                        args.repro_dir,
+                        prop,
+                        scenario,
+                        error=str(failure),
+                        checkpointer=args.checkpointer,
+                    )
+                    if args.add_to_corpus:
+                        _add_to_corpus(args.add_to_corpus, prop, scenario, failure)
+                    return path
+
+                # each property gets an equal share of the time that is left
+                share = (
+                    None
+                    if deadline is None
+                    else max(0.0, deadline - time.monotonic()) / (len(cfg["properties"]) - i)
+                )
+                report = run_campaign(
+                    runner,
+                    prop,
+                    strategy,
+                    max_examples=max_examples,
+                    seed=args.seed,
+                    hooks=hooks,
+                    strict=args.strict,
+                    on_example=progress.update,
+                    on_failure=write,
+                    explicit=explicit[prop],
+                    shrink_seconds=args.shrink_seconds,
+                    duration=share,
+                    database=args.database,
+                    confirmed=confirmed,
+                )
+                progress.done(report)
+                reports.append(report)
     finally:
         runner.close()
     failures = sum(len(r.failures) for r in reports)
+    print("\ncoverage (examples per kind):")
+    print("\n".join(coverage_lines(reports)))
     _summary(reports, time.perf_counter() - started)
     if args.report:
         _write_report(args.report, cfg, args, reports)
@@ -348,21 +395,37 @@ def _examples(n: int) -> str:
 
 
 def _summary(reports: list[Any], seconds: float) -> None:
-    """A table of examples, failures and examples that ended in a known bug (those
-    checked nothing past the bug, so they are not passes)."""
-    print(f"\n{'property':<16} {'examples':>8} {'failures':>8} {'known':>5} {'seconds':>8}")
+    from dcprop.campaign import CHECKED_ENDINGS
+
+    """A table of examples, those that reached the property's checks, failures, and
+    examples that ended in a known bug (those checked nothing past the bug, so they
+    are not passes), with what stopped the others."""
+    print(
+        f"\n{'property':<16} {'examples':>8} {'checked':>8} {'failures':>8} {'known':>5} "
+        f"{'seconds':>8}  stopped before the checks"
+    )
     for r in reports:
+        stopped = ", ".join(
+            f"{ending} {n}" for ending, n in r.ended.items() if n and ending not in CHECKED_ENDINGS
+        )
         print(
-            f"{r.name:<16} {r.examples:>8} {len(r.failures):>8} {r.known_examples:>5} "
-            f"{r.seconds:>8.1f}"
+            f"{r.name:<16} {r.examples:>8} {r.checked:>8} {len(r.failures):>8} "
+            f"{r.known_examples:>5} {r.seconds:>8.1f}  {stopped or '-'}"
         )
     known = sum(r.known_examples for r in reports)
     print(
         f"{'total':<16} {sum(r.examples for r in reports):>8} "
+        f"{sum(r.checked for r in reports):>8} "
         f"{sum(len(r.failures) for r in reports):>8} {known:>5} {seconds:>8.1f}"
     )
     if known:
         print(f"({_examples(known)} ended in a known upstream bug and checked nothing past it)")
+    steered = sum(n for r in reports for n in r.steered.values())
+    if steered:
+        print(
+            f"({steered} drawn examples certain to end in a known bug met before were "
+            "skipped; --strict runs them)"
+        )
 
 
 def _write_report(

@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "DcpropError",
     "ExampleFailure",
+    "ExampleSkipped",
     "HarnessError",
     "PoolExhausted",
     "PropertyFailure",
@@ -73,6 +74,11 @@ class HarnessError(RunnerError):
     the property, importing the user's checkpointer or model factory, a scenario that does
     not meet a property's precondition).  It says nothing about the code under test, so it
     is never shrunk or written as a reproducer."""
+
+
+class ExampleSkipped(DcpropError):
+    """The runner cannot run this example as its scenario describes it (under torchrun,
+    a job of another size than torchrun's world); the message says why."""
 
 
 class PoolExhausted(RunnerError):

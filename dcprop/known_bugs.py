@@ -72,6 +72,9 @@ class KnownBug:
     upstream: str | None = None  # the upstream issue, where one exists
     related: tuple[str, ...] = ()
     explanation: str = ""
+    # scenarios that always end in this bug: once a campaign has confirmed the bug, it
+    # skips them (counted) instead of paying for the bug again, unless strict
+    certain_in: Callable[[S.Scenario], bool] | None = None
 
     def explains(self, sighting: Sighting) -> bool:
         return (
@@ -137,12 +140,19 @@ def _expert_trainable_counts_differ(scenario: S.Scenario) -> bool:
 
 def _broadcast_off_the_model(sighting: Sighting) -> bool:
     """A rank of the default group holds no model of a topology that broadcasts from
-    rank 0: a rank of the example outside that topology's world, or a pool rank
-    outside the example's (it reported idle)."""
+    rank 0: the scenario's job is larger than that topology's world, or (a runner whose
+    pool is larger than the scenario's job) a rank outside the example reported idle."""
     scenario = sighting.scenario
     idle = any(o.status == "idle" for o in sighting.failure.outcomes.values())
+    return _broadcasts_off_the_model(scenario) or (
+        idle and any(t.state_dict.broadcast_from_rank0 for t in _topologies(scenario))
+    )
+
+
+def _broadcasts_off_the_model(scenario: S.Scenario) -> bool:
+    """A topology broadcasts from rank 0 on fewer ranks than the scenario's job."""
     return any(
-        t.state_dict.broadcast_from_rank0 and (idle or t.world_size < scenario.world_size)
+        t.state_dict.broadcast_from_rank0 and t.world_size < scenario.job_world
         for t in _topologies(scenario)
     )
 
@@ -287,6 +297,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "group, so a model on a sub-world deadlocks",
         signature=r"^RankTimeout: .*waiting in _broadcast_state_dict",
         shows=_broadcast_off_the_model,
+        certain_in=_broadcasts_off_the_model,
         explanation="_broadcast_state_dict calls broadcast_object_list with no group; ranks of "
         "the default group that do not hold the model never join.",
     ),

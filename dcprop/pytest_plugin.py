@@ -33,7 +33,10 @@ repro_dir = "dcprop-repros"
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("dcprop", "dcprop: property-based distributed checkpoint tests")
     group.addoption(
-        "--dcprop-world-size", type=int, default=4, help="ranks in the session's pool (default 4)"
+        "--dcprop-world-size",
+        type=int,
+        default=4,
+        help="largest job: one pool per job size up to this many ranks (default 4)",
     )
     group.addoption(
         "--dcprop-device",
@@ -98,21 +101,22 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def dcprop_runner(request: pytest.FixtureRequest) -> Any:
-    """The session's runner: a lazily started local Pool, or torchrun's ranks."""
+    """The session's runner: lazily started local Pools (one per job size), or
+    torchrun's ranks."""
     config = request.config
     spmd = config.stash.get(_RUNNER_KEY, None)
     if spmd is not None:
         yield spmd
         return
-    from dcprop.runner import Pool
+    from dcprop.runner import Pools
 
-    pool = Pool(
+    pools = Pools(
         config.getoption("--dcprop-world-size"),
         device=_device(config),
         timeout=config.getoption("--dcprop-timeout"),
     )
-    yield pool
-    pool.close()
+    yield pools
+    pools.close()
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -112,7 +112,7 @@ Found with dcprop {__version__} on torch {torch.__version__}.  The failure:
 
 Run it with either of:
     python {{this file}}
-    torchrun --nproc-per-node {scenario.world_size} {{this file}}
+    torchrun --nproc-per-node {scenario.job_world} {{this file}}
 """
 
 from dcprop.repro import Missing, Pickled  # noqa: F401 - how the hooks may be carried
@@ -264,7 +264,7 @@ def main(
         print(f"CANNOT REPLAY: {property}: {e}")
         sys.exit(2)
     runner = make_runner(
-        scenario.world_size, device=scenario.device, timeout=timeout or DEFAULT_TIMEOUT
+        scenario.job_world, device=scenario.device, timeout=timeout or DEFAULT_TIMEOUT
     )
     if under_torchrun() and not runner.is_driver:
         runner.follow()

@@ -925,6 +925,9 @@ class Scenario(_Spec):
     ``load`` is the topology the checkpoint is loaded on (``None``: the same as
     ``save``).  ``pretrained`` names the submodule that a fine-tuning run loads from
     a pretraining checkpoint (seeds 000/001).  ``seed`` fixes model initialisation.
+    ``job_world_size`` is the size of the job (the default process group) the model
+    runs in: ``None``, the model's own world; larger, the model lives on the first
+    ranks of a bigger job, and the ranks beyond its world hold no model.
 
     >>> m = ModelSpec(Block((("fc", Linear(4, 4)),)))
     >>> Scenario(m, save=Topology(2, MeshSpec((2,), ("shard",)), FSDP2Plan())).world_size
@@ -945,8 +948,15 @@ class Scenario(_Spec):
     pretrained: str | None = attrs.field(default=None)
     seed: int = attrs.field(default=0, validator=_non_negative)
     device: str = attrs.field(default="cpu", validator=v.in_(DEVICES))
+    job_world_size: int | None = attrs.field(default=None, validator=v.optional(_positive))
 
     def __attrs_post_init__(self) -> None:
+        if self.job_world_size is not None and self.job_world_size < self.world_size:
+            raise SpecError(
+                f"job_world_size={self.job_world_size} is smaller than the model's world "
+                f"({self.world_size} ranks): the job must hold the model, so use None or "
+                f"at least {self.world_size}"
+            )
         params = set(self.model.parameter_names())
         unknown = sorted(set(self.frozen) - params)
         if unknown:
@@ -986,6 +996,11 @@ class Scenario(_Spec):
     def world_size(self) -> int:
         """Ranks the example needs: the larger of the save and load worlds."""
         return max(self.save.world_size, self.load_topology.world_size)
+
+    @property
+    def job_world(self) -> int:
+        """Ranks of the job (the default process group) the example runs in."""
+        return self.job_world_size or self.world_size
 
     @property
     def meshes(self) -> tuple[MeshSpec, ...]:

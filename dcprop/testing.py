@@ -17,10 +17,10 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, reject, settings
 
 from dcprop.campaign import is_final_replay, record_events, signature_error
-from dcprop.errors import ExampleFailure, carry_runner_errors, reraise_carried
+from dcprop.errors import ExampleFailure, ExampleSkipped, carry_runner_errors, reraise_carried
 from dcprop.known_bugs import match_known
 from dcprop.properties import property_ref, run_property
 from dcprop.specs import Scenario
@@ -59,6 +59,9 @@ def check(
     try:
         with carry_runner_errors():  # the pool or the harness failed: not the example
             run_property(runner, property, scenario, hooks=hooks)
+    except ExampleSkipped as e:
+        event(f"skipped: {e}")
+        reject()  # not a failure: this runner cannot run the example as drawn
     except ExampleFailure as failure:
         known = match_known(failure, scenario)
         if known is not None and not strict:

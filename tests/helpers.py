@@ -330,3 +330,8 @@ def _load_optim_state_dict(ctx, other_on):
     if ctx.rank == other_on:
         raise ValueError("a different failure")
     raise AssertionError("Expected device to be set")
+
+
+def default_world(ctx):
+    """The size of this rank's default process group (the example's job)."""
+    return dist.get_world_size()

@@ -2,10 +2,12 @@
 
 import os
 
+import attrs
 import helpers
+from hypothesis import strategies as st
 
 from dcprop import strategies as dst
-from dcprop.campaign import known_totals, run_campaign
+from dcprop.campaign import certain_known_bug, known_totals, run_campaign
 from dcprop.corpus import load_entries
 from dcprop.properties._harness import Hooks
 
@@ -51,3 +53,56 @@ def test_known_bugs_are_counted_per_example(dcprop_runner):
     assert [(k["id"], k["examples"]) for k in report.known] == [(bug, 3)]
     assert report.known_examples == 3 and report.to_json()["known_examples"] == 3
     assert known_totals([report, report])[0]["examples"] == 6
+
+
+def test_a_rerun_replays_the_last_failure_first(dcprop_runner, tmp_path):
+    """With an example database, the failure a campaign found is the next campaign's
+    first example, whatever its seed."""
+
+    def campaign(seed, database):
+        return run_campaign(
+            dcprop_runner,
+            "roundtrip",
+            dst.scenarios("roundtrip", **SMALL),
+            max_examples=30,
+            seed=seed,
+            hooks=Hooks(checkpointer=helpers.INJECTIONS["zero_frozen"]),
+            shrink_seconds=1,
+            database=database,
+        )
+
+    assert campaign(1, None).first_failure_at > 1  # seed 1 alone finds it later
+    assert campaign(0, str(tmp_path)).failures
+    again = campaign(1, str(tmp_path))
+    assert again.first_failure_at == 1 and again.failures
+
+
+def test_a_campaign_ends_when_its_time_is_up(dcprop_runner):
+    report = run_campaign(
+        dcprop_runner,
+        "ddp_parity",
+        dst.scenarios("ddp_parity", **SMALL),
+        max_examples=10**6,
+        duration=3.0,
+    )
+    assert report.out_of_time and report.examples > 0 and report.phase == "done"
+    assert report.checked + report.ended["known bug"] == report.examples
+    assert sum(report.coverage["plan"].values()) == report.examples
+
+
+def test_a_confirmed_known_bug_is_not_paid_for_again(dcprop_runner):
+    """A draw certain to end in a known bug met before is skipped and counted."""
+    bug = "dsd-broadcast-default-group"
+    entry = next(e for e in load_entries(CORPUS) if e.known_bug == bug)
+    assert certain_known_bug(entry.scenario, {bug}) == bug
+    assert certain_known_bug(entry.scenario, set()) is None
+    own_world = attrs.evolve(entry.scenario, job_world_size=None)
+    assert certain_known_bug(own_world, {bug}) is None
+    report = run_campaign(
+        dcprop_runner,
+        entry.property,
+        st.just(entry.scenario),
+        max_examples=3,
+        confirmed={bug},
+    )
+    assert report.examples == 0 and report.steered[bug] >= 1

@@ -42,6 +42,7 @@ def dcprop(*args, cwd=ROOT, timeout=600, pythonpath=()):
             "sees no CUDA device; use --device cpu",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
         ),
+        (["--duration", "soon"], "--duration 'soon': give a positive time"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
@@ -125,6 +126,32 @@ def test_a_harness_error_exits_2_without_a_reproducer(tmp_path):
     assert "HarnessError: dcprop's harness failed on rank(s) [0, 1]" in result.stderr
     assert "No module named 'only_on_the_controller'" in result.stderr
     assert not repros.exists()
+
+
+def test_a_campaign_sized_by_time_reports_progress_and_coverage(tmp_path):
+    """--duration bounds the campaign; off a terminal, progress is plain lines; the
+    summary says how many examples reached the checks, and a coverage table follows."""
+    report = tmp_path / "report.json"
+    result = dcprop(
+        "check",
+        "--properties",
+        "ddp_parity",
+        "--world-size",
+        "2",
+        "--duration",
+        "4s",
+        "--no-database",
+        "--report",
+        str(report),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report.read_text())["properties"]["ddp_parity"]
+    assert data["out_of_time"] and data["examples"] > 0
+    assert data["checked"] == data["ended"]["held"] + data["ended"]["check failed"]
+    assert "\x1b[" not in result.stdout  # no terminal escapes in a log
+    assert "coverage (examples per kind):" in result.stdout and "  plan " in result.stdout
+    assert "checked" in result.stdout.splitlines()[0]  # the plain progress line
+    assert not (tmp_path / ".hypothesis").exists()
 
 
 def test_clean_campaign_report(tmp_path):

@@ -217,13 +217,13 @@ CASES = [
     ),
     (
         "dsd-broadcast-default-group",
-        hang(idle_ranks=(1, 2, 3)),
-        corpus("dsd-broadcast-default-group"),
+        hang(idle_ranks=()),
+        corpus("dsd-broadcast-default-group"),  # a model on a drawn sub-world of its job
         [
             (
                 "the model holds every rank of the default group",
                 hang(idle_ranks=()),
-                corpus("dsd-broadcast-default-group"),
+                corpus("dsd-broadcast-default-group", job_world_size=None),
             ),
         ],
     ),
@@ -376,3 +376,11 @@ def test_a_new_failure_on_another_rank_is_new_with_real_ranks(dcprop_runner):
         dcprop_runner.run(helpers._load_optim_state_dict, 1, world_size=2)
     assert different.value.signature == STATELESS  # the first rank's looks known
     assert match_known(different.value, scenario) is None
+
+
+def test_a_sub_world_is_also_seen_in_idle_ranks():
+    """A runner whose job is larger than the scenario's (a plain Pool) leaves idle ranks:
+    the broadcast over the default group hangs there too."""
+    scenario = corpus("dsd-broadcast-default-group", job_world_size=None)
+    bug = match_known(hang(idle_ranks=(1, 2, 3)), scenario)
+    assert bug is not None and bug.id == "dsd-broadcast-default-group"

@@ -27,8 +27,10 @@ from dcprop.errors import (
     reraise_carried,
 )
 from dcprop.properties import run_property
-from dcprop.runner import Pool
+from dcprop.runner import Pool, Pools
 from dcprop.specs import MeshSpec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 HERE = os.path.dirname(__file__)
 
@@ -45,6 +47,38 @@ def test_sub_worlds_and_meshes(dcprop_runner):
     assert out == {r: [0, 1, 2] for r in range(3)}
     # idle ranks stayed correct: the whole pool still works
     assert dcprop_runner.run(helpers.all_reduce_rank, 0) == {r: 6 for r in range(4)}
+
+
+def test_the_default_group_is_the_examples_job(dcprop_runner):
+    """Each example's default process group is its job: its own world unless it asks
+    for a larger job, on whose first ranks it then runs (the others report idle)."""
+    assert dcprop_runner.run(helpers.default_world, world_size=2) == {0: 2, 1: 2}
+    spec = MeshSpec((3,), ("shard",))
+    assert dcprop_runner.run(helpers.default_world, world_size=3, meshes=(spec,)) == {
+        r: 3 for r in range(3)
+    }
+    on_sub_world = dcprop_runner.run(helpers.all_reduce_rank, 0, world_size=2, job_world_size=4)
+    assert on_sub_world == {0: 1, 1: 1}
+    assert dcprop_runner.run(helpers.default_world, world_size=2, job_world_size=4) == {0: 4, 1: 4}
+    with pytest.raises(RunnerError, match="job_world_size=1 cannot hold an example of 2 ranks"):
+        dcprop_runner.run(helpers.default_world, world_size=2, job_world_size=1)
+
+
+def test_pools_restart_only_the_pool_that_hung():
+    with Pools(2, timeout=4.0, grace=1.0) as pools:
+        assert pools.run(helpers.all_reduce_rank, world_size=1) == {0: 0}
+        one = pools.pool(1).pids()
+        with pytest.raises(RankTimeout):
+            pools.run(helpers.skip_barrier, 1, world_size=2)
+        assert pools.run(helpers.all_reduce_rank, world_size=2) == {0: 1, 1: 1}
+        assert pools.pool(1).pids() == one and pools.restarts == 1
+        assert sorted(pools.pools) == [1, 2] and pools.examples == 3
+    assert not pools.pool(1).started and not pools.pool(2).started
+
+
+def test_a_pool_runs_only_jobs_of_its_size():
+    with Pool(1) as pool, pytest.raises(RunnerError, match="job_world_size=2 needs a pool"):
+        pool.run(helpers.all_reduce_rank, world_size=1, job_world_size=2)
 
 
 def test_repeated_world_costs_no_new_groups(dcprop_runner):
@@ -135,7 +169,7 @@ def test_harness_errors_are_not_example_failures(small_pool, fn, args, cause):
 def test_a_scenario_outside_a_propertys_precondition_is_a_harness_error(small_pool, prop):
     """finetune_resume needs a pretrained submodule, submesh_layout an expert plan."""
     model = S.ModelSpec(S.Block((("fc", S.Linear(4, 3)),)))
-    scenario = S.Scenario(model, S.Topology(1, MeshSpec((1,), ("shard",)), S.FSDP2Plan()))
+    scenario = S.Scenario(model, S.Topology(2, MeshSpec((2,), ("shard",)), S.FSDP2Plan()))
     with pytest.raises(HarnessError, match=f"UsageError: {prop} needs"):
         run_property(small_pool, prop, scenario)
 
@@ -158,21 +192,37 @@ def test_a_harness_error_ends_a_search_unshrunk(small_pool):
     assert len(tried) == 1
 
 
-def test_ranks_without_numpy_fail_the_start_up_check_once(tmp_path, monkeypatch):
-    """The ranks import with the controller's sys.path: a `numpy` that does not import,
-    first on it, gives them the environment of a CPU torch wheel without numpy."""
+def test_ranks_without_numpy_fail_the_start_up_check_once(tmp_path):
+    """A `numpy` that does not import, first on the path of a fresh controller (whose
+    fork server and ranks start without numpy), gives the environment of a CPU torch
+    wheel without numpy."""
     blocked = tmp_path / "numpy"
     blocked.mkdir()
     (blocked / "__init__.py").write_text(
         "raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with Pool(2) as pool:
-        with pytest.raises(RunnerError, match="install numpy: torch's object collectives"):
-            pool.run(helpers.all_reduce_rank)
-        with pytest.raises(RunnerError, match="install numpy"):  # not started again
-            pool.run(helpers.all_reduce_rank)
-        assert pool.starts == 1 and not pool.started
+    script = textwrap.dedent("""
+        import helpers, pytest
+        from dcprop.errors import RunnerError
+        from dcprop.runner import Pool
+
+        with Pool(2) as pool:
+            with pytest.raises(RunnerError, match="install numpy: torch's object collectives"):
+                pool.run(helpers.all_reduce_rank)
+            with pytest.raises(RunnerError, match="install numpy"):  # not started again
+                pool.run(helpers.all_reduce_rank)
+            assert pool.starts == 1 and not pool.started
+        print("refused once")
+    """)
+    path = os.pathsep.join([str(tmp_path), ROOT, os.path.dirname(__file__)])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=dict(os.environ, PYTHONPATH=path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "refused once" in done.stdout, done.stderr[-3000:]
 
 
 def test_hang_times_out_with_stacks_and_pool_recovers(small_pool):
@@ -300,4 +350,4 @@ def test_torchrun_mode_runs_the_same_properties():
         )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    assert "3 passed" in out, out[-4000:]
+    assert "4 passed" in out, out[-4000:]

@@ -163,3 +163,17 @@ def test_parallel_plans_fit_their_mesh(data):
     rows = S.TrainingSpec(batch_size=2)  # enough for a BatchNorm
     scenario = S.Scenario(model, S.Topology(world, mesh, plan), training=rows, device=device)
     assert scenario.save.plan_kind in dst._topology.plan_kinds_for(model, mesh, device)
+
+
+def test_the_job_is_drawn_and_can_be_fixed():
+    """A model on a sub-world of its job is a drawn dimension (shrinking to its own
+    world); under torchrun the job is fixed to torchrun's world."""
+    big = find(dst.scenarios("reshard", world_sizes=(1, 2, 4)), lambda s: s.job_world_size)
+    assert big.job_world_size in (2, 4) and big.job_world > big.world_size
+    assert (
+        find(dst.scenarios("reshard", world_sizes=(1, 2, 4)), lambda s: True).job_world_size is None
+    )
+    fixed = dst.scenarios("roundtrip", world_sizes=(1, 2), job_world_size=2)
+    assert find(fixed, lambda s: True).job_world == 2
+    with pytest.raises(InvalidArgument, match="job_world_size=2"):
+        dst.scenarios("roundtrip", world_sizes=(1, 4), job_world_size=2).example()

@@ -36,7 +36,8 @@ def property_ref(name: str) -> str:
 def run_property(
     runner: Any, name: str, scenario: Scenario, *, hooks: Any = None, timeout: float | None = None
 ) -> dict[int, Any]:
-    """Run property ``name`` over ``scenario`` on ``runner`` (a Pool or SPMDRunner)."""
+    """Run property ``name`` over ``scenario`` on ``runner`` (Pools, a Pool or an
+    SPMDRunner), in a job of ``scenario.job_world`` ranks."""
     args: tuple[Any, ...] = (scenario,) if hooks is None else (scenario, hooks)
     return runner.run(
         property_ref(name),
@@ -45,4 +46,5 @@ def run_property(
         meshes=scenario.meshes,
         seed=scenario.seed,
         timeout=timeout,
+        job_world_size=scenario.job_world,
     )

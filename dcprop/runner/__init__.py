@@ -1,5 +1,6 @@
-"""The multi-rank runner: a persistent local :class:`Pool`, or :class:`SPMDRunner`
-under torchrun.  Both offer ``run(fn, *args, world_size=, meshes=, seed=, timeout=)``.
+"""The multi-rank runner: persistent local :class:`Pools` (one :class:`Pool` per job
+size), or :class:`SPMDRunner` under torchrun.  All offer
+``run(fn, *args, world_size=, meshes=, seed=, timeout=, job_world_size=)``.
 
 Importing this package does not import torch; the torchrun mode does, on use.
 """
@@ -11,10 +12,12 @@ from typing import Any
 
 from dcprop.errors import UsageError
 from dcprop.runner.pool import DEFAULT_TIMEOUT, Pool
+from dcprop.runner.pools import Pools
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Pool",
+    "Pools",
     "SPMDRunner",
     "make_runner",
     "resolve_device",
@@ -49,12 +52,13 @@ def resolve_device(requested: str, *, option: str) -> str:
 def make_runner(
     world_size: int, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, **pool_options: Any
 ) -> Any:
-    """A :class:`SPMDRunner` under torchrun, else a lazily started :class:`Pool`."""
+    """A :class:`SPMDRunner` under torchrun, else lazily started :class:`Pools` of up to
+    ``world_size`` ranks."""
     if under_torchrun():
         from dcprop.runner.spmd import SPMDRunner
 
         return SPMDRunner(device=device, timeout=timeout)
-    return Pool(world_size, device=device, timeout=timeout, **pool_options)
+    return Pools(world_size, device=device, timeout=timeout, **pool_options)
 
 
 def __getattr__(name: str) -> Any:

@@ -44,6 +44,7 @@ from dcprop.errors import (
     headline,
 )
 from dcprop.runner.messages import Outcome, Task, blamed_outcomes, example_world_size
+from dcprop.runner.spawn import RankProcess
 from dcprop.specs import MeshSpec
 
 __all__ = ["DEFAULT_TIMEOUT", "Pool", "failure_from_outcomes"]
@@ -80,7 +81,7 @@ class _Rank:
     __slots__ = ("conn", "log", "proc", "rank", "stacks")
 
     def __init__(
-        self, rank: int, proc: subprocess.Popen, conn: Connection, log: str, stacks: str
+        self, rank: int, proc: RankProcess, conn: Connection, log: str, stacks: str
     ) -> None:
         self.rank, self.proc, self.conn, self.log, self.stacks = rank, proc, conn, log, stacks
 
@@ -183,12 +184,7 @@ class Pool:
         ours, theirs = socket.socketpair()
         log = os.path.join(incarnation, f"rank{rank}.log")
         stacks = os.path.join(incarnation, f"rank{rank}.stacks")
-        cmd = [
-            sys.executable,
-            "-m",
-            "dcprop.runner.worker",
-            "--fd",
-            str(theirs.fileno()),
+        argv = [
             "--rank",
             str(rank),
             "--world-size",
@@ -202,18 +198,7 @@ class Pool:
             "--stacks",
             stacks,
         ]
-        env = dict(
-            os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p)
-        )
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                cmd,
-                pass_fds=(theirs.fileno(),),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=False,
-            )
+        proc = RankProcess(theirs, argv, log)
         theirs.close()
         conn = Connection(ours.detach())
         conn.send([p for p in sys.path])
@@ -279,13 +264,21 @@ class Pool:
         meshes: Sequence[MeshSpec] = (),
         seed: int = 0,
         timeout: float | None = None,
+        job_world_size: int | None = None,
     ) -> dict[int, Any]:
         """Call ``fn(ctx, *args)`` on ranks ``0..world_size-1``; return ``{rank: value}``.
 
         ``fn`` must be importable by reference (a module-level function).  Raises
         :class:`~dcprop.errors.ExampleFailure` (or a subclass) if any rank fails.
+        ``job_world_size``, where given, must be this pool's size: the example's
+        default process group (see :class:`~dcprop.runner.pools.Pools`).
         """
         k = example_world_size(world_size, tuple(meshes), self.world_size, "a pool")
+        if job_world_size not in (None, self.world_size):
+            raise RunnerError(
+                f"job_world_size={job_world_size} needs a pool of that many ranks, not "
+                f"{self.world_size}; run it on dcprop.runner.Pools"
+            )
         self.start()
         assert self._base is not None
         example_dir = tempfile.mkdtemp(prefix="example-", dir=self._base)
@@ -357,7 +350,7 @@ class Pool:
         return {r: _main_thread_stack(self._ranks[r].stacks) for r in ranks}
 
 
-def _exit_code(proc: subprocess.Popen) -> int:
+def _exit_code(proc: RankProcess) -> int:
     try:
         return proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -385,9 +378,9 @@ def _wait_until_quiet(paths: list[str], limit: float = 3.0) -> None:
 
 
 def _main_thread_stack(path: str) -> str:
-    """The faulthandler dump in ``path``, without the worker's parent-watch thread."""
+    """The faulthandler dump in ``path``, without the rank's watchdog threads."""
     blocks = _tail(path, 400).strip().split("\n\n")
-    keep = [b for b in blocks if "in watch" not in b or "worker.py" not in b]
+    keep = [b for b in blocks if "in watch" not in b]
     return "\n\n".join(keep).strip()
 
 

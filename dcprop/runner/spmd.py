@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dcprop.errors import RunnerError
+from dcprop.errors import ExampleSkipped, RunnerError
 from dcprop.runner import under_torchrun
 from dcprop.runner.execute import execute
 from dcprop.runner.messages import Outcome, Task, example_world_size
@@ -91,7 +91,10 @@ class SPMDRunner:
         meshes: Sequence[MeshSpec] = (),
         seed: int = 0,
         timeout: float | None = None,
+        job_world_size: int | None = None,
     ) -> dict[int, Any]:
+        """As :meth:`Pool.run`.  torchrun's world is the job: an example whose job
+        (``job_world_size``, default its own world) is of another size is skipped."""
         if not self.is_driver:
             raise RunnerError("only rank 0 drives; other ranks call follow()")
         if self._broken:
@@ -100,6 +103,12 @@ class SPMDRunner:
                 "restarted from inside, so this run cannot continue"
             )
         k = example_world_size(world_size, tuple(meshes), self.world_size, "torchrun's world")
+        job = max([k, *(m.size for m in meshes)]) if job_world_size is None else job_world_size
+        if job != self.world_size:
+            raise ExampleSkipped(
+                f"the example's job has {job} ranks but torchrun's world has "
+                f"{self.world_size}: its default process group would not be its job"
+            )
         assert self._base is not None
         tmpdir = tempfile.mkdtemp(prefix="example-", dir=self._base)
         task = Task(

@@ -61,6 +61,7 @@ class _Config:
     layers: tuple[str, ...]
     max_steps: int
     frozen: bool
+    job_world_size: int | None
 
 
 def _shard_count(kind: str, shape: tuple[int, ...]) -> int:
@@ -107,6 +108,15 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
 
 def _kinds(cfg: _Config, allowed: tuple[str, ...]) -> list[str]:
     return [k for k in allowed if k in cfg.kinds and (k != "fsdp1" or cfg.device == "cuda")]
+
+
+def _job(cfg: _Config, world: int) -> st.SearchStrategy[int | None]:
+    """The job the model's ``world`` runs in: None (its own world) three times in four
+    where a larger one is possible, else a larger world size (the model on a sub-world)."""
+    if cfg.job_world_size is not None:
+        return st.just(cfg.job_world_size if cfg.job_world_size > world else None)
+    larger = [w for w in cfg.world_sizes if w > world]
+    return st.sampled_from([None] * (3 * len(larger)) + larger) if larger else st.none()
 
 
 @st.composite
@@ -183,6 +193,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         pretrained=pretrained,
         seed=draw(st.integers(0, 2**16)),
         device=cfg.device,
+        job_world_size=draw(_job(cfg, max(world, load.world_size if load else world))),
     )
     try:
         return S.Scenario(**fields)
@@ -205,14 +216,19 @@ def scenarios(
     layers: Any = LAYER_KINDS,
     max_steps: int = 3,
     frozen: bool = True,
+    job_world_size: int | None = None,
 ) -> st.SearchStrategy[S.Scenario]:
     """Whole examples for ``property`` (one of ``PROPERTY_NAMES``).
 
     ``world_sizes``: the world sizes to draw from (a reshard draws save and load
     sizes separately).  ``kinds``: allowed plan kinds (FSDP1 only with
     ``device="cuda"``).  The model arguments are those of :func:`models`;
-    ``frozen=False`` freezes nothing.  Shrinks toward the smallest world size, a
-    1D FSDP2 mesh, one small Linear, nothing frozen and default options.
+    ``frozen=False`` freezes nothing.  ``job_world_size``: the size of every example's
+    job (its default process group; torchrun's world), which the model's world must
+    fit in; by default the job is usually the model's own world and sometimes a
+    larger size from ``world_sizes``, the model then on a sub-world of the job.
+    Shrinks toward the smallest world size, a 1D FSDP2 mesh, one small Linear,
+    nothing frozen, default options and a job of the model's own world.
 
     >>> from hypothesis import given
     >>> @given(scenarios("reshard", world_sizes=(2, 4)))             # doctest: +SKIP
@@ -231,6 +247,13 @@ def scenarios(
     check_int("max_steps", max_steps, min_value=1, max_value=64)
     check_fraction("uneven", uneven)
     check_type("frozen", frozen, bool)
+    if job_world_size is not None:
+        check_int("job_world_size", job_world_size, min_value=1, max_value=4096)
+        if max(world_sizes) > job_world_size:
+            raise InvalidArgument(
+                f"world_sizes={tuple(world_sizes)!r} holds sizes above "
+                f"job_world_size={job_world_size}: a job must hold the model's world"
+            )
     cfg = _Config(
         property,
         tuple(sorted(set(world_sizes))),
@@ -243,6 +266,7 @@ def scenarios(
         check_choices("layers", layers, LAYER_KINDS),
         max_steps,
         frozen,
+        job_world_size,
     )
     usable = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[property])
     if not usable:

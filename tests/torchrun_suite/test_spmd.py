@@ -1,8 +1,11 @@
 """Run under torchrun by tests/test_runner.py: the same properties, SPMD mode."""
 
+import attrs
+import pytest
 import torch.distributed as dist
 
 import dcprop.specs as S
+from dcprop.errors import ExampleSkipped
 from dcprop.properties import run_property
 from dcprop.runner.execute import RankContext
 from dcprop.testing import property_test
@@ -34,3 +37,12 @@ def test_reshard_two_to_one(dcprop_runner):
 @property_test("roundtrip", world_sizes=(2,), max_layers=2)
 def test_generated_roundtrip(scenario):
     pass
+
+
+def test_a_job_of_another_size_is_skipped(dcprop_runner):
+    """torchrun's world is the job: a model of one rank runs only as a drawn sub-world."""
+    one = S.Scenario(M, S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()))
+    with pytest.raises(ExampleSkipped, match="torchrun's world has 2"):
+        run_property(dcprop_runner, "roundtrip", one)
+    on_sub_world = attrs.evolve(one, job_world_size=2)
+    assert sorted(run_property(dcprop_runner, "roundtrip", on_sub_world)) == [0]
