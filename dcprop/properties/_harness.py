@@ -352,6 +352,17 @@ def batch_rows(
     return x, hi - lo
 
 
+#: state-dict option overrides that give every entry as a full, nested tensor on every rank,
+#: frozen parameters included: the form in which two runs' states can be compared
+FULL_STATE: dict[str, Any] = dict(
+    full_state_dict=True,
+    cpu_offload=False,
+    broadcast_from_rank0=False,
+    flatten_optimizer_state_dict=False,
+    ignore_frozen_params=False,
+)
+
+
 def load_template_overrides(options: S.StateDictSpec) -> dict[str, Any]:
     """A template to load into needs full tensors on every rank: full_state_dict with
     cpu_offload leaves non-zero ranks empty unless rank 0 broadcasts."""

@@ -73,7 +73,7 @@ from dcprop import build
 from dcprop import specs as S
 from dcprop.compare import assert_same, full_values
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, batch_rows, setup
+from dcprop.properties._harness import DEFAULT_HOOKS, FULL_STATE, Hooks, Job, batch_rows, setup
 
 __all__ = [
     "ATOL",
@@ -106,13 +106,6 @@ _UNIT_ROUNDOFF = {
     "bf16": torch.finfo(torch.bfloat16).eps / 2,
     "fp16": torch.finfo(torch.float16).eps / 2,
 }
-_FULL: dict[str, Any] = dict(
-    full_state_dict=True,
-    cpu_offload=False,
-    broadcast_from_rank0=False,
-    flatten_optimizer_state_dict=False,
-    ignore_frozen_params=False,
-)
 
 
 @attrs.frozen
@@ -199,7 +192,7 @@ def ddp_parity(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> 
 
 def _trained_state(job: Job) -> dict[str, Any]:
     """Full parameters, buffers and optimizer state, flattened (collective)."""
-    state = full_values(job.state(**_FULL))
+    state = full_values(job.state(**FULL_STATE))
     params = {f"model/{k}": v for k, v in job.full_parameters().items()}
     return {**{k: v for k, v in state.items() if not _is_param_groups(k)}, **params}
 
@@ -269,7 +262,7 @@ def reference_run(
 def _state_options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(**_FULL)
+    return StateDictOptions(**FULL_STATE)
 
 
 def _backward(module: torch.nn.Module, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:

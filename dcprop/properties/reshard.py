@@ -19,7 +19,7 @@ import torch
 from dcprop import specs as S
 from dcprop.compare import assert_same, full_values
 from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, setup
+from dcprop.properties._harness import DEFAULT_HOOKS, FULL_STATE, Hooks, Job, setup
 
 __all__ = ["STEP_RTOL", "reshard"]
 
@@ -38,7 +38,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
             state = a.state()
             a.check_keys(state, "before save")
             a.save(state, "ckpt")
-            expected = full_values(a.state(**_FULL))
+            expected = full_values(a.state(**FULL_STATE))
             next_loss = a.train_step()
             torch.save({"state": expected, "loss": next_loss}, _expected_file(ctx, ctx.rank))
         except BaseException as e:
@@ -60,12 +60,12 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
     # name would be loaded and named as a wrong value, not as the bug it is)
     b.check_keys(b.state(), "before load")
     skipped = _skipped(scenario)
-    own_initial = {k: v for k, v in full_values(b.state(**_FULL)).items() if k in skipped}
+    own_initial = {k: v for k, v in full_values(b.state(**FULL_STATE)).items() if k in skipped}
     if scenario.save.state_dict.ignore_frozen_params:  # B can neither read nor require them
         b.restore("ckpt", ignore_frozen_params=True)
     else:
         b.restore("ckpt")
-    after = b.state(**_FULL)
+    after = b.state(**FULL_STATE)
     loaded = full_values(after)
     # what is deliberately not in the checkpoint keeps B's own initial values
     expected = {**_comparable(reference["state"]), **own_initial}
@@ -76,7 +76,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
         f"{_describe(scenario.load_topology)}",
         rank=ctx.rank,
     )
-    b.check_keys(after, "after load", **_FULL)
+    b.check_keys(after, "after load", **FULL_STATE)
     if skipped:  # the step compares functions: frozen weights come from A, as in fine-tuning
         _set_full(b, {k: v for k, v in reference["state"].items() if k in own_initial})
     b.steps_taken = scenario.training.steps
@@ -99,14 +99,6 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
 
 # Which FQNs a param group lists is layout (a rank lists only its own experts), not state.
 _PARAM_LIST = re.compile(r"^optim/param_groups\[\d+\]/params\[\d+\]$")
-
-_FULL: dict[str, Any] = dict(
-    full_state_dict=True,
-    cpu_offload=False,
-    broadcast_from_rank0=False,
-    flatten_optimizer_state_dict=False,
-    ignore_frozen_params=False,
-)
 
 
 def _expected_file(ctx: Any, rank: int) -> str:
