@@ -70,6 +70,8 @@ def hang(idle_ranks):
 
 STATELESS = "AssertionError: Expected device to be set @ _load_optim_state_dict"
 FLATTEN = "KeyError: 'param_groups.N.params.N' @ _unflatten_state_dict"
+FLATTEN_RANK0 = "KeyError: 'state' @ load_state_dict"  # broadcast from rank 0: rank 0 ...
+FLATTEN_OTHERS = "KeyError: 'param_groups' @ _load_optim_state_dict"  # ... and the others
 VIEW = (
     "RuntimeError: This operation would remove or reshape sharded dimension N, which requires "
     "redistribution. Please redistribute the input first. @ "
@@ -172,6 +174,27 @@ CASES = [
                 "the optimizer state dict is not flattened",
                 failed(error(0, FLATTEN)),
                 options(corpus("dsd-flatten-full-osd"), flatten_optimizer_state_dict=False),
+            ),
+        ],
+    ),
+    (
+        "dsd-flatten-full-osd",
+        failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
+        options(corpus("dsd-flatten-full-osd"), broadcast_from_rank0=True),
+        [
+            (
+                "no broadcast_from_rank0: every rank was given the dict",
+                failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
+                options(corpus("dsd-flatten-full-osd"), broadcast_from_rank0=False),
+            ),
+            (
+                "the optimizer state dict is not flattened",
+                failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
+                options(
+                    corpus("dsd-flatten-full-osd"),
+                    broadcast_from_rank0=True,
+                    flatten_optimizer_state_dict=False,
+                ),
             ),
         ],
     ),
