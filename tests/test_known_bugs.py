@@ -125,8 +125,12 @@ def kept_frozen(*names):
     return error(0, TIED, message)
 
 
-def checkpoint_lacks(rank, key):
-    return error(rank, OFFLOAD, f"Missing key in checkpoint state_dict: {key}.")
+def checkpoint_lacks(rank, key, quoting_source=False):
+    """``quoting_source``: the message quotes torch's raising line first, as a
+    CheckpointException's traceback does."""
+    source = '    raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")\n'
+    message = f"Missing key in checkpoint state_dict: {key}."
+    return error(rank, OFFLOAD, source + message if quoting_source else message)
 
 
 SUBMESH = corpus("dsd-broadcast-submesh-params")
@@ -324,6 +328,16 @@ CASES = [
         [
             (
                 "the checkpoint lacks a parameter outside the experts",
+                failed(checkpoint_lacks(0, "model.fc0.weight", quoting_source=True)),
+                OFFLOADED,
+            ),
+            (
+                "only the loading topology drops experts: the checkpoint is whole",
+                failed(checkpoint_lacks(0, "model.experts.1.weight")),
+                attrs.evolve(options(OFFLOADED, cpu_offload=False), load=OFFLOADED.save),
+            ),
+            (
+                "the checkpoint lacks a parameter outside the experts",
                 failed(checkpoint_lacks(0, "model.fc0.weight")),
                 OFFLOADED,
             ),
@@ -333,6 +347,15 @@ CASES = [
                 OFFLOADED,
             ),
         ],
+    ),
+    (
+        "dsd-full-offload-drops-submesh-params",
+        failed(
+            checkpoint_lacks(0, "model.experts.1.weight", quoting_source=True),
+            checkpoint_lacks(1, "model.experts.1.weight", quoting_source=True),
+        ),
+        options(OFFLOADED, broadcast_from_rank0=True),  # the writer ignores the broadcast
+        [],
     ),
     (
         "dsd-ignore-frozen-tied-alias",
