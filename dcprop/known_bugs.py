@@ -208,7 +208,8 @@ def _unloaded_experts_only(sighting: Sighting) -> bool:
     )
 
 
-_CHECKPOINT_LACKS = re.compile(r"Missing key in checkpoint state_dict: (\S+?)\.?$", re.M)
+# a name, not the f-string of torch's source line that a CheckpointException quotes
+_CHECKPOINT_LACKS = re.compile(r"Missing key in checkpoint state_dict: ([\w.]+?)\.?$", re.M)
 
 
 def _checkpoint_lacks_off_rank0_expert(sighting: Sighting) -> bool:
@@ -216,6 +217,18 @@ def _checkpoint_lacks_off_rank0_expert(sighting: Sighting) -> bool:
     dropped = _off_rank0_expert(sighting.scenario, full_state_dict=True, cpu_offload=True)
     found = _CHECKPOINT_LACKS.search(sighting.message)
     return dropped is not None and found is not None and dropped.match(found.group(1)) is not None
+
+
+def _flat_local_dict_off_rank0(sighting: Sighting) -> bool:
+    """A rank that ends with its own, still flat, optimizer state dict (no
+    ``param_groups``) is one that was given none: off rank 0 under
+    ``broadcast_from_rank0``."""
+    broadcast = _options(
+        full_state_dict=True, flatten_optimizer_state_dict=True, broadcast_from_rank0=True
+    )
+    return "'param_groups' @" not in sighting.signature or _on_a_topology(broadcast)(
+        sighting.scenario
+    )
 
 
 def _all(*conditions: Callable[[S.Scenario], bool]) -> Callable[[S.Scenario], bool]:
@@ -257,14 +270,22 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="set_state_dict rejects its own full, flattened optimizer state dict "
         "(full_state_dict=True, flatten_optimizer_state_dict=True)",
         signature=r"^KeyError: '(state|param_groups\.N\.params\.N)' @ "
-        r"(_unflatten_state_dict|load_state_dict)$",
+        r"(_unflatten_state_dict|load_state_dict)$"
+        r"|^KeyError: 'param_groups' @ _load_optim_state_dict$",
         occurs_in=_on_a_topology(_options(full_state_dict=True, flatten_optimizer_state_dict=True)),
+        shows=_flat_local_dict_off_rank0,
         related=(
             "https://github.com/pytorch/pytorch/issues/192224",
             "https://github.com/pytorch/pytorch/issues/192225",
         ),
-        explanation="_load_optim_state_dict's full_state_dict branch re-flattens the already "
-        "flat dict and _unflatten_state_dict then looks up keys its mapping lacks.",
+        explanation="_load_optim_state_dict's full_state_dict branch unflattens the given dict "
+        "but builds the rank's local dict with flatten_optimizer_state_dict still on, so the "
+        "two, flattened again by _flatten_state_dict, name the same entries differently "
+        "(param_groups.0.lr against param_groups.fc.weight.lr).  Distributed, the full dict's "
+        "keys land in the local dict without a mapping: KeyError in _unflatten_state_dict.  "
+        "Broadcast from rank 0, only tensors are copied: rank 0 rebuilds a dict with "
+        "param_groups but a still flat state (KeyError 'state' in load_state_dict), and the "
+        "other ranks, given no dict, rebuild the flat local dict (KeyError 'param_groups').",
     ),
     KnownBug(
         id="dtensor-view-size1-shard",
@@ -323,8 +344,9 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "dict on global rank 0 only, so parameters on a sub-mesh without rank 0 "
         "(experts) are in no rank's state dict",
         signature=r"^RuntimeError: Missing key in checkpoint state_dict: (model|optim)\.",
-        occurs_in=_on_a_topology(
-            _experts_with(full_state_dict=True, cpu_offload=True, broadcast_from_rank0=False)
+        # the checkpoint's writer: get_state_dict ignores broadcast_from_rank0
+        occurs_in=lambda scenario: _experts_with(full_state_dict=True, cpu_offload=True)(
+            scenario.save
         ),
         shows=_checkpoint_lacks_off_rank0_expert,
         related=("https://github.com/pytorch/pytorch/pull/183037",),

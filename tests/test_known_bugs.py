@@ -70,6 +70,8 @@ def hang(idle_ranks):
 
 STATELESS = "AssertionError: Expected device to be set @ _load_optim_state_dict"
 FLATTEN = "KeyError: 'param_groups.N.params.N' @ _unflatten_state_dict"
+FLATTEN_RANK0 = "KeyError: 'state' @ load_state_dict"  # broadcast from rank 0: rank 0 ...
+FLATTEN_OTHERS = "KeyError: 'param_groups' @ _load_optim_state_dict"  # ... and the others
 VIEW = (
     "RuntimeError: This operation would remove or reshape sharded dimension N, which requires "
     "redistribution. Please redistribute the input first. @ "
@@ -123,8 +125,12 @@ def kept_frozen(*names):
     return error(0, TIED, message)
 
 
-def checkpoint_lacks(rank, key):
-    return error(rank, OFFLOAD, f"Missing key in checkpoint state_dict: {key}.")
+def checkpoint_lacks(rank, key, quoting_source=False):
+    """``quoting_source``: the message quotes torch's raising line first, as a
+    CheckpointException's traceback does."""
+    source = '    raise RuntimeError(f"Missing key in checkpoint state_dict: {fqn}.")\n'
+    message = f"Missing key in checkpoint state_dict: {key}."
+    return error(rank, OFFLOAD, source + message if quoting_source else message)
 
 
 SUBMESH = corpus("dsd-broadcast-submesh-params")
@@ -172,6 +178,27 @@ CASES = [
                 "the optimizer state dict is not flattened",
                 failed(error(0, FLATTEN)),
                 options(corpus("dsd-flatten-full-osd"), flatten_optimizer_state_dict=False),
+            ),
+        ],
+    ),
+    (
+        "dsd-flatten-full-osd",
+        failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
+        options(corpus("dsd-flatten-full-osd"), broadcast_from_rank0=True),
+        [
+            (
+                "no broadcast_from_rank0: every rank was given the dict",
+                failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
+                options(corpus("dsd-flatten-full-osd"), broadcast_from_rank0=False),
+            ),
+            (
+                "the optimizer state dict is not flattened",
+                failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
+                options(
+                    corpus("dsd-flatten-full-osd"),
+                    broadcast_from_rank0=True,
+                    flatten_optimizer_state_dict=False,
+                ),
             ),
         ],
     ),
@@ -301,6 +328,16 @@ CASES = [
         [
             (
                 "the checkpoint lacks a parameter outside the experts",
+                failed(checkpoint_lacks(0, "model.fc0.weight", quoting_source=True)),
+                OFFLOADED,
+            ),
+            (
+                "only the loading topology drops experts: the checkpoint is whole",
+                failed(checkpoint_lacks(0, "model.experts.1.weight")),
+                attrs.evolve(options(OFFLOADED, cpu_offload=False), load=OFFLOADED.save),
+            ),
+            (
+                "the checkpoint lacks a parameter outside the experts",
                 failed(checkpoint_lacks(0, "model.fc0.weight")),
                 OFFLOADED,
             ),
@@ -310,6 +347,15 @@ CASES = [
                 OFFLOADED,
             ),
         ],
+    ),
+    (
+        "dsd-full-offload-drops-submesh-params",
+        failed(
+            checkpoint_lacks(0, "model.experts.1.weight", quoting_source=True),
+            checkpoint_lacks(1, "model.experts.1.weight", quoting_source=True),
+        ),
+        options(OFFLOADED, broadcast_from_rank0=True),  # the writer ignores the broadcast
+        [],
     ),
     (
         "dsd-ignore-frozen-tied-alias",
