@@ -292,7 +292,17 @@ def wrap(
             if device.type == "cuda"
             else None
         )
-        return DistributedDataParallel(module, process_group=mesh.get_group(), device_ids=ids)
+        # DDP rebuilds its gradient buckets after the first backward, which changes the
+        # order in which ranks' gradients are summed: a restarted job's first step would
+        # then differ in the last bits from the uninterrupted job's step, and the
+        # properties compare those bitwise.  With find_unused_parameters the buckets are
+        # never rebuilt (Reducer::should_rebuild_buckets); the arithmetic is unchanged.
+        return DistributedDataParallel(
+            module,
+            process_group=mesh.get_group(),
+            device_ids=ids,
+            find_unused_parameters=True,
+        )
     if isinstance(plan, S.FSDP1Plan):
         return _wrap_fsdp1(module, plan, mesh)
     return _wrap_fsdp2(module, plan, mesh, flat_mesh)

@@ -100,6 +100,34 @@ def test_ddp_parity(scenario):
     pass
 
 
+# a restarted DDP job's first step must sum gradients as the uninterrupted job's does
+# (dcprop check --seed 2 found DDP rebuilding its buckets in between, shrunk)
+@example(
+    scenario=S.Scenario(
+        S.ModelSpec(
+            S.Block(
+                (
+                    ("pretrain", S.Block((("fc0", S.Linear(6, 1)), ("act1", S.Activation())))),
+                    ("act", S.Activation()),
+                    ("head", S.Linear(1, 3)),
+                )
+            )
+        ),
+        S.Topology(
+            3,
+            S.MeshSpec((3,), ("dp",)),
+            S.DDPPlan(),
+            state_dict=S.StateDictSpec(
+                ignore_frozen_params=True,
+                keep_submodule_prefixes=False,
+                submodules=("pretrain",),
+            ),
+        ),
+        frozen=("pretrain.fc0.bias", "pretrain.fc0.weight"),
+        optimizer=S.OptimizerSpec(momentum=0.9),
+        pretrained="pretrain",
+    )
+).via("a restarted DDP job")
 @with_seed_examples("finetune_resume")
 @property_test("finetune_resume", world_sizes=(1, 2, 3, 4))
 def test_finetune_resume(scenario):
