@@ -120,22 +120,31 @@ def _colwise_single_output(scenario: S.Scenario) -> bool:
     )
 
 
-def _expert_trainable_counts_differ(scenario: S.Scenario) -> bool:
-    """Under an expert layout, ranks train different numbers of parameters (frozen
-    parameters in some experts, or experts of different sizes), so their param_groups
-    lists differ in length."""
-    trainable = [n for n in scenario.model.parameter_names() if n not in set(scenario.frozen)]
-    for t in _topologies(scenario):
-        plan = t.plan
-        if isinstance(plan, S.FSDP2Plan) and plan.experts is not None:
-            module = plan.experts.module
-            count = len(scenario.model.module(module).layers)
-            per_expert = {
-                sum(S.is_within(n, f"{module}.{e}") for n in trainable) for e in range(count)
-            }
-            if len(per_expert) > 1:
-                return True
-    return False
+def _trainable_counts(scenario: S.Scenario, topology: S.Topology) -> set[int]:
+    """How many parameters each rank of ``topology`` trains (one optimizer group each):
+    every trainable one, or under an expert layout the shared ones and its own expert's."""
+    frozen = set(scenario.frozen)
+    trainable = [n for n in scenario.model.parameter_names() if n not in frozen]
+    plan = topology.plan
+    if not (isinstance(plan, S.FSDP2Plan) and plan.experts is not None):
+        return {len(trainable)}
+    module = plan.experts.module
+    shared = sum(not S.is_within(n, module) for n in trainable)
+    experts = len(scenario.model.module(module).layers)
+    return {
+        shared + sum(S.is_within(n, f"{module}.{e}") for n in trainable) for e in range(experts)
+    }
+
+
+def _param_group_sizes_differ(scenario: S.Scenario) -> bool:
+    """Under an expert layout on either side, the ranks that save and those that load do
+    not all train as many parameters (frozen parameters in some experts, experts of
+    different sizes, or a load onto a layout without experts), so one rank's saved
+    param_groups list does not fit another's optimizer."""
+    topologies = _topologies(scenario)
+    if not any(isinstance(t.plan, S.FSDP2Plan) and t.plan.experts for t in topologies):
+        return False
+    return len(set().union(*(_trainable_counts(scenario, t) for t in topologies))) > 1
 
 
 def _broadcast_off_the_model(sighting: Sighting) -> bool:
@@ -306,11 +315,12 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "expert parallelism a rank loads another rank's list",
         signature=r"^ValueError: loaded state dict contains a parameter group that doesn't "
         r"match the size of optimizer's group @ load_state_dict$",
-        occurs_in=_expert_trainable_counts_differ,
-        explanation="Non-tensor values are saved as if replicated; with sub-mesh experts that "
-        "train different numbers of parameters (frozen parameters in some, or experts of "
-        "different sizes) the loaded list does not fit the rank's optimizer.  Diagnosis by "
-        "dcprop; no upstream issue found.",
+        occurs_in=_param_group_sizes_differ,
+        explanation="Non-tensor values are saved as if replicated; with sub-mesh experts, ranks "
+        "that train different numbers of parameters (frozen parameters in some experts, "
+        "experts of different sizes, or a load that reshards onto a layout without experts) "
+        "get a list that does not fit their optimizer.  Diagnosis by dcprop; no upstream "
+        "issue found.",
     ),
     KnownBug(
         id="dsd-broadcast-default-group",

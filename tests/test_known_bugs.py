@@ -25,11 +25,15 @@ ENTRIES = load_entries(CORPUS)
 
 
 def corpus(bug, **fields):
-    """The scenario of ``bug``'s corpus entry (the strict one, if it has two)."""
-    scenario = next(
-        e.scenario
-        for e in ENTRIES
-        if e.known_bug == bug and e.scenario.load_topology.state_dict.strict
+    """The scenario of ``bug``'s corpus entry: the strict one, if it has two; one that
+    loads where it saved, if it has one."""
+    scenario = min(
+        (
+            e.scenario
+            for e in ENTRIES
+            if e.known_bug == bug and e.scenario.load_topology.state_dict.strict
+        ),
+        key=lambda s: s.load is not None,
     )
     return attrs.evolve(scenario, **fields)
 
@@ -241,6 +245,24 @@ CASES = [
             ),
         ),
         [],
+    ),
+    (
+        "dcp-per-rank-param-groups",
+        failed(error(0, GROUPS)),
+        attrs.evolve(  # equal experts, saved on their sub-meshes, loaded without experts
+            corpus("dcp-per-rank-param-groups", frozen=()),
+            load=S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
+        ),
+        [
+            (
+                "loaded on the layout it was saved on",
+                failed(error(0, GROUPS)),
+                attrs.evolve(
+                    corpus("dcp-per-rank-param-groups", frozen=()),
+                    load=corpus("dcp-per-rank-param-groups").save,
+                ),
+            ),
+        ],
     ),
     (
         "dsd-broadcast-default-group",
