@@ -119,7 +119,8 @@ class Contract:
         if present:
             raise PropertyFailure(
                 f"ignore_frozen_params=True but the model state dict on rank {self.rank} "
-                f"holds frozen parameters {present[:5]} ({when})"
+                f"holds frozen parameters {present[:5]} ({when})",
+                keys=tuple(f"model/{name}" for name in present),
             )
 
     def _frozen_names(self) -> frozenset[str]:
