@@ -245,9 +245,14 @@ def _all(*conditions: Callable[[S.Scenario], bool]) -> Callable[[S.Scenario], bo
 
 
 def _frozen_tied_weight_skipped(scenario: S.Scenario) -> bool:
+    """A frozen weight is tied, and a state dict is taken without frozen parameters: by a
+    topology's options, or by fine-tuning (which saves its trainable state only)."""
     aliases = scenario.model.aliases()
-    tied_frozen = any(len(aliases[p]) > 1 for p in scenario.frozen)
-    return tied_frozen and _on_a_topology(_options(ignore_frozen_params=True))(scenario)
+    tied_frozen = any(len(aliases[p]) > 1 for p in scenario.fine_tuning_frozen)
+    skipped = scenario.pretrained is not None or _on_a_topology(
+        _options(ignore_frozen_params=True)
+    )(scenario)
+    return tied_frozen and skipped
 
 
 _LISTED_MODEL_KEY = re.compile(r"'model/([^']+)'")
@@ -258,7 +263,8 @@ def _only_second_names_kept(sighting: Sighting) -> bool:
     (the first is the one removed).  The names: the failure's keys, else those its
     message lists."""
     aliases = sighting.scenario.model.aliases()
-    later = {f"model/{n}" for p in sighting.scenario.frozen for n in aliases[p][1:]}
+    frozen = sighting.scenario.fine_tuning_frozen
+    later = {f"model/{n}" for p in frozen for n in aliases[p][1:]}
     kept = sighting.keys or tuple(f"model/{n}" for n in _LISTED_MODEL_KEY.findall(sighting.message))
     return bool(kept) and set(kept) <= later
 

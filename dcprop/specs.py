@@ -1013,6 +1013,15 @@ class Scenario(_Spec):
         return self.save if self.load is None else self.load
 
     @property
+    def fine_tuning_frozen(self) -> tuple[str, ...]:
+        """The parameters frozen while fine-tuning: ``frozen`` and the whole pretrained
+        submodule (fine-tuning trains on top of it, and saves without it)."""
+        if self.pretrained is None:
+            return self.frozen
+        inside = {n for n in self.model.parameter_names() if is_within(n, self.pretrained)}
+        return tuple(sorted(set(self.frozen) | inside))
+
+    @property
     def frozen_state_dict_names(self) -> frozenset[str]:
         """Every name a state dict lists a frozen parameter under (tied aliases too)."""
         aliases = self.model.aliases()

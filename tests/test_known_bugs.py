@@ -153,6 +153,21 @@ WIDE_TP = attrs.evolve(
     ),
 )
 TIED_FROZEN = corpus("dsd-ignore-frozen-tied-alias")
+# dcprop check found it so in finetune_resume: fine-tuning freezes the pretrained part,
+# in which two Linear weights are tied (nothing frozen by the scenario itself)
+FINE_TUNED_TIE = S.Scenario(
+    S.ModelSpec(
+        S.Block(
+            (
+                ("pretrain", S.Block((("fc0", S.Linear(1, 1)), ("fc1", S.Linear(1, 1))))),
+                ("head", S.Linear(1, 1)),
+            )
+        ),
+        ties=(("pretrain.fc0", "pretrain.fc1"),),
+    ),
+    S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
+    pretrained="pretrain",
+)
 
 # (bug, failure, scenario where it is that bug, near misses: (why, failure, scenario))
 CASES = [
@@ -393,6 +408,18 @@ CASES = [
                 "the state dict keeps the frozen weight under its first name",
                 failed(kept_frozen("embed.weight")),
                 TIED_FROZEN,
+            ),
+        ],
+    ),
+    (
+        "dsd-ignore-frozen-tied-alias",
+        failed(kept_frozen("pretrain.fc1.weight")),
+        FINE_TUNED_TIE,  # frozen by fine-tuning, which saves without frozen parameters
+        [
+            (
+                "nothing is pretrained: the tied weight trains",
+                failed(kept_frozen("pretrain.fc1.weight")),
+                attrs.evolve(FINE_TUNED_TIE, pretrained=None),
             ),
         ],
     ),

@@ -54,12 +54,7 @@ def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
     pre.save(state, "pretrain")
     pretrained = {prefix + k: v for k, v in pre.full_parameters().items()}
 
-    frozen = tuple(
-        sorted(
-            set(scenario.frozen)
-            | {n for n in scenario.model.parameter_names() if n.startswith(prefix)}
-        )
-    )
+    frozen = scenario.fine_tuning_frozen
     first = _finetune_job(ctx, scenario, frozen, scenario.seed + 1, hooks)
     _check_pretrained(first, pretrained, "after loading the pretrain checkpoint")
     for _ in range(steps):
