@@ -218,6 +218,26 @@ def _unloaded_experts_only(sighting: Sighting) -> bool:
 
 
 # a name, not the f-string of torch's source line that a CheckpointException quotes
+_KEY_ERROR = re.compile(r"^'([\w.]+)'$")
+
+
+def _rank0_keys_are_not_every_ranks(sighting: Sighting) -> bool:
+    """What sending rank 0's keys to every rank does: a KeyError (with ``cpu_offload``)
+    on a rank lacking rank 0's own expert, or what ``_unloaded_experts_only`` says."""
+    if not sighting.signature.startswith("KeyError"):
+        return _unloaded_experts_only(sighting)
+    found = _KEY_ERROR.match(sighting.message.strip())
+    scenario = sighting.scenario
+    rank0_expert = [
+        t.plan.experts.module
+        for t in _topologies(scenario)
+        if isinstance(t.plan, S.FSDP2Plan)
+        and t.plan.experts is not None
+        and _options(broadcast_from_rank0=True, cpu_offload=True)(t)
+    ]
+    return found is not None and any(S.is_within(found.group(1), f"{m}.0") for m in rank0_expert)
+
+
 _CHECKPOINT_LACKS = re.compile(r"Missing key in checkpoint state_dict: ([\w.]+?)\.?$", re.M)
 
 
@@ -343,16 +363,19 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="set_state_dict(broadcast_from_rank0=True) assumes rank 0 holds every parameter: "
         "parameters on a sub-mesh without rank 0 (experts) are not loaded",
         signature=r"^RuntimeError: Error\(s\) in loading state_dict for \w+: Missing key\(s\)"
-        r"|^PropertyFailure: state after load on rank N: differences in N of N entries",
+        r"|^PropertyFailure: state after load on rank N: differences in N of N entries"
+        r"|^KeyError: '[\w.]+' @ _broadcast_state_dict$",
         occurs_in=_on_a_topology(_experts_with(broadcast_from_rank0=True)),
-        shows=_unloaded_experts_only,
+        shows=_rank0_keys_are_not_every_ranks,
         related=("https://github.com/pytorch/pytorch/pull/150239",),
         explanation="_broadcast_state_dict sends the keys of rank 0's dict only.  Rank 0's full "
         "state dict (from get_state_dict) has only its own experts, so other ranks' "
         "experts get nothing: a strict load reports them missing; a non-strict one "
         "silently keeps stale values and loses their optimizer state (it reappears "
         "under integer keys).  Giving rank 0 every expert does not help either: its "
-        "own strict load rejects the experts it does not hold.  Diagnosis by dcprop.",
+        "own strict load rejects the experts it does not hold.  With cpu_offload, the "
+        "ranks that lack rank 0's own expert fail on its key instead (``local_state_dict"
+        "[key].cpu()`` for every key rank 0 sent).  Diagnosis by dcprop.",
     ),
     KnownBug(
         id="dsd-full-offload-drops-submesh-params",

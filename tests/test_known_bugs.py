@@ -24,18 +24,21 @@ CORPUS = os.path.join(os.path.dirname(__file__), os.pardir, "strategies", "corpu
 ENTRIES = load_entries(CORPUS)
 
 
-def corpus(bug, **fields):
-    """The scenario of ``bug``'s corpus entry: the strict one, if it has two; one that
-    loads where it saved, if it has one."""
-    scenario = min(
-        (
-            e.scenario
-            for e in ENTRIES
-            if e.known_bug == bug and e.scenario.load_topology.state_dict.strict
-        ),
-        key=lambda s: s.load is not None,
-    )
-    return attrs.evolve(scenario, **fields)
+def corpus(bug, entry=None, **fields):
+    """The scenario of ``bug``'s corpus entry: the one named ``entry`` (a file name), or
+    its only strict one that loads where it saved."""
+    found = [
+        e
+        for e in ENTRIES
+        if e.known_bug == bug
+        and (
+            os.path.basename(e.path) == entry
+            if entry
+            else e.scenario.load is None and e.scenario.load_topology.state_dict.strict
+        )
+    ]
+    assert len(found) == 1, f"{bug}: name one of {[os.path.basename(e.path) for e in found]}"
+    return attrs.evolve(found[0].scenario, **fields)
 
 
 def options(scenario, **changes):
@@ -97,6 +100,7 @@ OFFLOAD = (
     "RuntimeError: Missing key in checkpoint state_dict: model.experts.N.weight. @ "
     "create_default_local_load_plan"
 )
+KEY_ERROR = "KeyError: 'experts.N.weight' @ _broadcast_state_dict"
 TIED = (
     "PropertyFailure: ignore_frozen_params=True but the model state dict on rank N holds "
     "frozen parameters ['model<path>'] @ check_frozen_absent"
@@ -137,7 +141,7 @@ def checkpoint_lacks(rank, key, quoting_source=False):
     return error(rank, OFFLOAD, source + message if quoting_source else message)
 
 
-SUBMESH = corpus("dsd-broadcast-submesh-params")
+SUBMESH = corpus("dsd-broadcast-submesh-params", "submesh_layout-c9cd2bf02a.json")
 NON_STRICT = options(SUBMESH, strict=False)
 OFFLOADED = corpus("dsd-full-offload-drops-submesh-params")
 TP = corpus("dtensor-view-size1-shard")
@@ -191,30 +195,38 @@ CASES = [
     (
         "dsd-flatten-full-osd",
         failed(error(0, FLATTEN)),
-        corpus("dsd-flatten-full-osd"),
+        corpus("dsd-flatten-full-osd", "roundtrip-49f8f14b91.json"),
         [
             (
                 "the optimizer state dict is not flattened",
                 failed(error(0, FLATTEN)),
-                options(corpus("dsd-flatten-full-osd"), flatten_optimizer_state_dict=False),
+                options(
+                    corpus("dsd-flatten-full-osd", "roundtrip-49f8f14b91.json"),
+                    flatten_optimizer_state_dict=False,
+                ),
             ),
         ],
     ),
     (
         "dsd-flatten-full-osd",
         failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
-        options(corpus("dsd-flatten-full-osd"), broadcast_from_rank0=True),
+        options(
+            corpus("dsd-flatten-full-osd", "roundtrip-49f8f14b91.json"), broadcast_from_rank0=True
+        ),
         [
             (
                 "no broadcast_from_rank0: every rank was given the dict",
                 failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
-                options(corpus("dsd-flatten-full-osd"), broadcast_from_rank0=False),
+                options(
+                    corpus("dsd-flatten-full-osd", "roundtrip-49f8f14b91.json"),
+                    broadcast_from_rank0=False,
+                ),
             ),
             (
                 "the optimizer state dict is not flattened",
                 failed(error(0, FLATTEN_RANK0), error(1, FLATTEN_OTHERS)),
                 options(
-                    corpus("dsd-flatten-full-osd"),
+                    corpus("dsd-flatten-full-osd", "roundtrip-49f8f14b91.json"),
                     broadcast_from_rank0=True,
                     flatten_optimizer_state_dict=False,
                 ),
@@ -352,6 +364,28 @@ CASES = [
                 "no broadcast_from_rank0",
                 failed(error(1, DIFFERENCES, keys=lost_expert_state(1, 1))),
                 options(NON_STRICT, broadcast_from_rank0=False),
+            ),
+        ],
+    ),
+    (
+        "dsd-broadcast-submesh-params",
+        failed(*(error(r, KEY_ERROR, message="'experts.0.weight'") for r in (1, 2, 3))),
+        options(SUBMESH, full_state_dict=True, cpu_offload=True),
+        [
+            (
+                "without cpu_offload the key is not looked up",
+                failed(error(1, KEY_ERROR, message="'experts.0.weight'")),
+                options(SUBMESH, full_state_dict=True),
+            ),
+            (
+                "the key is not rank 0's expert",
+                failed(error(1, KEY_ERROR, message="'experts.1.weight'")),
+                options(SUBMESH, full_state_dict=True, cpu_offload=True),
+            ),
+            (
+                "the key is not an expert's",
+                failed(error(1, KEY_ERROR, message="'fc0.weight'")),
+                options(SUBMESH, full_state_dict=True, cpu_offload=True),
             ),
         ],
     ),
