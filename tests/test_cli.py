@@ -215,7 +215,7 @@ def test_buggy_checkpointer_fails_with_a_reproducer_that_replays(tmp_path):
     replay = dcprop("repro", script)
     # DropKey leaves the perturbed value in place of the saved one
     assert replay.returncode == 1 and "state after load" in replay.stdout
-    assert "max abs difference" in replay.stdout
+    assert "largest difference" in replay.stdout
     # `python repro.py` from elsewhere, with nothing on PYTHONPATH, still finds the checkpointer
     plain = subprocess.run(
         [sys.executable, script], cwd=tmp_path, capture_output=True, text=True, timeout=600
