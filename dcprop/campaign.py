@@ -230,9 +230,11 @@ def run_campaign(
     ``on_failure(scenario, failure)`` writes a reproducer and returns its path; it is
     called for the shrunk failure only.  ``database``: a directory where Hypothesis
     keeps failing examples, replayed first by the next campaign of this property.
-    ``confirmed``: ids of known bugs already met (shared between campaigns, updated
-    here); a drawn scenario that is certain to end in one of them is skipped and
-    counted in ``steered`` instead of paying for the bug again, unless ``strict``.
+    ``confirmed``: ids of known bugs this property has already met (updated here); a
+    drawn scenario that is certain to end in one of them is skipped and counted in
+    ``steered`` instead of paying for the bug again, unless ``strict``.  Not shared
+    between properties: each calls other APIs, so a bug met in one is not certain in
+    another (ddp_parity never loads a state dict).
 
     Shrinking stops after ``shrink_seconds``: the smallest failure found by then is
     the one reported (Hypothesis alone would go on for up to five minutes, and a

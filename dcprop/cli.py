@@ -321,7 +321,6 @@ def _check(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     deadline = None if duration is None else time.monotonic() + duration
     reports = []
-    confirmed: set[str] = set()  # known bugs met: draws certain to end in one are skipped
     try:
         with Progress(cfg["properties"], sys.stdout, deadline) as progress:
             for i, prop in enumerate(cfg["properties"]):
@@ -364,7 +363,6 @@ def _check(args: argparse.Namespace) -> int:
                     shrink_seconds=args.shrink_seconds,
                     duration=share,
                     database=args.database,
-                    confirmed=confirmed,
                 )
                 progress.done(report)
                 reports.append(report)
