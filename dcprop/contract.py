@@ -132,10 +132,8 @@ class Contract:
         plan = self.topology.plan
         if mine is None or not isinstance(plan, S.FSDP2Plan) or plan.experts is None:
             return True
-        module = plan.experts.module
-        if not S.is_within(name, module):
-            return True
-        return int(name[len(module) + 1 :].split(".", 1)[0]) == mine
+        expert = S.expert_index(name, plan.experts.module)
+        return expert is None or expert == mine
 
     def _off_rank0(self, *, full_only: bool) -> bool:
         """A full state dict kept on rank 0 alone: every other rank's is empty."""

@@ -129,11 +129,9 @@ def _trainable_counts(scenario: S.Scenario, topology: S.Topology) -> set[int]:
     if not (isinstance(plan, S.FSDP2Plan) and plan.experts is not None):
         return {len(trainable)}
     module = plan.experts.module
-    shared = sum(not S.is_within(n, module) for n in trainable)
+    held = [S.expert_index(n, module) for n in trainable]
     experts = len(scenario.model.module(module).layers)
-    return {
-        shared + sum(S.is_within(n, f"{module}.{e}") for n in trainable) for e in range(experts)
-    }
+    return {held.count(None) + held.count(e) for e in range(experts)}
 
 
 def _param_group_sizes_differ(scenario: S.Scenario) -> bool:

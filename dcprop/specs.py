@@ -793,6 +793,14 @@ def is_within(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
 
+def expert_index(name: str, experts: str) -> int | None:
+    """Which expert of the ``Experts`` module at ``experts`` the name lies in (None:
+    outside it): ``expert_index("moe.2.fc.weight", "moe") == 2``."""
+    if not name.startswith(experts + "."):
+        return None
+    return int(name[len(experts) + 1 :].split(".", 1)[0])
+
+
 def _check_tp(model: ModelSpec, topo: Topology, tp: TensorParallel) -> None:
     modules = _module_paths(model)
     size = topo.mesh.dim_size(tp.dim)

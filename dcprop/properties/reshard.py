@@ -18,6 +18,7 @@ import torch
 
 from dcprop import specs as S
 from dcprop.compare import assert_same, full_values
+from dcprop.contract import expert_coordinate
 from dcprop.errors import PropertyFailure
 from dcprop.properties._harness import DEFAULT_HOOKS, FULL_STATE, Hooks, Job, setup
 
@@ -70,7 +71,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
     # what is deliberately not in the checkpoint keeps B's own initial values
     expected = {**_comparable(reference["state"]), **own_initial}
     assert_same(
-        _owned(expected, b.topology.plan, _expert_coordinate(b)),
+        _owned(expected, b.topology.plan, expert_coordinate(b.topology, b.rank)),
         _comparable(loaded),
         what=f"full state after resharding {_describe(scenario.save)} -> "
         f"{_describe(scenario.load_topology)}",
@@ -121,11 +122,6 @@ def _owned(expected: dict[str, Any], plan: S.Plan, coordinate: int | None) -> di
     experts = f"/{plan.experts.module}."
     mine = f"{experts}{coordinate}."
     return {k: v for k, v in expected.items() if experts not in "/" + k or mine in "/" + k}
-
-
-def _expert_coordinate(job: Job) -> int | None:
-    experts = getattr(job.topology.plan, "experts", None)
-    return None if experts is None else job.mesh.get_local_rank(experts.dim)
 
 
 def _comparable(values: dict[str, Any]) -> dict[str, Any]:

@@ -55,12 +55,11 @@ def expected_layout(scenario: S.Scenario, rank: int) -> dict[str, tuple[int, ...
     module = plan.experts.module
     out = {}
     for name in scenario.model.state_dict_names():
-        if S.is_within(name, module):
-            expert = int(name[len(module) + 1 :].split(".", 1)[0])
-            if expert == mine:
-                out[name] = tuple(grid.select(axis, mine).flatten().tolist())
-        else:
+        expert = S.expert_index(name, module)
+        if expert is None:
             out[name] = tuple(range(topology.world_size))
+        elif expert == mine:
+            out[name] = tuple(grid.select(axis, mine).flatten().tolist())
     return out
 
 
