@@ -114,6 +114,42 @@ def test_invalid_specs_name_the_problem(make, message):
     assert message in str(info.value)
 
 
+# Every field check raises SpecError naming the field and the value: attrs' own
+# validators raised bare TypeError/ValueError, and float converters took True as 1.0.
+BAD_FIELDS = [
+    (lambda: S.OptimizerSpec(lr=True), "lr=True: expected float, got bool"),
+    (lambda: S.OptimizerSpec(lr="0.1"), "lr='0.1': expected float, got str"),
+    (lambda: S.Linear(True, 8), "in_features=True: expected int, got bool"),
+    (lambda: S.Linear(4, 0), "out_features=0: must be >= 1"),
+    (lambda: S.TrainingSpec(steps=65), "steps=65: must be <= 64"),
+    (lambda: S.StorageSpec(thread_count=0), "thread_count=0: must be >= 1"),
+    (lambda: S.Activation("swish"), "kind='swish': expected one of"),
+    (lambda: S.MeshSpec((2.0,), ("a",)), "shape=(2.0,): expected a tuple of int"),
+    (lambda: S.Repeat(S.MeshSpec((1,), ("a",))), "body=MeshSpec((1,), ('a',)): expected Linear"),
+    (lambda: S.Sequential(S.Linear(1, 1)), "layers=Linear(1, 1): expected a tuple of"),
+    (lambda: scenario(frozen="fc.weight"), "frozen='fc.weight': expected a tuple of str"),
+    (lambda: scenario(pretrained=3), "pretrained=3: expected str"),
+]
+
+
+@pytest.mark.parametrize(("make", "message"), BAD_FIELDS)
+def test_bad_field_values_raise_spec_error_naming_the_field(make, message):
+    with pytest.raises(SpecError) as info:
+        make()
+    assert message in str(info.value)
+
+
+def test_a_corpus_file_with_an_out_of_range_value_names_the_file(tmp_path):
+    from dcprop.corpus import load_entries
+
+    data = serialization.to_json(scenario(storage=S.StorageSpec(thread_count=2)))
+    data["storage"]["thread_count"] = 0
+    path = tmp_path / "roundtrip-bad.json"
+    path.write_text(serialization.json.dumps({"property": "roundtrip", "scenario": data}))
+    with pytest.raises(SpecError, match="roundtrip-bad.json: thread_count=0: must be >= 1"):
+        load_entries(str(tmp_path))
+
+
 def test_spec_classes_are_frozen_and_slotted():
     classes = [getattr(S, n) for n in S.__all__ if attrs.has(getattr(S, n))]
     assert S.Scenario in classes and S.Linear in classes

@@ -95,7 +95,7 @@ def tp_pairs(model: S.ModelSpec, size: int) -> list[tuple[str, str]]:
                 continue
             for name_r, row in kids[i + 1 :]:
                 if isinstance(row, S.Linear):
-                    c, r = S._join(path, name_c), S._join(path, name_r)
+                    c, r = S.join(path, name_c), S.join(path, name_r)
                     if (
                         col.out_features == row.in_features
                         and col.out_features % size == 0
