@@ -331,13 +331,14 @@ def _check(args: argparse.Namespace) -> int:
                     prop, world_sizes=cfg["world_sizes"], device=cfg["device"], **kwargs
                 )
 
-                def write(scenario: Any, failure: Any, prop: str = prop) -> str:
+                def write(scenario: Any, failure: Any, whose: Any, prop: str = prop) -> str:
                     path = write_reproducer(
                         args.repro_dir,
                         prop,
                         scenario,
                         error=str(failure),
                         checkpointer=args.checkpointer,
+                        blame=whose.sentence() if whose else "",
                     )
                     if args.add_to_corpus:
                         _add_to_corpus(args.add_to_corpus, prop, scenario, failure)
@@ -377,6 +378,8 @@ def _check(args: argparse.Namespace) -> int:
     for r in reports:
         for f in r.failures:
             print(f"FAILED {r.name}: {f['error']}\n  reproducer: {f['reproducer']}")
+            if "blame" in f:
+                print(f"  whose bug: {f['blame']['summary']}")
             if r.shrink_stopped:
                 print(f"  (shrinking stopped after --shrink-seconds {args.shrink_seconds:g})")
     for bug in known_totals(reports):

@@ -19,7 +19,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, event, given, reject, settings
 
-from dcprop.campaign import is_final_replay, record_events, signature_error
+from dcprop.campaign import blame, is_final_replay, record_events, signature_error
 from dcprop.errors import ExampleFailure, ExampleSkipped, carry_runner_errors, reraise_carried
 from dcprop.known_bugs import match_known
 from dcprop.properties import property_ref, run_property
@@ -51,7 +51,9 @@ def check(
     """Run ``property`` on ``scenario`` inside a Hypothesis test: record coverage events,
     and on failure raise (one exception type per failure signature, so Hypothesis
     keeps distinct bugs apart) after writing the shrunk example's reproducer.  A known
-    upstream bug (:mod:`dcprop.known_bugs`) passes as an event unless ``strict``.
+    upstream bug (:mod:`dcprop.known_bugs`) passes as an event unless ``strict``.  A
+    failure seen with a checkpointer other than DCP's is replayed with plain DCP, and
+    the message and the reproducer say what DCP does (:func:`dcprop.campaign.blame`).
 
     The reproducer carries ``hooks``' checkpointer and model factory, the
     checkpointer as ``checkpointer_ref`` (``"module:attr"``) where it was given so."""
@@ -67,22 +69,27 @@ def check(
         if known is not None and not strict:
             event(f"known upstream bug: {known.id}")  # reported, as dcprop check does
             return
-        if is_final_replay():
-            from dcprop.pytest_plugin import repro_dir
-            from dcprop.repro import write_reproducer
+        if not is_final_replay():
+            raise signature_error(failure) from None
+        from dcprop.pytest_plugin import repro_dir
+        from dcprop.repro import write_reproducer
 
-            path = write_reproducer(
-                repro_dir,
-                property,
-                scenario,
-                error=str(failure),
-                checkpointer=checkpointer_ref or getattr(hooks, "checkpointer", None),
-                model_factory=getattr(hooks, "model_factory", None),
-            )
-            found = reproducers.setdefault(test_id or property, [])
-            if path not in found:
-                found.append(path)
-        raise signature_error(failure) from None
+        with carry_runner_errors():
+            whose = blame(runner, property, scenario, failure, hooks)
+        note = whose.sentence() if whose else ""
+        path = write_reproducer(
+            repro_dir,
+            property,
+            scenario,
+            error=str(failure),
+            checkpointer=checkpointer_ref or getattr(hooks, "checkpointer", None),
+            model_factory=getattr(hooks, "model_factory", None),
+            blame=note,
+        )
+        found = reproducers.setdefault(test_id or property, [])
+        if path not in found:
+            found.append(path)
+        raise signature_error(failure, note=note and f"Whose bug: {note}") from None
 
 
 def property_test(
