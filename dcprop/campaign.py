@@ -147,17 +147,15 @@ def known_totals(reports: list[PropertyReport]) -> list[dict[str, Any]]:
 
 def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
     """Categories worth counting: what a run covered (for ``hypothesis.event``)."""
+    from dcprop.strategies._scenarios import uneven_layout
+
     save, load = scenario.save, scenario.load_topology
-    shards = save.shard_count
-    uneven = shards > 1 and any(
-        shape and shape[0] % shards for shape in scenario.model.parameters().values()
-    )
     out = {
         "plan": save.plan_kind if save == load else f"{save.plan_kind} -> {load.plan_kind}",
         "mesh": str(save.mesh.shape)
         if save.mesh == load.mesh
         else f"{save.mesh.shape} -> {load.mesh.shape}",
-        "layout": "uneven" if uneven else "even",
+        "layout": "uneven" if uneven_layout(scenario) else "even",
         "frozen": "some frozen" if scenario.frozen else "none frozen",
         "state dict": "full" if save.state_dict.full_state_dict else "sharded",
         "worlds": str(save.world_size)

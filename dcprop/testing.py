@@ -47,6 +47,7 @@ def check(
     test_id: str | None = None,
     checkpointer_ref: str | None = None,
     strict: bool = False,
+    exclude: tuple[str, ...] = (),
 ) -> None:
     """Run ``property`` on ``scenario`` inside a Hypothesis test: record coverage events,
     and on failure raise (one exception type per failure signature, so Hypothesis
@@ -56,8 +57,12 @@ def check(
     the message and the reproducer say what DCP does (:func:`dcprop.campaign.blame`).
 
     The reproducer carries ``hooks``' checkpointer and model factory, the
-    checkpointer as ``checkpointer_ref`` (``"module:attr"``) where it was given so."""
+    checkpointer as ``checkpointer_ref`` (``"module:attr"``) where it was given so.
+    ``exclude``: the regions the search left out (events, and the failure message,
+    say so, so that a run never hides them)."""
     record_events(scenario)
+    for word in exclude:
+        event(f"excluded (never drawn): {word}")
     try:
         with carry_runner_errors():  # the pool or the harness failed: not the example
             run_property(runner, property, scenario, hooks=hooks)
@@ -89,7 +94,10 @@ def check(
         found = reproducers.setdefault(test_id or property, [])
         if path not in found:
             found.append(path)
-        raise signature_error(failure, note=note and f"Whose bug: {note}") from None
+        notes = [f"Whose bug: {note}"] if note else []
+        if exclude:
+            notes.append(f"Excluded (never drawn): {', '.join(exclude)}")
+        raise signature_error(failure, note="\n".join(notes)) from None
 
 
 def property_test(
@@ -98,20 +106,25 @@ def property_test(
     checkpointer: Any = None,
     model_factory: Callable[..., Any] | None = None,
     strict: bool = False,
+    exclude: Any = (),
     **scenario_kwargs: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Decorate ``fn(scenario)`` into a pytest test of ``property`` over random scenarios.
 
     ``checkpointer``: a Checkpointer object or ``"module:attr"`` (default: DCP).
     ``model_factory``: ``(model_spec, seed, device, frozen) -> nn.Module`` (default:
-    dcprop's builder).  ``strict``: fail on known upstream bugs too.  Other keyword
-    arguments go to ``dcprop.strategies.scenarios``.
+    dcprop's builder).  ``strict``: fail on known upstream bugs too.  ``exclude``:
+    regions of scenarios never drawn, to step past a bug already known, such as
+    ``("plan=submesh", "broadcast_from_rank0=true")`` (see
+    :data:`dcprop.strategies.EXCLUSIONS`).  Other keyword arguments go to
+    ``dcprop.strategies.scenarios``.
     Both hooks must be importable module-level objects: they travel to the ranks.
     """
-    from dcprop.strategies import scenarios
+    from dcprop.strategies import parse_exclusions, scenarios
 
     property_ref(property)
-    strategy = scenarios(property, **scenario_kwargs)
+    strategy = scenarios(property, exclude=exclude, **scenario_kwargs)
+    excluded = parse_exclusions(exclude)
     ref = checkpointer if isinstance(checkpointer, str) else None
 
     # built once, before the search: a checkpointer that does not import is bad input
@@ -129,6 +142,7 @@ def property_test(
                 test_id=f"{fn.__module__}.{fn.__qualname__}",
                 checkpointer_ref=ref,
                 strict=strict,
+                exclude=excluded,
             )
 
         for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
