@@ -43,6 +43,11 @@ def dcprop(*args, cwd=ROOT, timeout=600, pythonpath=()):
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
         ),
         (["--duration", "soon"], "--duration 'soon': give a positive time"),
+        (
+            ["--exclude", "plan=nope"],
+            "--exclude='plan=nope' is not a region dcprop can exclude; use one of: plan=fsdp2|",
+        ),
+        (["--exclude", "plan=submesh"], "leave submesh_layout out with --properties"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
@@ -347,6 +352,52 @@ def test_each_distinct_failure_has_its_own_reproducer(tmp_path):
     for failure in failures:
         replay = dcprop("repro", failure["reproducer"])
         assert replay.returncode == 1 and failure["error"].split(": ")[-1] in replay.stdout
+
+
+def test_exclusions_are_never_drawn_and_are_reported(tmp_path):
+    """Exclusions from the command line and the recipe add up; no example lies in an
+    excluded region, and the summary and the report name them, even on a clean run."""
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(
+        json.dumps({"properties": ["roundtrip"], "world_sizes": [1, 2], "exclude": ["plan=ddp"]})
+    )
+    report = tmp_path / "report.json"
+    result = dcprop(
+        "check",
+        "--recipe",
+        str(recipe),
+        "--exclude",
+        "broadcast_from_rank0=True",
+        "--exclude",
+        "plan=fsdp2",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "6",
+        "--no-database",
+        "--report",
+        str(report),
+        "--repro-dir",
+        str(tmp_path / "repros"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    words = ["plan=ddp", "broadcast_from_rank0=true", "plan=fsdp2"]
+    assert f"excluded (never drawn): {', '.join(words)}" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["exclude"] == words
+    coverage = data["properties"]["roundtrip"]["coverage"]
+    assert sum(coverage["plan"].values()) >= 6
+    assert not set(coverage["plan"]) & {"ddp", "fsdp2"}
+    assert not any("broadcast_from_rank0" in options for options in coverage["options"])
+
+
+def test_a_bad_exclusion_in_a_recipe_names_the_recipe(tmp_path):
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(json.dumps({"properties": ["roundtrip"], "exclude": ["plan=expert"]}))
+    result = dcprop("check", "--recipe", str(recipe))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"recipe {str(recipe)!r}: exclude='plan=expert' is not a region" in result.stderr
+    assert "plan=fsdp2|ddp|hsdp|fsdp2+tp|submesh" in result.stderr
 
 
 def test_recipe_runs_its_explicit_examples(tmp_path):
