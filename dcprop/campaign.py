@@ -22,7 +22,7 @@ import attrs
 from hypothesis import HealthCheck, Phase, event, given, reject, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
-from hypothesis.errors import Unsatisfiable
+from hypothesis.errors import Flaky, Unsatisfiable
 
 from dcprop import specs as S
 from dcprop.checkpointer import DCPCheckpointer
@@ -37,6 +37,7 @@ from dcprop.errors import (
 )
 from dcprop.known_bugs import KNOWN_BUGS, KnownBug, describe, match_known
 from dcprop.properties import run_property
+from dcprop.strategies._scenarios import uneven_layout
 
 __all__ = [
     "CHECKED_ENDINGS",
@@ -147,8 +148,6 @@ def known_totals(reports: list[PropertyReport]) -> list[dict[str, Any]]:
 
 def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
     """Categories worth counting: what a run covered (for ``hypothesis.event``)."""
-    from dcprop.strategies._scenarios import uneven_layout
-
     save, load = scenario.save, scenario.load_topology
     out = {
         "plan": save.plan_kind if save == load else f"{save.plan_kind} -> {load.plan_kind}",
@@ -375,9 +374,11 @@ def _json(scenario: S.Scenario) -> Any:
 
 def _failures_only(error: BaseException) -> bool:
     """True for what a search raises when examples failed: one failure, or Hypothesis'
-    group of the distinct ones."""
+    group of the distinct ones (not a failure that did not fail again: Flaky)."""
     if isinstance(error, ExampleFailure):
         return True
+    if isinstance(error, Flaky):
+        return False
     inner = getattr(error, "exceptions", None)
     return inner is not None and all(_failures_only(e) for e in inner)
 
@@ -405,8 +406,13 @@ def _record(
     report.failures.append(entry)
 
 
-#: What plain DCP does with the scenario of a failure seen with a user's checkpointer.
-PLAIN_DCP = ("passes", "fails the same way", "fails differently")
+#: What plain DCP can do on the scenario of a failure seen with a user's checkpointer,
+#: and what that says about whose bug the failure is.
+PLAIN_DCP = {
+    "passes": "the checkpointer's bug",
+    "fails the same way": "not the checkpointer's bug: torch's (DCP's)",
+    "fails differently": "undecided: DCP fails here too, in another way",
+}
 
 
 @attrs.frozen
@@ -418,25 +424,24 @@ class Blame:
     checkpointer: str  # the checkpointer's class, by import path
     plain_dcp: str
     signature: str | None = None
+    known_bug: str | None = None  # the known upstream bug DCP's own failure is, if any
 
     @property
     def verdict(self) -> str:
-        return {
-            "passes": "the checkpointer's bug",
-            "fails the same way": "not the checkpointer's bug: torch's (DCP's)",
-            "fails differently": "undecided: DCP fails here too, in another way",
-        }[self.plain_dcp]
+        return PLAIN_DCP[self.plain_dcp]
 
     def sentence(self) -> str:
         """One line for a summary, a failure message or a reproducer's header."""
         differently = f" ({self.signature})" if self.plain_dcp == "fails differently" else ""
-        return f"plain DCP {self.plain_dcp}{differently}: {self.verdict}"
+        known = f" (known upstream bug {self.known_bug})" if self.known_bug else ""
+        return f"plain DCP {self.plain_dcp}{differently}{known}: {self.verdict}"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "checkpointer": self.checkpointer,
             "plain_dcp": self.plain_dcp,
             "plain_dcp_signature": self.signature,
+            "plain_dcp_known_bug": self.known_bug,
             "verdict": self.verdict,
             "summary": self.sentence(),
         }
@@ -458,5 +463,11 @@ def blame(
         run_property(runner, property, scenario, hooks=plain)
     except ExampleFailure as dcp:
         same = dcp.signature == failure.signature
-        return Blame(name, PLAIN_DCP[1] if same else PLAIN_DCP[2], dcp.signature)
-    return Blame(name, PLAIN_DCP[0])
+        known = match_known(dcp, scenario)
+        return Blame(
+            name,
+            "fails the same way" if same else "fails differently",
+            dcp.signature,
+            None if known is None else known.id,
+        )
+    return Blame(name, "passes")

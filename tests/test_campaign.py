@@ -176,3 +176,27 @@ def test_each_distinct_failure_is_reported_with_its_own_reproducer(dcprop_runner
     assert by_error["ValueError"]["scenario"]["save"]["world_size"] == 2
     assert {f["reproducer"] for f in report.failures} == {"repro-1.py", "repro-2.py"}
     assert all(blame.plain_dcp == "passes" for _, _, blame in written)
+
+
+def test_a_checkpointer_failing_where_dcp_fails_otherwise_is_told_apart(dcprop_runner):
+    """On the scenario of a known torch bug, a checkpointer that fails in its own way
+    first: plain DCP fails too, differently, with the known bug."""
+    bug = "dsd-full-osd-stateless-optimizer"
+    entry = next(e for e in load_entries(CORPUS) if e.known_bug == bug)
+    assert entry.scenario.job_world == 1  # where TwoFaults loses the write
+    report = run_campaign(
+        dcprop_runner,
+        entry.property,
+        dst.scenarios(entry.property, **SMALL),
+        max_examples=0,
+        hooks=Hooks(checkpointer=helpers.TwoFaults()),
+        explicit=(entry.scenario,),
+    )
+    [failure] = report.failures
+    assert failure["signature"].startswith("OSError") and "known_bug" not in failure
+    blame = failure["blame"]
+    assert blame["plain_dcp"] == "fails differently" and blame["plain_dcp_known_bug"] == bug
+    assert blame["plain_dcp_signature"] != failure["signature"]
+    assert blame["summary"].startswith(
+        f"plain DCP fails differently ({blame['plain_dcp_signature']})"
+    )

@@ -316,7 +316,11 @@ def test_a_torch_bug_seen_with_a_checkpointer_is_not_blamed_on_it(tmp_path):
     assert failure["known_bug"] == "dsd-full-osd-stateless-optimizer"
     assert failure["blame"]["plain_dcp"] == "fails the same way"
     assert failure["blame"]["plain_dcp_signature"] == failure["signature"]
-    line = "plain DCP fails the same way: not the checkpointer's bug: torch's (DCP's)"
+    assert failure["blame"]["plain_dcp_known_bug"] == "dsd-full-osd-stateless-optimizer"
+    line = (
+        "plain DCP fails the same way (known upstream bug dsd-full-osd-stateless-optimizer): "
+        "not the checkpointer's bug: torch's (DCP's)"
+    )
     assert f"whose bug: {line}" in result.stdout
     assert f"Whose bug: {line}" in Path(failure["reproducer"]).read_text()
 
