@@ -5,8 +5,10 @@ known upstream bug is counted and the search goes on (it is not shrunk unless
 ``strict``); such an example checked nothing past the bug, so the report says how
 many examples each known bug stopped, and how every example ended (see
 :data:`ENDINGS`).  Any other failure is shrunk by Hypothesis to a minimal scenario
-and written out as a reproducer.  A campaign is sized by examples, by time, or
-both; with an example database, a re-run replays the last failures first.
+and written out as a reproducer, each distinct failure (signature) on its own.  A
+failure seen with a user's checkpointer is replayed with plain DCP to say whose bug
+it is (:func:`blame`).  A campaign is sized by examples, by time, or both; with an
+example database, a re-run replays the last failures first.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import attrs
 from hypothesis import HealthCheck, Phase, event, given, reject, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.database import DirectoryBasedExampleDatabase
-from hypothesis.errors import Unsatisfiable
+from hypothesis.errors import Flaky, Unsatisfiable
 
 from dcprop import specs as S
+from dcprop.checkpointer import DCPCheckpointer
 from dcprop.errors import (
     ExampleFailure,
     ExampleSkipped,
@@ -34,11 +37,14 @@ from dcprop.errors import (
 )
 from dcprop.known_bugs import KNOWN_BUGS, KnownBug, describe, match_known
 from dcprop.properties import run_property
+from dcprop.strategies._scenarios import uneven_layout
 
 __all__ = [
     "CHECKED_ENDINGS",
     "ENDINGS",
+    "Blame",
     "PropertyReport",
+    "blame",
     "describe_scenario",
     "known_totals",
     "run_campaign",
@@ -143,16 +149,12 @@ def known_totals(reports: list[PropertyReport]) -> list[dict[str, Any]]:
 def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
     """Categories worth counting: what a run covered (for ``hypothesis.event``)."""
     save, load = scenario.save, scenario.load_topology
-    shards = save.shard_count
-    uneven = shards > 1 and any(
-        shape and shape[0] % shards for shape in scenario.model.parameters().values()
-    )
     out = {
         "plan": save.plan_kind if save == load else f"{save.plan_kind} -> {load.plan_kind}",
         "mesh": str(save.mesh.shape)
         if save.mesh == load.mesh
         else f"{save.mesh.shape} -> {load.mesh.shape}",
-        "layout": "uneven" if uneven else "even",
+        "layout": "uneven" if uneven_layout(scenario) else "even",
         "frozen": "some frozen" if scenario.frozen else "none frozen",
         "state dict": "full" if save.state_dict.full_state_dict else "sharded",
         "worlds": str(save.world_size)
@@ -191,15 +193,16 @@ def record_events(scenario: S.Scenario) -> None:
 _FAILURE_TYPES: dict[str, type[ExampleFailure]] = {}
 
 
-def signature_error(failure: ExampleFailure) -> ExampleFailure:
+def signature_error(failure: ExampleFailure, note: str = "") -> ExampleFailure:
     """The same failure as an exception type of its own per signature, so Hypothesis
     counts different failures as different bugs and does not slip from one to
-    another while shrinking."""
+    another while shrinking.  ``note`` ends its message."""
     key = hashlib.sha1(failure.signature.encode()).hexdigest()[:8]
     cls = _FAILURE_TYPES.setdefault(
         key, type(f"PropertyFailed_{key}", (type(failure),), {"__module__": __name__})
     )
-    return cls(str(failure), outcomes=failure.outcomes, signature=failure.signature)
+    message = f"{failure}\n\n{note}" if note else str(failure)
+    return cls(message, outcomes=failure.outcomes, signature=failure.signature)
 
 
 class _OutOfTime(BaseException):
@@ -218,7 +221,7 @@ def run_campaign(
     hooks: Any = None,
     strict: bool = False,
     on_example: Callable[[PropertyReport], None] | None = None,
-    on_failure: Callable[[S.Scenario, ExampleFailure], str] | None = None,
+    on_failure: Callable[[S.Scenario, ExampleFailure, Blame | None], str] | None = None,
     explicit: tuple[S.Scenario, ...] = (),
     shrink_seconds: float = 60.0,
     duration: float | None = None,
@@ -227,17 +230,21 @@ def run_campaign(
 ) -> PropertyReport:
     """Run ``property`` over ``explicit`` scenarios, then up to ``max_examples`` drawn
     from ``strategy`` for up to ``duration`` seconds (None: no time limit).
-    ``on_failure(scenario, failure)`` writes a reproducer and returns its path; it is
-    called for the shrunk failure only.  ``database``: a directory where Hypothesis
-    keeps failing examples, replayed first by the next campaign of this property.
+    ``on_failure(scenario, failure, blame)`` writes a reproducer and returns its path;
+    it is called for each distinct failure (signature), shrunk, with what plain DCP
+    does on its scenario (:func:`blame`; None with DCP itself).  ``database``: a
+    directory where Hypothesis keeps failing examples, replayed first by the next
+    campaign of this property.
     ``confirmed``: ids of known bugs this property has already met (updated here); a
     drawn scenario that is certain to end in one of them is skipped and counted in
     ``steered`` instead of paying for the bug again, unless ``strict``.  Not shared
     between properties: each calls other APIs, so a bug met in one is not certain in
     another (ddp_parity never loads a state dict).
 
-    Shrinking stops after ``shrink_seconds``: the smallest failure found by then is
-    the one reported (Hypothesis alone would go on for up to five minutes, and a
+    Shrinking stops after ``shrink_seconds`` (counted from the first failure, so
+    the search for further distinct failures that Hypothesis goes on with for up to
+    ten seconds falls within it too): the smallest failure found by then is the one
+    reported (Hypothesis alone would go on for up to five minutes, and a
     campaign should end within a few).  The time budget ends generation only: a
     failure found in time is still shrunk."""
     report = PropertyReport(property)
@@ -272,7 +279,6 @@ def run_campaign(
                 report.count_known(known, failure, scenario)
                 confirmed.add(known.id)
                 return
-            last["scenario"], last["failure"] = scenario, failure
             if "found_at" not in last:
                 last["found_at"] = time.perf_counter()
                 report.first_failure_at = report.examples
@@ -283,11 +289,17 @@ def run_campaign(
             if on_example:
                 on_example(report)
 
+    def record(scenario: S.Scenario, failure: ExampleFailure) -> None:
+        whose = blame(runner, property, scenario, failure, hooks)
+        _record(report, scenario, failure, on_failure, whose)
+
     for scenario in explicit:
         try:
             attempt(scenario)
         except ExampleFailure as failure:
-            _record(report, scenario, failure, on_failure)
+            record(scenario, failure)
+    # each distinct failure (signature), as Hypothesis replays it shrunk at the end
+    finals: dict[str, tuple[S.Scenario, ExampleFailure]] = {}
     if max_examples > 0:
 
         @settings(
@@ -295,7 +307,7 @@ def run_campaign(
             deadline=None,
             database=None if database is None else DirectoryBasedExampleDatabase(database),
             derandomize=False,
-            report_multiple_bugs=False,
+            report_multiple_bugs=True,
             print_blob=False,
             phases=(Phase.reuse, Phase.generate, Phase.shrink),
             suppress_health_check=(HealthCheck.too_slow, HealthCheck.filter_too_much),
@@ -308,16 +320,24 @@ def run_campaign(
                 report.steered[bug] = report.steered.get(bug, 0) + 1
                 reject()
             record_events(scenario)
-            attempt(scenario)
+            try:
+                attempt(scenario)
+            except ExampleFailure as failure:
+                if is_final_replay():
+                    finals[failure.signature] = (scenario, failure)
+                raise
 
         # the database keys examples by test function: one key per property
         search.hypothesis.inner_test._hypothesis_internal_add_digest = property.encode()  # type: ignore[attr-defined]
         try:
             search()
-        except ExampleFailure:
-            _record(report, last["scenario"], last["failure"], on_failure)
         except (_OutOfTime, Unsatisfiable):
             pass  # out of time, or every draw was certain to end in a confirmed known bug
+        except Exception as error:
+            if not _failures_only(error):
+                raise
+        for shrunk, final in finals.values():
+            record(shrunk, final)
     report.phase = "done"
     report.seconds = time.perf_counter() - started
     return report
@@ -352,11 +372,23 @@ def _json(scenario: S.Scenario) -> Any:
     return to_json(scenario)
 
 
+def _failures_only(error: BaseException) -> bool:
+    """True for what a search raises when examples failed: one failure, or Hypothesis'
+    group of the distinct ones (not a failure that did not fail again: Flaky)."""
+    if isinstance(error, ExampleFailure):
+        return True
+    if isinstance(error, Flaky):
+        return False
+    inner = getattr(error, "exceptions", None)
+    return inner is not None and all(_failures_only(e) for e in inner)
+
+
 def _record(
     report: PropertyReport,
     scenario: S.Scenario,
     failure: ExampleFailure,
-    on_failure: Callable[[S.Scenario, ExampleFailure], str] | None,
+    on_failure: Callable[[S.Scenario, ExampleFailure, Blame | None], str] | None,
+    whose: Blame | None,
 ) -> None:
     entry: dict[str, Any] = {
         "error": headline(str(failure)),
@@ -367,6 +399,75 @@ def _record(
     known = match_known(failure, scenario)
     if known is not None:
         entry["known_bug"] = known.id
+    if whose is not None:
+        entry["blame"] = whose.to_json()
     if on_failure is not None:
-        entry["reproducer"] = on_failure(scenario, failure)
+        entry["reproducer"] = on_failure(scenario, failure, whose)
     report.failures.append(entry)
+
+
+#: What plain DCP can do on the scenario of a failure seen with a user's checkpointer,
+#: and what that says about whose bug the failure is.
+PLAIN_DCP = {
+    "passes": "the checkpointer's bug",
+    "fails the same way": "not the checkpointer's bug: torch's (DCP's)",
+    "fails differently": "undecided: DCP fails here too, in another way",
+}
+
+
+@attrs.frozen
+class Blame:
+    """Whose bug a failure seen with a user's checkpointer is: what plain DCP does on
+    the same scenario (one of :data:`PLAIN_DCP`), and DCP's own failure signature
+    where it fails."""
+
+    checkpointer: str  # the checkpointer's class, by import path
+    plain_dcp: str
+    signature: str | None = None
+    known_bug: str | None = None  # the known upstream bug DCP's own failure is, if any
+
+    @property
+    def verdict(self) -> str:
+        return PLAIN_DCP[self.plain_dcp]
+
+    def sentence(self) -> str:
+        """One line for a summary, a failure message or a reproducer's header."""
+        differently = f" ({self.signature})" if self.plain_dcp == "fails differently" else ""
+        known = f" (known upstream bug {self.known_bug})" if self.known_bug else ""
+        return f"plain DCP {self.plain_dcp}{differently}{known}: {self.verdict}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checkpointer": self.checkpointer,
+            "plain_dcp": self.plain_dcp,
+            "plain_dcp_signature": self.signature,
+            "plain_dcp_known_bug": self.known_bug,
+            "verdict": self.verdict,
+            "summary": self.sentence(),
+        }
+
+
+def blame(
+    runner: Any, property: str, scenario: S.Scenario, failure: ExampleFailure, hooks: Any
+) -> Blame | None:
+    """Replay a failure's ``scenario`` with plain DCP in place of the user's checkpointer
+    (the same property, model factory and runner) and say what DCP does: a failure it
+    shows too, with the same signature, is not the checkpointer's bug.  None where the
+    failure ran with DCP itself."""
+    checkpointer = getattr(hooks, "checkpointer", None)
+    if checkpointer is None or type(checkpointer) is DCPCheckpointer:
+        return None
+    name = f"{type(checkpointer).__module__}.{type(checkpointer).__qualname__}"
+    try:
+        plain = attrs.evolve(hooks, checkpointer=DCPCheckpointer())
+        run_property(runner, property, scenario, hooks=plain)
+    except ExampleFailure as dcp:
+        same = dcp.signature == failure.signature
+        known = match_known(dcp, scenario)
+        return Blame(
+            name,
+            "fails the same way" if same else "fails differently",
+            dcp.signature,
+            None if known is None else known.id,
+        )
+    return Blame(name, "passes")

@@ -89,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="a recipe in strategies/recipes/ (a name, or a path to a JSON file)",
     )
+    check.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="leave a region of scenarios out, to step past a bug already known (repeat it "
+        "for more): plan=KIND, job=sub-world, layout=uneven, frozen=some, or a state-dict "
+        "option's value such as broadcast_from_rank0=true; a recipe's exclude adds to these",
+    )
     check.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     check.add_argument(
         "--timeout",
@@ -211,7 +220,45 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "world_sizes": tuple(world_sizes),
         "max_examples": max_examples,
         "recipe": recipe,
+        "exclude": _exclusions(args, recipe),
     }
+
+
+def _exclusions(args: argparse.Namespace, recipe: dict[str, Any]) -> tuple[str, ...]:
+    """The recipe's exclusions and ``--exclude``'s, each word once."""
+    from hypothesis.errors import InvalidArgument
+
+    from dcprop.strategies import parse_exclusions
+
+    try:
+        words = parse_exclusions(recipe.get("exclude", []), f"recipe {args.recipe!r}: exclude")
+        words += parse_exclusions(args.exclude, "--exclude")
+    except InvalidArgument as e:
+        raise UsageError(str(e)) from None
+    return tuple(dict.fromkeys(words))
+
+
+def _strategy(prop: str, cfg: dict[str, Any], job_world_size: int | None = None) -> Any:
+    """The scenarios ``prop`` draws in this campaign; arguments (a recipe's, the
+    exclusions) that leave it nothing to draw are bad usage."""
+    from hypothesis.errors import InvalidArgument
+
+    from dcprop import strategies as dst
+
+    kwargs = dict(cfg["recipe"].get("scenario_kwargs", {}).get(prop, {}))
+    if job_world_size is not None:
+        kwargs.setdefault("job_world_size", job_world_size)
+    try:
+        return dst.scenarios(
+            prop,
+            world_sizes=cfg["world_sizes"],
+            device=cfg["device"],
+            exclude=cfg["exclude"],
+            **kwargs,
+        )
+    except InvalidArgument as e:
+        fix = f"; change the exclusions, or leave {prop} out with --properties"
+        raise UsageError(f"{e}{fix if cfg['exclude'] else ''}") from None
 
 
 def _cores() -> int:
@@ -304,13 +351,14 @@ def _check(args: argparse.Namespace) -> int:
         from dcprop.properties._harness import Hooks
 
         hooks = Hooks(checkpointer=load_checkpointer(args.checkpointer))
-    from dcprop import strategies as dst
     from dcprop.campaign import known_totals, run_campaign
     from dcprop.progress import Progress, coverage_lines
     from dcprop.repro import write_reproducer
     from dcprop.runner import make_runner, under_torchrun
 
     explicit = {p: _explicit(cfg["recipe"], p, args.world_size) for p in cfg["properties"]}
+    for prop in cfg["properties"]:
+        _strategy(prop, cfg)  # bad arguments are refused before the ranks start
     largest = max([*cfg["world_sizes"], *(s.world_size for v in explicit.values() for s in v)])
     runner = make_runner(largest, device=cfg["device"], timeout=args.timeout)
     if under_torchrun() and not runner.is_driver:
@@ -324,20 +372,17 @@ def _check(args: argparse.Namespace) -> int:
     try:
         with Progress(cfg["properties"], sys.stdout, deadline) as progress:
             for i, prop in enumerate(cfg["properties"]):
-                kwargs = dict(cfg["recipe"].get("scenario_kwargs", {}).get(prop, {}))
-                if under_torchrun():
-                    kwargs.setdefault("job_world_size", runner.world_size)
-                strategy = dst.scenarios(
-                    prop, world_sizes=cfg["world_sizes"], device=cfg["device"], **kwargs
-                )
+                job = runner.world_size if under_torchrun() else None
+                strategy = _strategy(prop, cfg, job_world_size=job)
 
-                def write(scenario: Any, failure: Any, prop: str = prop) -> str:
+                def write(scenario: Any, failure: Any, whose: Any, prop: str = prop) -> str:
                     path = write_reproducer(
                         args.repro_dir,
                         prop,
                         scenario,
                         error=str(failure),
                         checkpointer=args.checkpointer,
+                        blame=whose.sentence() if whose else "",
                     )
                     if args.add_to_corpus:
                         _add_to_corpus(args.add_to_corpus, prop, scenario, failure)
@@ -372,11 +417,15 @@ def _check(args: argparse.Namespace) -> int:
     print("\ncoverage (examples per kind):")
     print("\n".join(coverage_lines(reports)))
     _summary(reports, time.perf_counter() - started)
+    if cfg["exclude"]:  # a clean run must not hide what it never tried
+        print(f"excluded (never drawn): {', '.join(cfg['exclude'])}")
     if args.report:
         _write_report(args.report, cfg, args, reports)
     for r in reports:
         for f in r.failures:
             print(f"FAILED {r.name}: {f['error']}\n  reproducer: {f['reproducer']}")
+            if "blame" in f:
+                print(f"  whose bug: {f['blame']['summary']}")
             if r.shrink_stopped:
                 print(f"  (shrinking stopped after --shrink-seconds {args.shrink_seconds:g})")
     for bug in known_totals(reports):
@@ -439,7 +488,10 @@ def _write_report(
         "device": cfg["device"],
         "world_size": args.world_size,
         "seed": args.seed,
+        "exclude": list(cfg["exclude"]),  # regions never drawn
         "properties": {r.name: r.to_json() for r in reports},
+        # each distinct failure (signature) of each property, shrunk, with its reproducer
+        "failures": sum(len(r.failures) for r in reports),
         # per bug: how many examples ended in it (they checked nothing past the bug)
         "known": known_totals(reports),
     }

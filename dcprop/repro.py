@@ -82,9 +82,11 @@ def render(
     error: str = "",
     checkpointer: Any = None,
     model_factory: Any = None,
+    blame: str = "",
 ) -> str:
     """The text of a reproducer script.  ``checkpointer`` and ``model_factory``: what
-    the failure ran with (an object, or a ``"module:attr"`` reference)."""
+    the failure ran with (an object, or a ``"module:attr"`` reference); ``blame``: what
+    plain DCP does on the same scenario (:meth:`dcprop.campaign.Blame.sentence`)."""
     import torch
 
     from dcprop import __version__
@@ -102,6 +104,7 @@ def render(
     hooks = f"\nCHECKPOINTER = {carried_checkpointer!r}\nMODEL_FACTORY = {carried_factory!r}"
     if paths:
         hooks += f"\nIMPORT_PATHS = {paths!r}  # where their modules were imported from"
+    whose = f"\nWhose bug: {blame}\n" if blame else ""
     call = "checkpointer=CHECKPOINTER, model_factory=MODEL_FACTORY" + (
         ", import_paths=IMPORT_PATHS" if paths else ""
     )
@@ -109,7 +112,7 @@ def render(
 
 Found with dcprop {__version__} on torch {torch.__version__}.  The failure:
 {summary}
-
+{whose}
 Run it with either of:
     python {{this file}}
     torchrun --nproc-per-node {scenario.job_world} {{this file}}
@@ -220,13 +223,19 @@ def write_reproducer(
     checkpointer: Any = None,
     model_factory: Any = None,
     name: str | None = None,
+    blame: str = "",
 ) -> str:
     """Write a reproducer under ``directory`` (atomically); return its path."""
     os.makedirs(directory, exist_ok=True)
     digest = hashlib.sha1(repr(scenario).encode()).hexdigest()[:10]
     path = os.path.join(directory, f"{name or 'repro'}_{property}_{digest}.py")
     text = render(
-        property, scenario, error=error, checkpointer=checkpointer, model_factory=model_factory
+        property,
+        scenario,
+        error=error,
+        checkpointer=checkpointer,
+        model_factory=model_factory,
+        blame=blame,
     )
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

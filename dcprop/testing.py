@@ -19,7 +19,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, event, given, reject, settings
 
-from dcprop.campaign import is_final_replay, record_events, signature_error
+from dcprop.campaign import blame, is_final_replay, record_events, signature_error
 from dcprop.errors import ExampleFailure, ExampleSkipped, carry_runner_errors, reraise_carried
 from dcprop.known_bugs import match_known
 from dcprop.properties import property_ref, run_property
@@ -47,15 +47,22 @@ def check(
     test_id: str | None = None,
     checkpointer_ref: str | None = None,
     strict: bool = False,
+    exclude: tuple[str, ...] = (),
 ) -> None:
     """Run ``property`` on ``scenario`` inside a Hypothesis test: record coverage events,
     and on failure raise (one exception type per failure signature, so Hypothesis
     keeps distinct bugs apart) after writing the shrunk example's reproducer.  A known
-    upstream bug (:mod:`dcprop.known_bugs`) passes as an event unless ``strict``.
+    upstream bug (:mod:`dcprop.known_bugs`) passes as an event unless ``strict``.  A
+    failure seen with a checkpointer other than DCP's is replayed with plain DCP, and
+    the message and the reproducer say what DCP does (:func:`dcprop.campaign.blame`).
 
     The reproducer carries ``hooks``' checkpointer and model factory, the
-    checkpointer as ``checkpointer_ref`` (``"module:attr"``) where it was given so."""
+    checkpointer as ``checkpointer_ref`` (``"module:attr"``) where it was given so.
+    ``exclude``: the regions the search left out (events, and the failure message,
+    say so, so that a run never hides them)."""
     record_events(scenario)
+    for word in exclude:
+        event(f"excluded (never drawn): {word}")
     try:
         with carry_runner_errors():  # the pool or the harness failed: not the example
             run_property(runner, property, scenario, hooks=hooks)
@@ -67,22 +74,30 @@ def check(
         if known is not None and not strict:
             event(f"known upstream bug: {known.id}")  # reported, as dcprop check does
             return
-        if is_final_replay():
-            from dcprop.pytest_plugin import repro_dir
-            from dcprop.repro import write_reproducer
+        if not is_final_replay():
+            raise signature_error(failure) from None
+        from dcprop.pytest_plugin import repro_dir
+        from dcprop.repro import write_reproducer
 
-            path = write_reproducer(
-                repro_dir,
-                property,
-                scenario,
-                error=str(failure),
-                checkpointer=checkpointer_ref or getattr(hooks, "checkpointer", None),
-                model_factory=getattr(hooks, "model_factory", None),
-            )
-            found = reproducers.setdefault(test_id or property, [])
-            if path not in found:
-                found.append(path)
-        raise signature_error(failure) from None
+        with carry_runner_errors():
+            whose = blame(runner, property, scenario, failure, hooks)
+        note = whose.sentence() if whose else ""
+        path = write_reproducer(
+            repro_dir,
+            property,
+            scenario,
+            error=str(failure),
+            checkpointer=checkpointer_ref or getattr(hooks, "checkpointer", None),
+            model_factory=getattr(hooks, "model_factory", None),
+            blame=note,
+        )
+        found = reproducers.setdefault(test_id or property, [])
+        if path not in found:
+            found.append(path)
+        notes = [f"Whose bug: {note}"] if note else []
+        if exclude:
+            notes.append(f"Excluded (never drawn): {', '.join(exclude)}")
+        raise signature_error(failure, note="\n".join(notes)) from None
 
 
 def property_test(
@@ -91,20 +106,25 @@ def property_test(
     checkpointer: Any = None,
     model_factory: Callable[..., Any] | None = None,
     strict: bool = False,
+    exclude: Any = (),
     **scenario_kwargs: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Decorate ``fn(scenario)`` into a pytest test of ``property`` over random scenarios.
 
     ``checkpointer``: a Checkpointer object or ``"module:attr"`` (default: DCP).
     ``model_factory``: ``(model_spec, seed, device, frozen) -> nn.Module`` (default:
-    dcprop's builder).  ``strict``: fail on known upstream bugs too.  Other keyword
-    arguments go to ``dcprop.strategies.scenarios``.
+    dcprop's builder).  ``strict``: fail on known upstream bugs too.  ``exclude``:
+    regions of scenarios never drawn, to step past a bug already known, such as
+    ``("plan=submesh", "broadcast_from_rank0=true")`` (see
+    :data:`dcprop.strategies.EXCLUSIONS`).  Other keyword arguments go to
+    ``dcprop.strategies.scenarios``.
     Both hooks must be importable module-level objects: they travel to the ranks.
     """
-    from dcprop.strategies import scenarios
+    from dcprop.strategies import parse_exclusions, scenarios
 
     property_ref(property)
-    strategy = scenarios(property, **scenario_kwargs)
+    strategy = scenarios(property, exclude=exclude, **scenario_kwargs)
+    excluded = parse_exclusions(exclude)
     ref = checkpointer if isinstance(checkpointer, str) else None
 
     # built once, before the search: a checkpointer that does not import is bad input
@@ -122,6 +142,7 @@ def property_test(
                 test_id=f"{fn.__module__}.{fn.__qualname__}",
                 checkpointer_ref=ref,
                 strict=strict,
+                exclude=excluded,
             )
 
         for attr in ("__name__", "__qualname__", "__module__", "__doc__"):

@@ -269,6 +269,25 @@ class ZeroAsNegativeZero(_Faulty):
                 t.masked_fill_((t == 0) & ~t.signbit(), -0.0)
 
 
+class RenamedDCP(DCPCheckpointer):
+    """Plain DCP under another name: a user's checkpointer with no bug of its own."""
+
+
+class TwoFaults(DCPCheckpointer):
+    """Two distinct bugs in two regions: a rank alone in its job loses its write, and a
+    load beside other ranks fails."""
+
+    def save(self, state_dict, path, *, storage, group):
+        if dist.get_world_size() == 1:
+            raise OSError("the write of a lone rank was lost")
+        super().save(state_dict, path, storage=storage, group=group)
+
+    def load(self, state_dict, path, *, group):
+        if dist.get_world_size() > 1:
+            raise ValueError("a checkpoint shared between ranks cannot be read")
+        super().load(state_dict, path, group=group)
+
+
 INJECTIONS = {
     "drop_key": DropKey(),
     "corrupt_one_element": CorruptOneElement(),

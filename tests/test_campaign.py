@@ -106,3 +106,97 @@ def test_a_confirmed_known_bug_is_not_paid_for_again(dcprop_runner):
         confirmed={bug},
     )
     assert report.examples == 0 and report.steered[bug] >= 1
+
+
+def test_a_failure_of_a_faulty_checkpointer_is_blamed_on_it(dcprop_runner):
+    """The shrunk scenario replayed with plain DCP passes: the checkpointer's bug."""
+    report = _campaign(dcprop_runner, shrink_seconds=0)
+    [failure] = report.failures
+    assert failure["blame"]["checkpointer"] == "helpers.DropKey"
+    assert failure["blame"]["plain_dcp"] == "passes"
+    assert failure["blame"]["verdict"] == "the checkpointer's bug"
+
+
+def test_a_failure_plain_dcp_shows_too_is_not_blamed_on_the_checkpointer(dcprop_runner):
+    """Plain DCP under another name, with a model factory whose gradients are wrong: DCP
+    fails the same way, so the failure is not the checkpointer's."""
+    report = run_campaign(
+        dcprop_runner,
+        "ddp_parity",
+        dst.scenarios("ddp_parity", **{**SMALL, "world_sizes": (2,)}),
+        max_examples=5,
+        seed=0,
+        hooks=Hooks(checkpointer=helpers.RenamedDCP(), model_factory=helpers.double_grads_on_rank0),
+        shrink_seconds=0,
+    )
+    [failure] = report.failures
+    blame = failure["blame"]
+    assert blame["checkpointer"] == "helpers.RenamedDCP"
+    assert blame["plain_dcp"] == "fails the same way"
+    assert blame["plain_dcp_signature"] == failure["signature"]
+    assert blame["verdict"].startswith("not the checkpointer's bug")
+
+
+def test_a_failure_with_dcp_itself_names_no_blame(dcprop_runner):
+    report = run_campaign(
+        dcprop_runner,
+        "ddp_parity",
+        dst.scenarios("ddp_parity", **{**SMALL, "world_sizes": (2,)}),
+        max_examples=5,
+        hooks=Hooks(model_factory=helpers.double_grads_on_rank0),
+        shrink_seconds=0,
+    )
+    [failure] = report.failures
+    assert "blame" not in failure
+
+
+def test_each_distinct_failure_is_reported_with_its_own_reproducer(dcprop_runner, tmp_path):
+    """Two bugs in two regions (a job of one rank, a job of two): two failures, each
+    shrunk into its own region, each with its own reproducer and blame."""
+    written = []
+
+    def write(scenario, failure, blame):
+        written.append((scenario, failure.signature, blame))
+        return f"repro-{len(written)}.py"
+
+    report = run_campaign(
+        dcprop_runner,
+        "roundtrip",
+        dst.scenarios("roundtrip", **SMALL),
+        max_examples=30,
+        seed=1,
+        hooks=Hooks(checkpointer=helpers.TwoFaults()),
+        on_failure=write,
+        shrink_seconds=30,
+    )
+    assert len(report.failures) == 2 == len(written)
+    by_error = {f["signature"].split(":")[0]: f for f in report.failures}
+    assert set(by_error) == {"OSError", "ValueError"}
+    assert by_error["OSError"]["scenario"]["save"]["world_size"] == 1
+    assert by_error["ValueError"]["scenario"]["save"]["world_size"] == 2
+    assert {f["reproducer"] for f in report.failures} == {"repro-1.py", "repro-2.py"}
+    assert all(blame.plain_dcp == "passes" for _, _, blame in written)
+
+
+def test_a_checkpointer_failing_where_dcp_fails_otherwise_is_told_apart(dcprop_runner):
+    """On the scenario of a known torch bug, a checkpointer that fails in its own way
+    first: plain DCP fails too, differently, with the known bug."""
+    bug = "dsd-full-osd-stateless-optimizer"
+    entry = next(e for e in load_entries(CORPUS) if e.known_bug == bug)
+    assert entry.scenario.job_world == 1  # where TwoFaults loses the write
+    report = run_campaign(
+        dcprop_runner,
+        entry.property,
+        dst.scenarios(entry.property, **SMALL),
+        max_examples=0,
+        hooks=Hooks(checkpointer=helpers.TwoFaults()),
+        explicit=(entry.scenario,),
+    )
+    [failure] = report.failures
+    assert failure["signature"].startswith("OSError") and "known_bug" not in failure
+    blame = failure["blame"]
+    assert blame["plain_dcp"] == "fails differently" and blame["plain_dcp_known_bug"] == bug
+    assert blame["plain_dcp_signature"] != failure["signature"]
+    assert blame["summary"].startswith(
+        f"plain DCP fails differently ({blame['plain_dcp_signature']})"
+    )

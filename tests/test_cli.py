@@ -43,6 +43,11 @@ def dcprop(*args, cwd=ROOT, timeout=600, pythonpath=()):
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
         ),
         (["--duration", "soon"], "--duration 'soon': give a positive time"),
+        (
+            ["--exclude", "plan=nope"],
+            "--exclude='plan=nope' is not a region dcprop can exclude; use one of: plan=fsdp2|",
+        ),
+        (["--exclude", "plan=submesh"], "leave submesh_layout out with --properties"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message):
@@ -209,9 +214,13 @@ def test_buggy_checkpointer_fails_with_a_reproducer_that_replays(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     failure = json.loads(report.read_text())["properties"]["roundtrip"]["failures"][0]
     assert failure["scenario"]["type"] == "Scenario" and "PropertyFailure" in failure["error"]
+    # plain DCP passes the same scenario: whose bug it is, in the summary and the report
+    assert failure["blame"]["plain_dcp"] == "passes"
+    assert "whose bug: plain DCP passes: the checkpointer's bug" in result.stdout
     script = failure["reproducer"]
     text = Path(script).read_text()
     assert "import hypothesis" not in text and "CHECKPOINTER = 'helpers:DropKey'" in text
+    assert "Whose bug: plain DCP passes: the checkpointer's bug" in text
     replay = dcprop("repro", script)
     # DropKey leaves the perturbed value in place of the saved one
     assert replay.returncode == 1 and "state after load" in replay.stdout
@@ -264,6 +273,135 @@ def test_known_bugs_are_counted_in_the_summary_and_the_report(tmp_path):
     [known] = data["known"]
     assert known["id"] == "dsd-full-osd-stateless-optimizer" and known["examples"] == 2
     assert known["properties"] == {"roundtrip": 2}
+
+
+def _known_bug_recipe(tmp_path, copies=1):
+    """A recipe of the stored scenario of a known torch bug (SGD without momentum)."""
+    corpus = Path(ROOT, "strategies", "corpus", "roundtrip-1f24b2154c.json")
+    entry = json.loads(corpus.read_text())
+    assert entry["expect"] == "known:dsd-full-osd-stateless-optimizer"
+    recipe = tmp_path / "known.json"
+    example = {"property": "roundtrip", "scenario": entry["scenario"]}
+    recipe.write_text(
+        json.dumps(
+            {"properties": ["roundtrip"], "world_sizes": [1], "examples": [example] * copies}
+        )
+    )
+    return recipe
+
+
+def test_a_torch_bug_seen_with_a_checkpointer_is_not_blamed_on_it(tmp_path):
+    """Plain DCP under another name, on a scenario where DCP itself fails (a known torch
+    bug, run with --strict): plain DCP fails the same way, so it is not the checkpointer's
+    bug, and the known bug still matches."""
+    report, repros = tmp_path / "report.json", tmp_path / "repros"
+    result = dcprop(
+        "check",
+        "--recipe",
+        str(_known_bug_recipe(tmp_path)),
+        "--world-size",
+        "1",
+        "--max-examples",
+        "0",
+        "--strict",
+        "--checkpointer",
+        "helpers:RenamedDCP",
+        "--report",
+        str(report),
+        "--repro-dir",
+        str(repros),
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    [failure] = json.loads(report.read_text())["properties"]["roundtrip"]["failures"]
+    assert failure["known_bug"] == "dsd-full-osd-stateless-optimizer"
+    assert failure["blame"]["plain_dcp"] == "fails the same way"
+    assert failure["blame"]["plain_dcp_signature"] == failure["signature"]
+    assert failure["blame"]["plain_dcp_known_bug"] == "dsd-full-osd-stateless-optimizer"
+    line = (
+        "plain DCP fails the same way (known upstream bug dsd-full-osd-stateless-optimizer): "
+        "not the checkpointer's bug: torch's (DCP's)"
+    )
+    assert f"whose bug: {line}" in result.stdout
+    assert f"Whose bug: {line}" in Path(failure["reproducer"]).read_text()
+
+
+def test_each_distinct_failure_has_its_own_reproducer(tmp_path):
+    """Two bugs in two regions of the scenarios: two failures in the summary and the
+    report, each with its own reproducer that replays its own failure."""
+    report, repros = tmp_path / "report.json", tmp_path / "repros"
+    result = dcprop(
+        "check",
+        "--properties",
+        "roundtrip",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "30",
+        "--no-database",
+        "--checkpointer",
+        "helpers:TwoFaults",
+        "--report",
+        str(report),
+        "--repro-dir",
+        str(repros),
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    data = json.loads(report.read_text())
+    failures = data["properties"]["roundtrip"]["failures"]
+    assert len(failures) == 2 and data["failures"] == 2
+    assert result.stdout.count("FAILED roundtrip: ") == 2
+    total = next(line for line in result.stdout.splitlines() if line.startswith("total "))
+    assert total.split()[3] == "2"  # the failures column
+    assert sorted(os.listdir(repros)) == sorted(os.path.basename(f["reproducer"]) for f in failures)
+    for failure in failures:
+        replay = dcprop("repro", failure["reproducer"])
+        assert replay.returncode == 1 and failure["error"].split(": ")[-1] in replay.stdout
+
+
+def test_exclusions_are_never_drawn_and_are_reported(tmp_path):
+    """Exclusions from the command line and the recipe add up; no example lies in an
+    excluded region, and the summary and the report name them, even on a clean run."""
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(
+        json.dumps({"properties": ["roundtrip"], "world_sizes": [1, 2], "exclude": ["plan=ddp"]})
+    )
+    report = tmp_path / "report.json"
+    result = dcprop(
+        "check",
+        "--recipe",
+        str(recipe),
+        "--exclude",
+        "broadcast_from_rank0=True",
+        "--exclude",
+        "plan=fsdp2",
+        "--world-size",
+        "2",
+        "--max-examples",
+        "6",
+        "--no-database",
+        "--report",
+        str(report),
+        "--repro-dir",
+        str(tmp_path / "repros"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    words = ["plan=ddp", "broadcast_from_rank0=true", "plan=fsdp2"]
+    assert f"excluded (never drawn): {', '.join(words)}" in result.stdout
+    data = json.loads(report.read_text())
+    assert data["exclude"] == words
+    coverage = data["properties"]["roundtrip"]["coverage"]
+    assert sum(coverage["plan"].values()) >= 6
+    assert not set(coverage["plan"]) & {"ddp", "fsdp2"}
+    assert not any("broadcast_from_rank0" in options for options in coverage["options"])
+
+
+def test_a_bad_exclusion_in_a_recipe_names_the_recipe(tmp_path):
+    recipe = tmp_path / "mine.json"
+    recipe.write_text(json.dumps({"properties": ["roundtrip"], "exclude": ["plan=expert"]}))
+    result = dcprop("check", "--recipe", str(recipe))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"recipe {str(recipe)!r}: exclude='plan=expert' is not a region" in result.stderr
+    assert "plan=fsdp2|ddp|hsdp|fsdp2+tp|submesh" in result.stderr
 
 
 def test_recipe_runs_its_explicit_examples(tmp_path):

@@ -5,11 +5,13 @@ import subprocess
 import sys
 import textwrap
 
+import helpers
 import pytest
 from hypothesis import HealthCheck, assume, example, settings
-from hypothesis.errors import Unsatisfiable
+from hypothesis.errors import InvalidArgument, Unsatisfiable
 
-from dcprop.testing import property_test
+from dcprop import pytest_plugin
+from dcprop.testing import property_test, reproducers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,3 +127,71 @@ def test_a_checkpointer_that_does_not_import_is_bad_input_not_a_failing_example(
 
     with pytest.raises(UsageError, match="no_such_module_dcprop"):
         test_mine(dcprop_runner=None)
+
+
+def test_a_property_test_draws_nothing_it_excludes():
+    seen = []
+
+    @property_test(
+        "roundtrip", world_sizes=(1, 2), exclude=("plan=fsdp2", "broadcast_from_rank0=true")
+    )
+    def test_mine(scenario):
+        seen.append(scenario)
+        assume(False)
+
+    drawn = _first_scenarios(test_mine, seen, count=20)
+    assert len(drawn) == 20
+    assert all(s.save.plan_kind != "fsdp2" for s in drawn)
+    assert not any(s.save.state_dict.broadcast_from_rank0 for s in drawn)
+
+
+def test_an_unknown_exclusion_is_refused_when_the_test_is_defined():
+    with pytest.raises(InvalidArgument, match="exclude='plan=expert' is not a region"):
+        property_test("roundtrip", exclude=["plan=expert"])
+
+
+def _reproducers_of(name):
+    return reproducers.pop(next(test for test in reproducers if test.endswith(f".{name}")))
+
+
+def test_a_failure_says_whose_bug_it_is_and_what_was_excluded(dcprop_runner, tmp_path, monkeypatch):
+    """DropKey fails where plain DCP passes: the checkpointer's bug, in the failure
+    message and in the reproducer's header."""
+    monkeypatch.setattr(pytest_plugin, "repro_dir", str(tmp_path))
+
+    @settings(max_examples=3, database=None, derandomize=True)
+    @property_test(
+        "roundtrip",
+        world_sizes=(1,),
+        max_layers=1,
+        checkpointer=helpers.INJECTIONS["drop_key"],
+        exclude=["plan=ddp"],
+    )
+    def test_drop_key(scenario):
+        pass
+
+    with pytest.raises(AssertionError) as e:
+        test_drop_key(dcprop_runner=dcprop_runner)
+    assert "Whose bug: plain DCP passes: the checkpointer's bug" in str(e.value)
+    assert "Excluded (never drawn): plan=ddp" in str(e.value)
+    [path] = _reproducers_of("test_drop_key")
+    with open(path) as f:
+        assert "Whose bug: plain DCP passes: the checkpointer's bug" in f.read()
+
+
+def test_each_distinct_failure_has_its_own_reproducer(dcprop_runner, tmp_path, monkeypatch):
+    """Two bugs in two regions (a job of one rank, a job of two): two failures, each
+    with its own shrunk scenario and reproducer."""
+    monkeypatch.setattr(pytest_plugin, "repro_dir", str(tmp_path))
+
+    @settings(max_examples=30, database=None, derandomize=True)
+    @property_test("roundtrip", world_sizes=(1, 2), max_layers=1, checkpointer="helpers:TwoFaults")
+    def test_two_faults(scenario):
+        pass
+
+    with pytest.raises(Exception) as e:  # Hypothesis raises a group of the failures
+        test_two_faults(dcprop_runner=dcprop_runner)
+    failures = getattr(e.value, "exceptions", ())
+    assert sorted(f.signature.split(":")[0] for f in failures) == ["OSError", "ValueError"]
+    assert all("Whose bug: plain DCP passes" in str(f) for f in failures)
+    assert len(_reproducers_of("test_two_faults")) == 2 == len(os.listdir(tmp_path))

@@ -177,3 +177,88 @@ def test_the_job_is_drawn_and_can_be_fixed():
     assert find(fixed, lambda s: True).job_world == 2
     with pytest.raises(InvalidArgument, match="job_world_size=2"):
         dst.scenarios("roundtrip", world_sizes=(1, 4), job_world_size=2).example()
+
+
+# ---- exclusions: regions a campaign leaves out, in the coverage table's words -------
+def _covered(scenario):
+    from dcprop.campaign import describe_scenario
+
+    return describe_scenario(scenario)
+
+
+EXCLUDED_REGIONS = [
+    # (property, exclude, a check on each draw, in the words of the coverage table)
+    ("reshard", ("plan=fsdp2",), lambda c: "fsdp2" not in c["plan"].split(" -> ")),
+    ("roundtrip", ("plan=submesh", "plan=ddp"), lambda c: c["plan"] not in ("submesh", "ddp")),
+    ("roundtrip", ("broadcast_from_rank0=true",), lambda c: "broadcast" not in c["options"]),
+    (
+        "roundtrip",
+        ("broadcast_from_rank0=False",),
+        lambda c: "broadcast_from_rank0" in c["options"],
+    ),
+    ("roundtrip", ("full_state_dict=true",), lambda c: c["state dict"] == "sharded"),
+    ("roundtrip", ("job=sub-world",), lambda c: c["job"] == "own world"),
+    ("roundtrip", ("layout=uneven",), lambda c: c["layout"] == "even"),
+    ("roundtrip", ("frozen=some",), lambda c: c["frozen"] == "none frozen"),
+    ("finetune_resume", ("cpu_offload=false",), lambda c: "cpu_offload=True" in c["options"]),
+]
+
+
+@pytest.mark.parametrize(("prop", "exclude", "holds"), EXCLUDED_REGIONS)
+def test_excluded_regions_are_never_drawn(prop, exclude, holds):
+    """Under Hypothesis' health checks: exclusions are choices left out, not a filter
+    that rejects many draws."""
+
+    @settings(max_examples=60, database=None, deadline=None)
+    @given(dst.scenarios(prop, world_sizes=(1, 2, 3, 4), exclude=exclude))
+    def test(scenario):
+        assert holds(_covered(scenario)), _covered(scenario)
+
+    test()
+
+
+@pytest.mark.parametrize(
+    "word", ["plan=nope", "nope=true", "cpu_offload=maybe", "broadcast_from_rank0", "job=own"]
+)
+def test_an_unknown_exclusion_names_the_argument_and_the_valid_words(word):
+    with pytest.raises(InvalidArgument) as e:
+        dst.scenarios("roundtrip", exclude=[word])
+    message = str(e.value)
+    assert f"exclude={word!r} is not a region dcprop can exclude" in message
+    assert "plan=fsdp2|ddp|" in message and "broadcast_from_rank0=true|false" in message
+
+
+@pytest.mark.parametrize(
+    ("prop", "kwargs", "message"),
+    [
+        ("submesh_layout", dict(exclude=["plan=submesh"]), "leaves no plan"),
+        ("roundtrip", dict(exclude=["cpu_offload=true", "cpu_offload=false"]), "both values"),
+        (
+            "roundtrip",
+            dict(exclude=["broadcast_from_rank0=false", "full_state_dict=true"]),
+            "without the full_state_dict it needs",
+        ),
+        ("finetune_resume", dict(exclude=["frozen=some"]), "a frozen pretrained part"),
+        ("finetune_resume", dict(exclude=["ignore_frozen_params=true"]), "pretrained part"),
+        (
+            "roundtrip",
+            dict(exclude=["job=sub-world"], world_sizes=(1, 2), job_world_size=4),
+            "leaves no world size",
+        ),
+    ],
+)
+def test_exclusions_that_leave_nothing_to_draw_are_refused(prop, kwargs, message):
+    with pytest.raises(InvalidArgument, match="exclude=") as e:
+        dst.scenarios(prop, **kwargs)
+    assert message in str(e.value)
+
+
+def test_excluding_sub_worlds_under_a_fixed_job_keeps_the_job_s_own_world():
+    @settings(max_examples=20, database=None, deadline=None)
+    @given(
+        dst.scenarios("roundtrip", world_sizes=(1, 2), job_world_size=2, exclude=["job=sub-world"])
+    )
+    def test(scenario):
+        assert scenario.world_size == 2 and scenario.job_world_size is None
+
+    test()

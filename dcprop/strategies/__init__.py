@@ -19,7 +19,13 @@ from dcprop.strategies._options import (
     storage_options,
     trainings,
 )
-from dcprop.strategies._scenarios import PLAN_KINDS_BY_PROPERTY, PROPERTY_NAMES, scenarios
+from dcprop.strategies._scenarios import (
+    EXCLUSIONS,
+    PLAN_KINDS_BY_PROPERTY,
+    PROPERTY_NAMES,
+    parse_exclusions,
+    scenarios,
+)
 from dcprop.strategies._topology import (
     PLAN_KINDS,
     factorizations,
@@ -29,6 +35,7 @@ from dcprop.strategies._topology import (
 )
 
 __all__ = [
+    "EXCLUSIONS",
     "LAYER_KINDS",
     "OPTIMIZER_KINDS",
     "PLAN_KINDS",
@@ -41,6 +48,7 @@ __all__ = [
     "models",
     "optimizers",
     "parallel_plans",
+    "parse_exclusions",
     "scenarios",
     "state_dict_options",
     "storage_options",

@@ -3,7 +3,9 @@
 World size, then plan kind and mesh shape, then a model that fits them (shard
 count for uneven dims, a splittable MLP for tensor parallel, one expert per
 expert-parallel coordinate), then plan details, frozen set and options.  Nothing
-is filtered: every draw is valid by construction.
+is filtered: every draw is valid by construction.  Excluded regions (``exclude``)
+are left out of the choices where they are choices; only an uneven layout, which
+falls out of the model's dims, is filtered.
 """
 
 from __future__ import annotations
@@ -48,6 +50,102 @@ PLAN_KINDS_BY_PROPERTY = {
 }
 
 
+#: The state-dict options a scenario draws, which an exclusion can fix.
+DRAWN_OPTIONS = (
+    "full_state_dict",
+    "cpu_offload",
+    "ignore_frozen_params",
+    "flatten_optimizer_state_dict",
+    "broadcast_from_rank0",
+)
+#: The regions of scenarios a campaign can leave out (``exclude``): ``name=value``
+#: words in the coverage table's terms (:func:`dcprop.campaign.describe_scenario`).
+#: ``plan=KIND``: a plan kind on either side of a reshard; ``job=sub-world``: a model
+#: on a sub-world of its job; ``layout=uneven``; ``frozen=some``; ``OPTION=true`` or
+#: ``OPTION=false``: a state-dict option's value on either side.
+EXCLUSIONS: dict[str, tuple[str, ...]] = {
+    "plan": PLAN_KINDS,
+    "job": ("sub-world",),
+    "layout": ("uneven",),
+    "frozen": ("some",),
+    **{name: ("true", "false") for name in DRAWN_OPTIONS},
+}
+
+
+def parse_exclusions(words: Any, argument: str = "exclude") -> tuple[str, ...]:
+    """``words`` (``"name=value"`` strings, see :data:`EXCLUSIONS`) checked and
+    normalized: option values in lower case, each word once.  ``argument`` names them
+    in the error."""
+    if isinstance(words, str):
+        words = (words,)
+    check_type(argument, words, (tuple, list))
+    valid = ", ".join(f"{name}={'|'.join(values)}" for name, values in EXCLUSIONS.items())
+    out: list[str] = []
+    for word in words:
+        name, _, value = str(word).partition("=")
+        name, value = name.strip(), value.strip()
+        value = value.lower() if name in DRAWN_OPTIONS else value
+        if value not in EXCLUSIONS.get(name, ()):
+            raise InvalidArgument(
+                f"{argument}={word!r} is not a region dcprop can exclude; use one of: {valid}"
+            )
+        if f"{name}={value}" not in out:
+            out.append(f"{name}={value}")
+    return tuple(out)
+
+
+def _fixed_options(exclude: tuple[str, ...]) -> dict[str, bool]:
+    """The state-dict options an exclusion fixes: excluding one value leaves the other."""
+    return {
+        name: value == "false"
+        for name, _, value in (w.partition("=") for w in exclude)
+        if name in DRAWN_OPTIONS
+    }
+
+
+def _allowed_options(options: S.StateDictSpec, exclude: tuple[str, ...]) -> S.StateDictSpec:
+    """``options`` with the excluded values of each option replaced by the other value
+    (broadcast_from_rank0 follows full_state_dict, which it needs)."""
+    fixed = _fixed_options(exclude)
+    if not fixed:
+        return options
+    values = {name: getattr(options, name) for name in DRAWN_OPTIONS} | fixed
+    if values["broadcast_from_rank0"] and not values["full_state_dict"]:
+        values["full_state_dict" if "broadcast_from_rank0" in fixed else "broadcast_from_rank0"] = (
+            "broadcast_from_rank0" in fixed
+        )
+    return attrs.evolve(options, **values)
+
+
+def uneven_layout(scenario: S.Scenario) -> bool:
+    """True if a sharded parameter's first dim does not divide by the saving shard count."""
+    shards = scenario.save.shard_count
+    return shards > 1 and any(
+        shape and shape[0] % shards for shape in scenario.model.parameters().values()
+    )
+
+
+def excluded_by(scenario: S.Scenario, exclude: tuple[str, ...]) -> str | None:
+    """The first word of ``exclude`` (as :func:`parse_exclusions` returns them) whose
+    region ``scenario`` lies in, or None."""
+    topologies = (scenario.save, scenario.load_topology)
+    for word in exclude:
+        name, _, value = word.partition("=")
+        if name == "plan":
+            hit = any(t.plan_kind == value for t in topologies)
+        elif name == "job":
+            hit = scenario.job_world_size is not None
+        elif name == "layout":
+            hit = uneven_layout(scenario)
+        elif name == "frozen":
+            hit = bool(scenario.frozen)
+        else:
+            hit = any(getattr(t.state_dict, name) == (value == "true") for t in topologies)
+        if hit:
+            return word
+    return None
+
+
 @attrs.frozen
 class _Config:
     property: str
@@ -62,6 +160,7 @@ class _Config:
     max_steps: int
     frozen: bool
     job_world_size: int | None
+    exclude: tuple[str, ...] = ()
 
 
 def _shard_count(kind: str, shape: tuple[int, ...]) -> int:
@@ -115,7 +214,7 @@ def _job(cfg: _Config, world: int) -> st.SearchStrategy[int | None]:
     where a larger one is possible, else a larger world size (the model on a sub-world)."""
     if cfg.job_world_size is not None:
         return st.just(cfg.job_world_size if cfg.job_world_size > world else None)
-    larger = [w for w in cfg.world_sizes if w > world]
+    larger = [w for w in cfg.world_sizes if w > world and "job=sub-world" not in cfg.exclude]
     return st.sampled_from([None] * (3 * len(larger)) + larger) if larger else st.none()
 
 
@@ -141,7 +240,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         shared = [n for n in model.parameter_names() if not S.is_within(n, plan.experts.module)]
         frozen = tuple(n for n in frozen if n != shared[0])  # every rank trains something
 
-    options = draw(state_dict_options())
+    options = _allowed_options(draw(state_dict_options()), cfg.exclude)
     if pretrained:
         options = attrs.evolve(
             options,
@@ -164,7 +263,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         load_mesh = S.MeshSpec(load_shape, names_for(load_kind, load_shape))
         # the optimizer layout is the checkpoint's key format: both sides must share it
         load_options = attrs.evolve(
-            draw(state_dict_options()),
+            _allowed_options(draw(state_dict_options()), cfg.exclude),
             flatten_optimizer_state_dict=options.flatten_optimizer_state_dict,
         )
         load = S.Topology(
@@ -217,6 +316,7 @@ def scenarios(
     max_steps: int = 3,
     frozen: bool = True,
     job_world_size: int | None = None,
+    exclude: Any = (),
 ) -> st.SearchStrategy[S.Scenario]:
     """Whole examples for ``property`` (one of ``PROPERTY_NAMES``).
 
@@ -227,7 +327,9 @@ def scenarios(
     job (its default process group; torchrun's world), which the model's world must
     fit in; by default the job is usually the model's own world and sometimes a
     larger size from ``world_sizes``, the model then on a sub-world of the job.
-    Shrinks toward the smallest world size, a 1D FSDP2 mesh, one small Linear,
+    ``exclude``: regions never drawn, such as ``("plan=submesh",
+    "broadcast_from_rank0=true")`` (see :data:`EXCLUSIONS`), to step past a bug
+    already known.  Shrinks toward the smallest world size, a 1D FSDP2 mesh, one small Linear,
     nothing frozen, default options and a job of the model's own world.
 
     >>> from hypothesis import given
@@ -254,26 +356,30 @@ def scenarios(
                 f"world_sizes={tuple(world_sizes)!r} holds sizes above "
                 f"job_world_size={job_world_size}: a job must hold the model's world"
             )
+    exclude = parse_exclusions(exclude)
     cfg = _Config(
         property,
         tuple(sorted(set(world_sizes))),
         device,
-        kinds,
+        tuple(k for k in kinds if f"plan={k}" not in exclude),
         max_layers,
         max_depth,
         max_dim,
-        uneven,
+        0.0 if "layout=uneven" in exclude else uneven,
         check_choices("layers", layers, LAYER_KINDS),
         max_steps,
-        frozen,
+        frozen and "frozen=some" not in exclude,
         job_world_size,
+        exclude,
     )
     usable = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[property])
     if not usable:
+        excluded = f" and exclude={exclude!r}" if exclude else ""
         raise InvalidArgument(
-            f"kinds={kinds!r} on device={device!r} leaves no plan for "
+            f"kinds={kinds!r}{excluded} on device={device!r} leaves no plan for "
             f"property={property!r} (it uses {PLAN_KINDS_BY_PROPERTY[property]})"
         )
+    cfg = _check_satisfiable(cfg)
     # argument checks of models() run now, not at the first draw
     models(
         max_layers=max_layers,
@@ -282,4 +388,36 @@ def scenarios(
         uneven=uneven,
         layers=cfg.layers,
     )
-    return _scenarios(cfg)
+    strategy = _scenarios(cfg)
+    if not exclude:
+        return strategy
+    # a safety net, and the only filter for an uneven layout, rare with uneven=0
+    return strategy.filter(lambda scenario: excluded_by(scenario, exclude) is None)
+
+
+def _check_satisfiable(cfg: _Config) -> _Config:
+    """``cfg`` with its world sizes narrowed to what ``job=sub-world`` leaves; raises
+    InvalidArgument for exclusions that leave ``cfg.property`` nothing to draw."""
+    exclude, property = cfg.exclude, cfg.property
+
+    def refuse(why: str) -> InvalidArgument:
+        return InvalidArgument(f"exclude={exclude!r} {why} for property={property!r}")
+
+    fixed = _fixed_options(exclude)
+    both = [n for n in DRAWN_OPTIONS if f"{n}=true" in exclude and f"{n}=false" in exclude]
+    if both:
+        raise refuse(f"excludes both values of {both[0]}")
+    if fixed.get("broadcast_from_rank0") and fixed.get("full_state_dict") is False:
+        raise refuse("leaves broadcast_from_rank0=true without the full_state_dict it needs")
+    pretrained_part = "frozen=some" in exclude or fixed.get("ignore_frozen_params") is False
+    if property == "finetune_resume" and pretrained_part:
+        raise refuse("excludes what every fine-tuning scenario has (a frozen pretrained part)")
+    if "job=sub-world" in exclude and cfg.job_world_size is not None:
+        world_sizes = tuple(w for w in cfg.world_sizes if w == cfg.job_world_size)
+        if not world_sizes:
+            raise refuse(
+                f"leaves no world size in world_sizes={cfg.world_sizes!r} that fills "
+                f"job_world_size={cfg.job_world_size}"
+            )
+        return attrs.evolve(cfg, world_sizes=world_sizes)
+    return cfg
