@@ -1,6 +1,7 @@
 """Test-only code that runs in the rank processes (so it must be importable)."""
 
 import os
+import signal
 import time
 
 import torch
@@ -349,7 +350,7 @@ def return_early_on(ctx, rank, seconds=0.5):
     if ctx.rank == rank:
         return ctx.rank
     time.sleep(seconds)
-    return all_reduce_rank(ctx)
+    dist.all_reduce(torch.zeros(1), group=ctx.group())
 
 
 def compute_then_all_reduce_on(ctx, rank, seconds):
@@ -360,3 +361,11 @@ def compute_then_all_reduce_on(ctx, rank, seconds):
         while time.monotonic() < until:
             x = (x @ x).clamp(-1, 1)
     return all_reduce_rank(ctx)
+
+
+def kill_self_on(ctx, rank):
+    """``rank`` is killed (SIGKILL) while the others wait for it in a barrier."""
+    if ctx.rank == rank:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier(group=ctx.group())
