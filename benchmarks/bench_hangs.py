@@ -11,6 +11,8 @@
    the restart the next example pays, against the pool's first start.  A pool of one
    rank has no peer to leave a collective, so there a crash stands in for the hang:
    the restart is the same.
+3. What the detection costs a healthy example: round-trip examples per second
+   (``bench_runner``'s scenario, two ranks) with it off and on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_runner import scenario
 
 from dcprop.corpus import load_entries
 from dcprop.errors import ExampleFailure
@@ -84,10 +88,20 @@ def restart_seconds(world: int, repeat: int) -> tuple[float, float, float]:
     return statistics.median(first), statistics.median(verdict), statistics.median(restart)
 
 
+def healthy_examples_per_second(detect: bool, examples: int) -> float:
+    with Pool(2, detect_hangs=detect) as pool:
+        pool.run("dcprop.properties.roundtrip:roundtrip", scenario(2))  # start, warm up
+        started = time.perf_counter()
+        for _ in range(examples):
+            pool.run("dcprop.properties.roundtrip:roundtrip", scenario(2))
+        return examples / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=20.0, help="hang timeout (s)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--examples", type=int, default=30, help="healthy examples per run")
     args = parser.parse_args()
 
     print(f"time to verdict, {BUG} corpus entry (timeout {args.timeout:.0f}s, warm pool)")
@@ -103,6 +117,9 @@ def main() -> None:
     for world in (1, 2, 4):
         first, verdict, restart = restart_seconds(world, args.repeat)
         print(f"{world:<6} {first:>12.2f} {verdict:>8.2f} {restart:>8.2f}")
+    print(f"\nhealthy round-trip examples per second, 2 ranks, {args.examples} examples")
+    rates = {d: healthy_examples_per_second(d, args.examples) for d in (False, True)}
+    print(f"off {rates[False]:.2f}  on {rates[True]:.2f}  on/off {rates[True] / rates[False]:.3f}")
 
 
 if __name__ == "__main__":

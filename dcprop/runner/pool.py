@@ -54,8 +54,8 @@ __all__ = ["DEFAULT_TIMEOUT", "Pool", "certain_hang", "failure_from_outcomes"]
 DEFAULT_TIMEOUT = 30.0
 TEMP_PREFIX = "dcprop-"
 # A rank's report that it stands in a collective counts for this long (it repeats the
-# report every SAMPLE_INTERVAL while it stays there): a rank too starved to report
-# gets no verdict before the timeout.
+# report at every sample, worker.SAMPLE_INTERVAL, while it stays there): a rank too
+# starved to report gets no early verdict.
 FRESH = 1.0
 
 
@@ -314,6 +314,8 @@ class Pool:
                 r.conn.send(("run", payload))
             started = time.monotonic()
             outcomes, hung, crashed, certain = self._collect(task.id, timeout or self.timeout)
+            if certain:
+                certain = f"after {time.monotonic() - started:.1f}s, {certain}"
         except BaseException:
             self._kill()  # interrupted mid-example: ranks may be inside collectives
             raise
@@ -325,8 +327,6 @@ class Pool:
             self._kill()
         else:
             self._failed_restarts = 0
-        if certain:
-            certain = f"after {time.monotonic() - started:.1f}s, {certain}"
         failure = failure_from_outcomes(
             outcomes,
             hung=hung,
