@@ -12,7 +12,7 @@
    rank has no peer to leave a collective, so there a crash stands in for the hang:
    the restart is the same.
 3. What the detection costs a healthy example: round-trip examples per second
-   (``bench_runner``'s scenario, two ranks) with it off and on.
+   (``bench_runner``'s scenario, two ranks) with it off and on, interleaved.
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ def restart_seconds(world: int, repeat: int) -> tuple[float, float, float]:
 
 def healthy_examples_per_second(detect: bool, examples: int) -> float:
     with Pool(2, detect_hangs=detect) as pool:
-        pool.run("dcprop.properties.roundtrip:roundtrip", scenario(2))  # start, warm up
+        run_property(pool, "roundtrip", scenario(2))  # start, warm up
         started = time.perf_counter()
         for _ in range(examples):
-            pool.run("dcprop.properties.roundtrip:roundtrip", scenario(2))
+            run_property(pool, "roundtrip", scenario(2))
         return examples / (time.perf_counter() - started)
 
 
@@ -117,9 +117,16 @@ def main() -> None:
     for world in (1, 2, 4):
         first, verdict, restart = restart_seconds(world, args.repeat)
         print(f"{world:<6} {first:>12.2f} {verdict:>8.2f} {restart:>8.2f}")
-    print(f"\nhealthy round-trip examples per second, 2 ranks, {args.examples} examples")
-    rates = {d: healthy_examples_per_second(d, args.examples) for d in (False, True)}
-    print(f"off {rates[False]:.2f}  on {rates[True]:.2f}  on/off {rates[True] / rates[False]:.3f}")
+    print(
+        f"\nhealthy round-trip examples per second, 2 ranks, {args.examples} examples, "
+        f"median of {args.repeat} interleaved runs"
+    )
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.repeat):  # interleaved, in turns first: the machine's load drifts
+        for detect in (False, True) if i % 2 == 0 else (True, False):
+            rates[detect].append(healthy_examples_per_second(detect, args.examples))
+    off, on = (statistics.median(rates[d]) for d in (False, True))
+    print(f"off {off:.2f}  on {on:.2f}  on/off {on / off:.3f}")
 
 
 if __name__ == "__main__":
