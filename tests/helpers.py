@@ -1,6 +1,7 @@
 """Test-only code that runs in the rank processes (so it must be importable)."""
 
 import os
+import signal
 import time
 
 import torch
@@ -354,3 +355,36 @@ def _load_optim_state_dict(ctx, other_on):
 def default_world(ctx):
     """The size of this rank's default process group (the example's job)."""
     return dist.get_world_size()
+
+
+def barrier_on_the_default_group(ctx, seconds=0.5):
+    """After some work, wait on the job's default group: ranks outside the example's
+    world (idle) never join, as in ``dsd-broadcast-default-group``."""
+    time.sleep(seconds)
+    dist.barrier()
+
+
+def return_early_on(ctx, rank, seconds=0.5):
+    """Every rank but ``rank``, which returns at once, joins a collective after some work."""
+    if ctx.rank == rank:
+        return ctx.rank
+    time.sleep(seconds)
+    dist.all_reduce(torch.zeros(1), group=ctx.group())
+
+
+def compute_then_all_reduce_on(ctx, rank, seconds):
+    """``rank`` computes for ``seconds`` (no collective) while the others wait for it in
+    an all-reduce: slow, but healthy."""
+    if ctx.rank == rank:
+        x, until = torch.ones(64, 64), time.monotonic() + seconds
+        while time.monotonic() < until:
+            x = (x @ x).clamp(-1, 1)
+    return all_reduce_rank(ctx)
+
+
+def kill_self_on(ctx, rank):
+    """``rank`` is killed (SIGKILL) while the others wait for it in a barrier."""
+    if ctx.rank == rank:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier(group=ctx.group())

@@ -28,6 +28,8 @@ from dcprop.errors import (
 )
 from dcprop.properties import run_property
 from dcprop.runner import Pool, Pools
+from dcprop.runner.messages import Blocked
+from dcprop.runner.pool import certain_hang
 from dcprop.specs import MeshSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,13 +228,77 @@ def test_ranks_without_numpy_fail_the_start_up_check_once(tmp_path):
 
 
 def test_hang_times_out_with_stacks_and_pool_recovers(small_pool):
+    """Rank 1 computes (sleeps) while rank 0 waits for it: rank 1 may still join, so the
+    hang is never certain and costs the timeout."""
     with pytest.raises(RankTimeout) as info:
         small_pool.run(helpers.skip_barrier, 1)
     message = str(info.value)
-    assert "did not finish" in message and "stacks at the timeout" in message
+    assert message.startswith("timed out after 6s: rank(s) [0, 1] did not finish")
+    assert "stacks at the timeout" in message and "certain" not in message
     assert "skip_barrier" in message  # where each rank stood
     assert small_pool.run(helpers.all_reduce_rank) == {0: 1, 1: 1}
     assert small_pool.restarts == 1
+
+
+@pytest.mark.parametrize(
+    ("fn", "args", "job", "where"),
+    [
+        # the sub-world deadlock of dsd-broadcast-default-group: idle ranks never join
+        (
+            helpers.barrier_on_the_default_group,
+            (),
+            4,
+            "barrier over ranks [0, 1, 2, 3], left by [2, 3]",
+        ),
+        (helpers.return_early_on, (1,), 2, "all_reduce over ranks [0, 1], left by [1]"),
+    ],
+)
+def test_a_certain_hang_ends_before_the_timeout(dcprop_runner, fn, args, job, where):
+    """Ranks waiting in a collective that a rank which has already reported never
+    joined: the verdict comes when that is certain, not after the 60s timeout, with
+    the stacks and signature of any hang (known-bug matching and shrinking rely on them)."""
+    with pytest.raises(RankTimeout) as info:
+        dcprop_runner.run(fn, *args, world_size=2, job_world_size=job, timeout=60)
+    message = str(info.value)
+    assert message.startswith("hang certain before the 60s timeout: rank(s) ["), message
+    assert where in message
+    assert "stacks when the hang was certain" in message and fn.__name__ in message
+    assert info.value.signature == (
+        f"RankTimeout: ranks did not finish, waiting in {fn.__name__} (helpers.py)"
+    )
+    assert dcprop_runner.run(helpers.all_reduce_rank, world_size=job) == {
+        r: sum(range(job)) for r in range(job)
+    }
+
+
+def test_a_slow_healthy_example_is_never_a_hang(dcprop_runner):
+    """Rank 0 computes for 5s without a collective while rank 1 waits for it and the
+    job's idle ranks have long reported: rank 0 may still join, so this is no hang."""
+    out = dcprop_runner.run(
+        helpers.compute_then_all_reduce_on, 0, 5.0, world_size=2, job_world_size=4, timeout=20
+    )
+    assert out == {0: 1, 1: 1}
+
+
+def test_a_rank_killed_while_the_others_wait_is_a_crash_at_once():
+    """The waiting ranks' collectives fail as their peer's sockets close, so the crash
+    needs neither the timeout nor the grace period (both 60s here)."""
+    with Pool(2, timeout=60.0, grace=60.0) as pool:
+        with pytest.raises(RankCrashed) as info:
+            pool.run(helpers.kill_self_on, 1)
+        message = str(info.value)
+        assert message.startswith("rank 1 killed by signal SIGKILL")
+        assert "still running" not in message and "example failed on rank(s) [0]" in message
+        assert pool.run(helpers.all_reduce_rank) == {0: 1, 1: 1}
+
+
+def test_certain_hang_needs_every_running_rank_waiting_on_a_rank_that_left_first():
+    wait = Blocked(task=0, rank=0, op="barrier", ranks=(0, 1, 2), entered_after=5.0)
+    other = Blocked(task=0, rank=1, op="barrier", ranks=(0, 1, 2), entered_after=5.0)
+    assert certain_hang([0, 1], {0: wait, 1: other}, {2: 4.0})
+    assert not certain_hang([0, 1], {0: wait}, {2: 4.0})  # rank 1 computes: it may join
+    assert not certain_hang([0, 1], {0: wait, 1: other}, {2: 6.0})  # 2 may have joined
+    assert not certain_hang([0, 1], {0: wait, 1: other}, {})  # every member still running
 
 
 def test_crash_is_reported_and_pool_restarts(small_pool):

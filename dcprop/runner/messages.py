@@ -2,7 +2,8 @@
 
 Messages are ``(name, payload)`` pairs, as in pytest-xdist.  Controller to rank:
 ``("run", Task)``, ``("shutdown", None)``.  Rank to controller: ``("ready", rank)``,
-``("outcome", Outcome)``.  Everything here is plain picklable data.
+``("blocked", Blocked)`` (any number, while a task runs), ``("outcome", Outcome)``.
+Everything here is plain picklable data.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import attrs
 from dcprop.errors import RunnerError
 from dcprop.specs import MeshSpec
 
-__all__ = ["Outcome", "Task", "blamed_outcomes", "example_world_size"]
+__all__ = ["Blocked", "Outcome", "Task", "blamed_outcomes", "example_world_size"]
 
 
 def example_world_size(
@@ -72,6 +73,24 @@ class Outcome:
     @property
     def internal(self) -> bool:
         return self.status == "internal"
+
+
+@attrs.frozen
+class Blocked:
+    """A rank's main thread has stood in one gloo collective for a while (see
+    :mod:`dcprop.runner.worker`), sent again at every sample while it stays there.
+
+    ``entered_after`` is a time (``time.monotonic``, one clock for every process of
+    the machine) before which the rank had certainly not entered this collective:
+    the last sample that saw it elsewhere, or the task's start.  ``ranks`` are the
+    global ranks of the collective's group.
+    """
+
+    task: int
+    rank: int
+    op: str
+    ranks: tuple[int, ...]
+    entered_after: float
 
 
 def blamed_outcomes(outcomes: dict[int, Outcome]) -> dict[int, Outcome]:

@@ -7,7 +7,8 @@ exception in the controller, never a hang:
 * an exception on some ranks -> :class:`~dcprop.errors.ExampleFailure`, as soon as
   the other ranks report or a short grace period ends;
 * ranks that do not finish -> :class:`~dcprop.errors.RankTimeout` with each hung
-  rank's stacks (dumped by ``faulthandler``), after which the pool is restarted;
+  rank's stacks (dumped by ``faulthandler``), after which the pool is restarted; as
+  soon as the hang is certain (:func:`certain_hang`), else at the timeout;
 * a rank that dies -> :class:`~dcprop.errors.RankCrashed`, pool restarted;
 * more restarts than ``max_restarts`` -> :class:`~dcprop.errors.PoolExhausted`.
 
@@ -20,6 +21,7 @@ import atexit
 import contextlib
 import glob
 import itertools
+import math
 import os
 import pickle
 import shutil
@@ -30,7 +32,7 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 
@@ -43,14 +45,18 @@ from dcprop.errors import (
     RunnerError,
     headline,
 )
-from dcprop.runner.messages import Outcome, Task, blamed_outcomes, example_world_size
+from dcprop.runner.messages import Blocked, Outcome, Task, blamed_outcomes, example_world_size
 from dcprop.runner.spawn import RankProcess
 from dcprop.specs import MeshSpec
 
-__all__ = ["DEFAULT_TIMEOUT", "Pool", "failure_from_outcomes"]
+__all__ = ["DEFAULT_TIMEOUT", "Pool", "certain_hang", "failure_from_outcomes"]
 
 DEFAULT_TIMEOUT = 30.0
 TEMP_PREFIX = "dcprop-"
+# A rank's report that it stands in a collective counts for this long (it repeats the
+# report at every sample, worker.SAMPLE_INTERVAL, while it stays there): a rank too
+# starved to report gets no early verdict.
+FRESH = 1.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -94,7 +100,9 @@ class Pool:
 
     ``timeout`` bounds each example (seconds); ``grace`` is how long the controller
     waits for the remaining ranks once one has failed; ``max_restarts`` bounds
-    restarts after hangs and crashes over the pool's life.
+    restarts after hangs and crashes over the pool's life.  ``detect_hangs`` ends an
+    example as soon as its hang is certain (:func:`certain_hang`) instead of at the
+    timeout; turn it off only to measure what it saves.
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class Pool:
         max_restarts: int = 32,
         start_timeout: float = 180.0,
         tmp_root: str | None = None,
+        detect_hangs: bool = True,
     ) -> None:
         if not isinstance(world_size, int) or world_size < 1:
             raise RunnerError(f"world_size={world_size!r} must be a positive int")
@@ -120,6 +129,7 @@ class Pool:
         self.grace = float(grace)
         self.max_restarts = max_restarts
         self.start_timeout = start_timeout
+        self.detect_hangs = detect_hangs
         self.restarts = 0
         self._failed_restarts = 0  # restarts since the last example that ended healthy
         self.starts = 0
@@ -198,6 +208,8 @@ class Pool:
             "--stacks",
             stacks,
         ]
+        if self.detect_hangs:
+            argv.append("--watch-collectives")
         proc = RankProcess(theirs, argv, log)
         theirs.close()
         conn = Connection(ours.detach())
@@ -300,7 +312,10 @@ class Pool:
         try:
             for r in self._ranks:
                 r.conn.send(("run", payload))
-            outcomes, hung, crashed = self._collect(timeout or self.timeout)
+            started = time.monotonic()
+            outcomes, hung, crashed, certain = self._collect(task.id, timeout or self.timeout)
+            if certain:
+                certain = f"after {time.monotonic() - started:.1f}s, {certain}"
         except BaseException:
             self._kill()  # interrupted mid-example: ranks may be inside collectives
             raise
@@ -313,34 +328,58 @@ class Pool:
         else:
             self._failed_restarts = 0
         failure = failure_from_outcomes(
-            outcomes, hung=hung, crashed=crashed, stacks=stacks, timeout=timeout or self.timeout
+            outcomes,
+            hung=hung,
+            crashed=crashed,
+            stacks=stacks,
+            timeout=timeout or self.timeout,
+            certain=certain,
         )
         if failure is not None:
             raise failure
         return {r: o.value for r, o in outcomes.items() if o.status == "ok"}
 
-    def _collect(self, timeout: float) -> tuple[dict[int, Outcome], list[int], dict[int, int]]:
-        by_conn = {r.conn: r for r in self._ranks}
-        pending = dict(by_conn)
+    def _collect(
+        self, task: int, timeout: float
+    ) -> tuple[dict[int, Outcome], list[int], dict[int, int], str]:
+        """Each rank's outcome, until all have reported, the timeout, the grace period
+        after a failure, or a certain hang; then the ranks that had not reported, those
+        that died, and why the hang was certain ("" if it was not)."""
+        pending = {r.conn: r for r in self._ranks}
         outcomes: dict[int, Outcome] = {}
         crashed: dict[int, int] = {}
+        finished: dict[int, float] = {}  # when each rank reported or was seen dead
+        blocked: dict[int, tuple[Blocked, float]] = {}  # latest report, when it came
         deadline = time.monotonic() + timeout
-        while pending:
+        certain = ""
+        while pending and not certain:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            for conn in wait(list(pending), timeout=remaining):
-                r = pending.pop(conn)  # type: ignore[call-overload]
+            for conn in wait(list(pending), timeout=min(remaining, FRESH)):
+                r = pending[conn]  # type: ignore[index]
                 try:
-                    _, outcome = cast(Connection, conn).recv()
+                    name, payload = cast(Connection, conn).recv()
                 except (EOFError, OSError):
+                    del pending[conn]  # type: ignore[arg-type]
                     crashed[r.rank] = _exit_code(r.proc)
+                    finished[r.rank] = time.monotonic()
                     deadline = min(deadline, time.monotonic() + self.grace)
                     continue
-                outcomes[r.rank] = outcome
-                if outcome.failed:
-                    deadline = min(deadline, time.monotonic() + self.grace)
-        return outcomes, sorted(r.rank for r in pending.values()), crashed
+                if name == "blocked" and payload.task == task:
+                    blocked[r.rank] = (payload, time.monotonic())
+                elif name == "moved":
+                    blocked.pop(r.rank, None)
+                elif name == "outcome":
+                    del pending[conn]  # type: ignore[arg-type]
+                    outcomes[r.rank] = payload
+                    finished[r.rank] = time.monotonic()
+                    if payload.failed:
+                        deadline = min(deadline, time.monotonic() + self.grace)
+            running = [r.rank for r in pending.values()]
+            current = {r: b for r, (b, seen) in blocked.items() if time.monotonic() - seen <= FRESH}
+            certain = certain_hang(running, current, finished)
+        return outcomes, sorted(r.rank for r in pending.values()), crashed, certain
 
     def _stacks(self, ranks: list[int]) -> dict[int, str]:
         for r in ranks:
@@ -348,6 +387,33 @@ class Pool:
                 os.kill(self._ranks[r].proc.pid, signal.SIGUSR1)
         _wait_until_quiet([self._ranks[r].stacks for r in ranks])
         return {r: _main_thread_stack(self._ranks[r].stacks) for r in ranks}
+
+
+def certain_hang(
+    running: Iterable[int], blocked: dict[int, Blocked], finished: dict[int, float]
+) -> str:
+    """Why the ranks still ``running`` can never finish, or "" if that is not certain.
+
+    Certain when every one of them stands in a collective (``blocked``: its current
+    report) whose group holds a rank that had reported its outcome, or died, before it
+    entered (``finished``: when; one clock for every process).  A rank that has
+    reported runs nothing more until the next example, which the controller holds
+    back, and a dead one nothing at all: it never joins that collective, and under
+    gloo no rank's part of a collective ends before the peers it exchanges with have
+    joined.  A rank that computes, or waits in a collective that every member may
+    still join, keeps the example alive until the timeout.
+    """
+    running = list(running)
+    why = []
+    for r in running:
+        b = blocked.get(r)
+        if b is None:
+            return ""
+        absent = [m for m in b.ranks if finished.get(m, math.inf) < b.entered_after]
+        if not absent:
+            return ""
+        why.append(f"rank {r} waits in {b.op} over ranks {list(b.ranks)}, left by {absent}")
+    return "; ".join(why)
 
 
 def _exit_code(proc: RankProcess) -> int:
@@ -380,7 +446,7 @@ def _wait_until_quiet(paths: list[str], limit: float = 3.0) -> None:
 def _main_thread_stack(path: str) -> str:
     """The faulthandler dump in ``path``, without the rank's watchdog threads."""
     blocks = _tail(path, 400).strip().split("\n\n")
-    keep = [b for b in blocks if "in watch" not in b]
+    keep = [b for b in blocks if "in watch" not in b]  # both watchdogs' loops: watch*
     return "\n\n".join(keep).strip()
 
 
@@ -400,13 +466,15 @@ def failure_from_outcomes(
     crashed: dict[int, int] | None = None,
     stacks: dict[int, str] | None = None,
     timeout: float = 0.0,
+    certain: str = "",
 ) -> ExampleFailure | HarnessError | None:
     """The exception that describes a set of per-rank outcomes, or None if all passed.
 
     Shared by the pool and the torchrun mode.  A failure of dcprop's own harness on any
     rank is a :class:`~dcprop.errors.HarnessError` whatever else happened: the example
     did not run as meant, so it has no verdict.  Ranks that stopped only because a peer
-    failed (``PeerFailed``) are listed but not blamed.
+    failed (``PeerFailed``) are listed but not blamed.  ``certain`` says why the
+    ``hung`` ranks could never finish, where that was known before the timeout.
     """
     crashed = crashed or {}
     stacks = stacks or {}
@@ -440,15 +508,21 @@ def failure_from_outcomes(
         if not (crashed or blamed):
             cls = RankTimeout
             signature = f"RankTimeout: ranks did not finish, waiting in {_hung_in(stacks)}"
-            lines.append(f"timed out after {timeout:.0f}s: rank(s) {list(hung)} did not finish")
+            lines.append(
+                f"hang certain before the {timeout:.0f}s timeout: rank(s) {list(hung)} "
+                f"did not finish; {certain}"
+                if certain
+                else f"timed out after {timeout:.0f}s: rank(s) {list(hung)} did not finish"
+            )
         else:
             lines.append(f"rank(s) {list(hung)} were still running and were stopped")
     for r, o in errors.items():
         if r in blamed:
             lines.append(f"\n--- rank {r} traceback ---\n{o.traceback.rstrip()}")
+    when = "when the hang was certain" if certain else "at the timeout"
     for r in hung:
         if stacks.get(r):
-            lines.append(f"\n--- rank {r} stacks at the timeout ---\n{stacks[r]}")
+            lines.append(f"\n--- rank {r} stacks {when} ---\n{stacks[r]}")
     return cls("\n".join(lines), outcomes=dict(outcomes), signature=signature)
 
 

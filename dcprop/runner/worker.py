@@ -4,6 +4,11 @@ Started by :class:`dcprop.runner.pool.Pool` as ``python -m dcprop.runner.worker`
 with one end of a socket pair as its channel.  It never outlives the controller:
 the kernel kills it when the parent dies (``PR_SET_PDEATHSIG``), and a watchdog
 thread does the same where that is unavailable.
+
+While a task runs, a second thread samples the main thread's stack
+(:class:`CollectiveWatch`) and tells the controller when it has stood in one gloo
+collective for a while, so the controller can see a certain hang long before the
+timeout (see :func:`dcprop.runner.pool.certain_hang`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import faulthandler
+import linecache
 import os
 import pickle
 import signal
@@ -19,8 +25,39 @@ import threading
 import time
 from datetime import timedelta
 from multiprocessing.connection import Connection
+from types import FrameType
+from typing import Any
 
-__all__ = ["backend_for", "main"]
+__all__ = ["CollectiveWatch", "backend_for", "main"]
+
+SAMPLE_INTERVAL = 0.2  # seconds between samples of the main thread's stack
+SETTLE = 1.0  # how long a rank must stand in one collective before it is reported
+
+# The group collectives of torch.distributed (the functions that issue the work and
+# wait for it); point-to-point calls are left out: their group names ranks that take
+# no part in them.
+_COLLECTIVES = frozenset(
+    {
+        "all_gather",
+        "all_gather_coalesced",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "_all_gather_base",
+        "all_reduce",
+        "all_reduce_coalesced",
+        "all_to_all",
+        "all_to_all_single",
+        "barrier",
+        "broadcast",
+        "gather",
+        "reduce",
+        "reduce_scatter",
+        "reduce_scatter_single",
+        "reduce_scatter_tensor",
+        "_reduce_scatter_base",
+        "scatter",
+    }
+)
 
 
 def _die_with_parent() -> None:
@@ -38,6 +75,104 @@ def _die_with_parent() -> None:
             time.sleep(0.5)
 
     threading.Thread(target=watch, name="dcprop-parent-watch", daemon=True).start()
+
+
+class CollectiveWatch:
+    """Samples the main thread while a task runs; reports ``("blocked", Blocked)`` at
+    each sample once it has stood in the same collective for :data:`SETTLE` seconds,
+    and ``("moved", task)`` when it leaves one it was reported in.
+
+    A collective is identified by its group and the group's sequence number on this
+    rank (gloo counts every operation a group issues), so a loop of barriers is many
+    collectives, not one.  The sequence number is read inside the collective's frame:
+    a sample that saw the rank outside that frame, or inside it with a lower number,
+    proves the collective was issued later, which is what ``Blocked.entered_after``
+    records.  Messages share the rank's connection with the main thread's outcome
+    under one lock, and none is sent for a task whose outcome is on its way.
+    """
+
+    def __init__(self, conn: Connection, rank: int) -> None:
+        self._conn, self._rank = conn, rank
+        self._lock = threading.Lock()
+        self._task: tuple[int, float] | None = None  # (id, start) of the running task
+        threading.Thread(
+            target=self.watch_main_thread, name="dcprop-collective-watch", daemon=True
+        ).start()
+
+    def begin(self, task: int) -> None:
+        with self._lock:
+            self._task = (task, time.monotonic())
+
+    def end(self) -> None:
+        """Called before the outcome is sent: nothing more is reported for this task."""
+        with self._lock:
+            self._task = None
+
+    def _send(self, task: int, message: tuple[str, Any]) -> None:
+        with self._lock:
+            if self._task is not None and self._task[0] == task:
+                self._conn.send(message)
+
+    def watch_main_thread(self) -> None:
+        from dcprop.runner.messages import Blocked
+
+        main = threading.main_thread().ident
+        current = -1
+        key: Any = None
+        last = first = 0.0  # the previous sample; the first sample of the current key
+        entered_after = 0.0
+        reported = False
+        while True:
+            time.sleep(SAMPLE_INTERVAL)
+            task = self._task
+            if task is None:
+                continue
+            if task[0] != current:
+                current, key, last, reported = task[0], None, task[1], False
+            frame = sys._current_frames().get(main)  # type: ignore[arg-type]
+            now = time.monotonic()
+            new_key, blocked = _standing_in(frame) if frame is not None else (None, None)
+            del frame
+            if new_key != key:
+                key, entered_after, first = new_key, last, now
+            last = now
+            if blocked is not None and now - first >= SETTLE:
+                op, ranks = blocked
+                self._send(
+                    current, ("blocked", Blocked(current, self._rank, op, ranks, entered_after))
+                )
+                reported = True
+            elif reported and blocked is None:
+                self._send(current, ("moved", current))
+                reported = False
+
+
+def _standing_in(frame: FrameType) -> tuple[Any, tuple[str, tuple[int, ...]] | None]:
+    """(key, blocked) for the main thread's innermost frame: ``key`` names the
+    collective it is inside (its group and that group's sequence number), or is None
+    outside any; ``blocked`` is (collective, the group's global ranks) when the
+    thread waits for the collective's work to finish."""
+    import torch.distributed as dist
+
+    f: FrameType | None = frame
+    while f is not None:
+        code = f.f_code
+        if code.co_name in _COLLECTIVES and code.co_filename.endswith("distributed_c10d.py"):
+            break
+        f = f.f_back
+    if f is None:
+        return None, None
+    group = f.f_locals.get("group")
+    if not isinstance(group, dist.ProcessGroup):  # not resolved yet: nothing issued
+        return (code.co_name, None), None
+    try:
+        sequence = group._get_sequence_number_for_group()  # type: ignore[attr-defined]
+        key = (group.group_name, sequence)
+    except RuntimeError:
+        return (code.co_name, None), None
+    if f is not frame or ".wait()" not in linecache.getline(code.co_filename, f.f_lineno):
+        return key, None
+    return key, (code.co_name, tuple(dist.get_process_group_ranks(group)))
 
 
 def backend_for(device: str, world_size: int) -> tuple[str, str]:
@@ -67,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pg-timeout", type=float, default=120.0)
     parser.add_argument("--stacks", required=True)
+    parser.add_argument("--watch-collectives", action="store_true")
     args = parser.parse_args(argv)
 
     _die_with_parent()
@@ -100,6 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     conn.send(
         ("ready", {"rank": args.rank, "backend": backend, "device": str(device), "error": problem})
     )
+    # NCCL collectives return before they finish, so only gloo's waits say where a rank is
+    watch = (
+        CollectiveWatch(conn, args.rank)
+        if args.watch_collectives and "nccl" not in backend
+        else None
+    )
     while True:
         try:
             name, payload = conn.recv()
@@ -113,7 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # e.g. the user's checkpointer does not import on this rank
             outcome = harness_error(args.rank, e, started)
         else:
+            if watch is not None:
+                watch.begin(task.id)
             outcome = execute(task, worlds, device)
+        if watch is not None:
+            watch.end()
         try:
             conn.send(("outcome", outcome))
         except Exception as e:  # an unpicklable return value
