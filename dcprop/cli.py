@@ -114,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         help="where reproducers of failures go (default ./dcprop-repros)",
     )
     check.add_argument(
+        "--checkpoint-root",
+        default=None,
+        metavar="DIR",
+        help="where examples write checkpoints (default: $DCPROP_CHECKPOINT_ROOT, else the temp "
+        "directory); under torchrun across hosts, a directory every host mounts",
+    )
+    check.add_argument(
         "--checkpointer", default=None, help="module:attr of your Checkpointer (save/load) to test"
     )
     check.add_argument(
@@ -312,7 +319,9 @@ def _check(args: argparse.Namespace) -> int:
 
     explicit = {p: _explicit(cfg["recipe"], p, args.world_size) for p in cfg["properties"]}
     largest = max([*cfg["world_sizes"], *(s.world_size for v in explicit.values() for s in v)])
-    runner = make_runner(largest, device=cfg["device"], timeout=args.timeout)
+    runner = make_runner(
+        largest, device=cfg["device"], timeout=args.timeout, checkpoint_root=args.checkpoint_root
+    )
     if under_torchrun() and not runner.is_driver:
         runner.follow()
         return 0

@@ -56,6 +56,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="where reproducers of failing examples are written",
     )
     group.addoption(
+        "--dcprop-checkpoint-root",
+        default=None,
+        help="where examples write checkpoints (default: $DCPROP_CHECKPOINT_ROOT, else the "
+        "temp directory); under torchrun across hosts, a directory every host mounts",
+    )
+    group.addoption(
         "--dcprop-torchrun",
         action="store_true",
         help="under torchrun: rank 0 runs the tests, other ranks follow",
@@ -72,16 +78,28 @@ def _device(config: pytest.Config) -> str:
         raise pytest.UsageError(str(e)) from None
 
 
+def _checkpoint_root(config: pytest.Config) -> str | None:
+    from dcprop.runner import resolve_checkpoint_root
+
+    return resolve_checkpoint_root(config.getoption("--dcprop-checkpoint-root"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dcprop: a dcprop property test")
     global repro_dir
     repro_dir = config.getoption("--dcprop-repro-dir")
     if config.getoption("--dcprop-torchrun"):
+        from dcprop.errors import UsageError
         from dcprop.runner.spmd import SPMDRunner
 
-        config.stash[_RUNNER_KEY] = SPMDRunner(
-            device=_device(config), timeout=config.getoption("--dcprop-timeout")
-        )
+        try:
+            config.stash[_RUNNER_KEY] = SPMDRunner(
+                device=_device(config),
+                timeout=config.getoption("--dcprop-timeout"),
+                tmp_root=_checkpoint_root(config),
+            )
+        except UsageError as e:
+            raise pytest.UsageError(str(e)) from None
 
 
 @pytest.hookimpl(tryfirst=True)  # torchrun followers serve rank 0 instead of testing
@@ -114,6 +132,7 @@ def dcprop_runner(request: pytest.FixtureRequest) -> Any:
         config.getoption("--dcprop-world-size"),
         device=_device(config),
         timeout=config.getoption("--dcprop-timeout"),
+        tmp_root=_checkpoint_root(config),
     )
     yield pools
     pools.close()

@@ -269,7 +269,6 @@ class ZeroAsNegativeZero(_Faulty):
                 t.masked_fill_((t == 0) & ~t.signbit(), -0.0)
 
 
-
 class AssumesTheModelIsTheJob(DCPCheckpointer):
     """Fails where the default group (the job) is larger than the model's group, as a
     checkpointer that saves over the default group would (without the hang)."""
@@ -281,6 +280,7 @@ class AssumesTheModelIsTheJob(DCPCheckpointer):
                 f"the model's {dist.get_world_size(group)}"
             )
         super().save(state_dict, path, storage=storage, group=group)
+
 
 INJECTIONS = {
     "drop_key": DropKey(),

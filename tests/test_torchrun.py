@@ -10,8 +10,6 @@ import subprocess
 import sys
 import uuid
 
-import pytest
-
 from dcprop import specs as S
 from dcprop.repro import write_reproducer
 
@@ -60,3 +58,111 @@ def test_a_reproducer_starts_its_job_not_its_model_world(tmp_path):
         out = result.stdout + result.stderr
         assert result.returncode == 1, f"{how}: {out[-3000:]}"
         assert "the default group has 2 ranks, the model's 1" in result.stdout, f"{how}: {out}"
+
+
+# ---- two hosts, one job -----------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_agents(args, tmp_path, *, env=None, timeout=240):
+    """Run ``args`` (what follows torchrun's own options) under two torchrun agents on
+    this machine that form one job of two ranks, as two hosts would: c10d rendezvous,
+    one rank each, each with a temp directory of its own.  The agents' exit codes and
+    output; their process groups are killed whatever happens."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    run_id = uuid.uuid4().hex[:8]
+    agents = []
+    try:
+        for node in range(2):
+            tmp = tmp_path / f"node{node}-tmp"
+            tmp.mkdir(exist_ok=True)
+            command = [
+                *TORCHRUN,
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={endpoint}",
+                f"--rdzv-id={run_id}",
+                *args,
+            ]
+            agents.append(
+                subprocess.Popen(
+                    command,
+                    cwd=tmp_path,
+                    env=_env(TMPDIR=str(tmp), **(env or {})),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    start_new_session=True,  # a process group to kill, ranks included
+                )
+            )
+        outputs = [a.communicate(timeout=timeout)[0] for a in agents]
+        return [a.returncode for a in agents], outputs
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
+
+
+def _check(tmp_path, *args):
+    """`dcprop check` on world size 2 only: torchrun's ranks cannot be restarted, so a
+    known deadlock on a sub-world would end the run."""
+    recipe = tmp_path / "two.json"
+    recipe.write_text(json.dumps({"world_sizes": [2]}))
+    return ["-m", "dcprop.cli", "check", "--recipe", str(recipe), "--world-size", "2", *args]
+
+
+def _driver(codes, outputs):
+    """The exit code and output of the agent whose rank 0 drove the run (either may)."""
+    [driver] = [i for i, out in enumerate(outputs) if "coverage (examples per kind)" in out]
+    return codes[driver], outputs[driver]
+
+
+def test_two_torchrun_agents_form_one_job(tmp_path):
+    """Checkpoints go under the shared root, not a node's temp directory: reshard reads
+    what every rank of the other topology saved.  A failure found in that mode is
+    written as a reproducer that replays on two agents."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    report = tmp_path / "report.json"
+    common = ["--no-database", "--checkpoint-root", str(shared), "--report", str(report)]
+    codes, outputs = two_agents(
+        _check(tmp_path, "--properties", "reshard", "--max-examples", "2", *common), tmp_path
+    )
+    assert codes == [0, 0], "\n----\n".join(out[-3000:] for out in outputs)
+    reshard = json.loads(report.read_text())["properties"]["reshard"]
+    assert reshard["checked"] >= 1 and not reshard["failures"], reshard
+    assert not os.listdir(shared), "the run left checkpoints behind"
+
+    codes, outputs = two_agents(
+        _check(
+            tmp_path,
+            *("--properties", "roundtrip", "--max-examples", "1", "--shrink-seconds", "5"),
+            *("--checkpointer", "helpers:DropKey", "--repro-dir", str(tmp_path / "repros")),
+            *common,
+        ),
+        tmp_path,
+    )
+    code, out = _driver(codes, outputs)
+    assert code == 1, out[-3000:]
+    [failure] = json.loads(report.read_text())["properties"]["roundtrip"]["failures"]
+    codes, outputs = two_agents(
+        [failure["reproducer"]], tmp_path, env={"DCPROP_CHECKPOINT_ROOT": str(shared)}
+    )
+    replayed = [out for out in outputs if "FAIL: roundtrip" in out]
+    assert replayed and "state after load" in replayed[0], "\n----\n".join(outputs)
+    assert 1 in codes, codes
+
+
+def test_a_job_across_hosts_needs_a_shared_checkpoint_root(tmp_path):
+    """Node-local temp directories are not shared: without a checkpoint root every rank
+    stops at once with a usage error that says what to give, and both agents fail."""
+    codes, outputs = two_agents(_check(tmp_path, "--max-examples", "1"), tmp_path)
+    for out in outputs:
+        assert "dcprop: error: torchrun's job spans hosts (2 ranks, 1 on this one)" in out, out
+        assert "a directory every host mounts" in out, out[-3000:]
+    assert all(codes), codes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -24,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dcprop.errors import ExampleSkipped, RunnerError
-from dcprop.runner import under_torchrun
+from dcprop.errors import ExampleSkipped, RunnerError, UsageError
+from dcprop.runner import CHECKPOINT_ROOT_ENV, under_torchrun
 from dcprop.runner.execute import execute
 from dcprop.runner.messages import Outcome, Task, example_world_size
 from dcprop.runner.pool import DEFAULT_TIMEOUT, failure_from_outcomes
@@ -36,6 +37,10 @@ from dcprop.specs import MeshSpec
 
 __all__ = ["SPMDRunner"]
 
+_ROOT_OPTIONS = (
+    f"--checkpoint-root (dcprop check), --dcprop-checkpoint-root (pytest) or ${CHECKPOINT_ROOT_ENV}"
+)
+
 
 class SPMDRunner:
     """The :class:`~dcprop.runner.pool.Pool` interface over torchrun's processes."""
@@ -43,13 +48,23 @@ class SPMDRunner:
     def __init__(
         self, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, tmp_root: str | None = None
     ) -> None:
+        """``tmp_root``: where examples write their checkpoints (default: the temp
+        directory), the same path on every rank.  A job across hosts needs one that
+        every host mounts: node-local temp directories are not shared."""
         if not under_torchrun():
             raise RunnerError(
                 "SPMDRunner needs torchrun's environment (RANK, WORLD_SIZE, "
                 "LOCAL_RANK, MASTER_ADDR); use Pool outside torchrun"
             )
         world = int(os.environ["WORLD_SIZE"])
-        backend, device_type = backend_for(device, world)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if tmp_root is None and local < world:
+            raise UsageError(
+                f"torchrun's job spans hosts ({world} ranks, {local} on this one): give "
+                f"{_ROOT_OPTIONS} a directory every host mounts, for the checkpoints"
+            )
+        # GPUs are shared by the ranks of one host: their count decides, not the job's size
+        backend, device_type = backend_for(device, local)
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
             self._device = torch.device("cuda", torch.cuda.current_device())
@@ -66,18 +81,39 @@ class SPMDRunner:
         self._worlds = Worlds(device_type)
         self._ids = itertools.count()
         self._broken = False
-        base: list[Any] = [
-            tempfile.mkdtemp(prefix=f"dcprop-{os.getpid()}-", dir=tmp_root)
-            if self.rank == 0
-            else None
-        ]
-        dist.broadcast_object_list(base, src=0, group=self._control)
-        self._base: str | None = base[0]
-        problem = preflight(base[0], self._control)
+        root = None if tmp_root is None else os.path.abspath(tmp_root)
+        self._base: str | None = self._shared_base(root)
+        problem = preflight(self._base, self._control)
         if problem is not None:
             self._broken = True  # every rank stops here: no rank follows
             self.close()
             raise RunnerError(f"rank {self.rank} failed its start-up check: {problem}")
+
+    def _shared_base(self, root: str | None) -> str:
+        """The run's directory, made by rank 0 under ``root``; every rank must see it,
+        since ranks read checkpoints that other ranks wrote."""
+        made: list[Any] = [(None, None)]  # (the directory, or why it could not be made)
+        if self.rank == 0:
+            try:
+                made[0] = (tempfile.mkdtemp(prefix=f"dcprop-{os.getpid()}-", dir=root), None)
+            except OSError as e:
+                made[0] = (None, f"cannot create a directory under {root}: {e}")
+        dist.broadcast_object_list(made, src=0, group=self._control)
+        base, reason = made[0]
+        if reason is not None:  # on every rank
+            raise UsageError(f"{reason}; give {_ROOT_OPTIONS} a directory that can be written")
+        blind: list[Any] = [None] * self.world_size
+        seen = os.path.isdir(base)
+        dist.all_gather_object(blind, None if seen else socket.gethostname(), group=self._control)
+        if any(blind):
+            if self.rank == 0:
+                shutil.rmtree(base, ignore_errors=True)
+            hosts = ", ".join(sorted({h for h in blind if h}))
+            raise UsageError(
+                f"the ranks on {hosts} do not see {base}, made on rank 0's host: give "
+                f"{_ROOT_OPTIONS} a directory every host mounts, for the checkpoints"
+            )
+        return base
 
     @property
     def is_driver(self) -> bool:
@@ -152,7 +188,7 @@ class SPMDRunner:
             box: list[Any] = [None]
             dist.broadcast_object_list(box, src=0, group=self._control)
             name, task = box[0]
-            if name == "stop":
+            if name == "shutdown":
                 return ran
             outcome = execute(task, self._worlds, self._device)
             dist.gather_object(outcome, None, dst=0, group=self._control)
@@ -160,7 +196,7 @@ class SPMDRunner:
 
     def close(self) -> None:
         if self.is_driver and not self._broken:
-            dist.broadcast_object_list([("stop", None)], src=0, group=self._control)
+            dist.broadcast_object_list([("shutdown", None)], src=0, group=self._control)
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
