@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from dcprop import __version__
+from dcprop import __version__, recipes
 from dcprop.errors import DcpropError, UsageError, headline
 from dcprop.properties import PROPERTIES
 from dcprop.runner import resolve_device
@@ -29,14 +29,6 @@ DEFAULT_WORLD_SIZE = 4
 RANKS_PER_CORE = 2
 DEFAULT_DURATION = 180.0  # seconds: the default campaign is sized by time
 DEFAULT_DATABASE = os.path.join(".hypothesis", "examples")  # where Hypothesis keeps its own
-# Recipes are data in the repository's top-level strategies/ folder: found from the
-# working directory first, then beside the package source (an editable install).
-RECIPES_DIRS = (
-    os.path.join("strategies", "recipes"),
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "strategies", "recipes"
-    ),
-)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--recipe",
         default=None,
-        help="a recipe in strategies/recipes/ (a name, or a path to a JSON file)",
+        help="a recipe shipped in dcprop/recipes/ (its name), or a path to a JSON file",
     )
     check.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     check.add_argument(
@@ -165,21 +157,8 @@ def _repro(path: str) -> int:
     return 0
 
 
-def load_recipe(name: str) -> dict[str, Any]:
-    folders = [d for d in RECIPES_DIRS if os.path.isdir(d)]
-    candidates = (
-        [name] if name.endswith(".json") else [os.path.join(d, f"{name}.json") for d in folders]
-    )
-    path = next((c for c in candidates if os.path.isfile(c)), None)
-    if path is None:
-        names = sorted({f[:-5] for d in folders for f in os.listdir(d) if f.endswith(".json")})
-        raise UsageError(f"--recipe {name!r}: no such recipe; choose from {names}")
-    with open(path) as f:
-        return json.load(f)
-
-
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    recipe = load_recipe(args.recipe) if args.recipe else {}
+    recipe = recipes.load(args.recipe) if args.recipe else {}
     if args.properties is not None:
         names = args.properties.split(",")
     else:
