@@ -7,8 +7,14 @@ rank runs it through the same :func:`~dcprop.runner.execute.execute` as a pool
 worker, and outcomes are gathered on rank 0.  The other ranks sit in
 :meth:`SPMDRunner.follow` until rank 0 closes the runner.
 
-Processes belong to torchrun, so a hang cannot be cured by a restart here: the
-process group's timeout ends it, and the runner refuses further examples.
+Processes belong to torchrun, so a hang cannot be cured by a restart here: an
+example's collectives wait at most its timeout (the process-group timeout of the
+default group and of every group the example uses), rank 0 waits for the others'
+outcomes at most that long again and a grace, and after that the runner refuses
+further examples.
+
+Across hosts every rank must see the checkpoints the others write: examples write
+them under a checkpoint root that rank 0 creates and every rank checks it can see.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from dcprop.errors import ExampleSkipped, RunnerError, UsageError
 from dcprop.runner import CHECKPOINT_ROOT_ENV, under_torchrun
@@ -37,6 +44,10 @@ from dcprop.specs import MeshSpec
 
 __all__ = ["SPMDRunner"]
 
+#: how long followers wait for rank 0's next task (torch's default for a gloo group)
+_IDLE = timedelta(minutes=30)
+#: how much longer than an example's timeout rank 0 waits for the other ranks' outcomes
+_GRACE = 60.0
 _ROOT_OPTIONS = (
     f"--checkpoint-root (dcprop check), --dcprop-checkpoint-root (pytest) or ${CHECKPOINT_ROOT_ENV}"
 )
@@ -71,13 +82,13 @@ class SPMDRunner:
         else:
             self._device = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout + 60.0))
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout + _GRACE))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device
         self.timeout = timeout
         self.examples = 0
-        self._control = dist.new_group(backend="gloo")
+        self._control = dist.new_group(backend="gloo", timeout=_IDLE)
         self._worlds = Worlds(device_type)
         self._ids = itertools.count()
         self._broken = False
@@ -130,7 +141,9 @@ class SPMDRunner:
         job_world_size: int | None = None,
     ) -> dict[int, Any]:
         """As :meth:`Pool.run`.  torchrun's world is the job: an example whose job
-        (``job_world_size``, default its own world) is of another size is skipped."""
+        (``job_world_size``, default its own world) is of another size is skipped.
+        ``timeout`` (default the runner's) is the process-group timeout of the
+        example's collectives."""
         if not self.is_driver:
             raise RunnerError("only rank 0 drives; other ranks call follow()")
         if self._broken:
@@ -158,7 +171,7 @@ class SPMDRunner:
             device=self.device,
         )
         try:
-            outcomes = self._round(("run", task))
+            outcomes = self._round(("run", task, self.timeout if timeout is None else timeout))
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         self.examples += 1
@@ -167,19 +180,9 @@ class SPMDRunner:
             raise failure
         return {o.rank: o.value for o in outcomes if o.status == "ok"}
 
-    def _round(self, message: tuple[str, Task | None]) -> list[Outcome]:
-        box: list[Any] = [message]
-        dist.broadcast_object_list(box, src=0, group=self._control)
-        outcome = execute(box[0][1], self._worlds, self._device)
-        gathered: list[Any] = [None] * self.world_size if self.is_driver else []
-        try:
-            dist.gather_object(
-                outcome, gathered if self.is_driver else None, dst=0, group=self._control
-            )
-        except Exception as e:
-            self._broken = True
-            raise RunnerError(f"ranks did not report within the process-group timeout: {e}") from e
-        return gathered
+    def _round(self, message: tuple[str, Task | None, float]) -> list[Outcome]:
+        dist.broadcast_object_list([message], src=0, group=self._control)
+        return self._answer(message)
 
     def follow(self) -> int:
         """Run what rank 0 sends until it closes the runner; return how many tasks ran."""
@@ -187,16 +190,34 @@ class SPMDRunner:
         while True:
             box: list[Any] = [None]
             dist.broadcast_object_list(box, src=0, group=self._control)
-            name, task = box[0]
-            if name == "shutdown":
+            if box[0][0] == "shutdown":
                 return ran
-            outcome = execute(task, self._worlds, self._device)
-            dist.gather_object(outcome, None, dst=0, group=self._control)
+            self._answer(box[0])
             ran += 1
+
+    def _answer(self, message: tuple[str, Any, float]) -> list[Outcome]:
+        """Run the task on this rank, its collectives under its timeout; gather every
+        rank's outcome on rank 0, which waits for the others at most that long again
+        and a grace."""
+        _, task, timeout = message
+        self._worlds.set_timeout(timedelta(seconds=timeout))
+        outcome = execute(task, self._worlds, self._device)
+        gathered: list[Any] = [None] * self.world_size if self.is_driver else []
+        _set_pg_timeout(timedelta(seconds=timeout + _GRACE), self._control)
+        try:
+            dist.gather_object(
+                outcome, gathered if self.is_driver else None, dst=0, group=self._control
+            )
+        except Exception as e:
+            self._broken = True
+            raise RunnerError(f"ranks did not report within the process-group timeout: {e}") from e
+        finally:
+            _set_pg_timeout(_IDLE, self._control)
+        return gathered
 
     def close(self) -> None:
         if self.is_driver and not self._broken:
-            dist.broadcast_object_list([("shutdown", None)], src=0, group=self._control)
+            dist.broadcast_object_list([("shutdown", None, 0.0)], src=0, group=self._control)
         if self._base is not None:
             shutil.rmtree(self._base, ignore_errors=True)
             self._base = None
