@@ -302,13 +302,13 @@ def _check(args: argparse.Namespace) -> int:
         largest, device=cfg["device"], timeout=args.timeout, checkpoint_root=args.checkpoint_root
     )
     if under_torchrun() and not runner.is_driver:
-        runner.follow()
-        return 0
+        return runner.follow()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run cleanup on `kill`
     max_examples, duration = _budget(args, cfg)
     started = time.perf_counter()
     deadline = None if duration is None else time.monotonic() + duration
     reports = []
+    exit_code = 2  # unless the campaign ends: torchrun's followers exit with it too
     try:
         with Progress(cfg["properties"], sys.stdout, deadline) as progress:
             for i, prop in enumerate(cfg["properties"]):
@@ -354,9 +354,10 @@ def _check(args: argparse.Namespace) -> int:
                 )
                 progress.done(report)
                 reports.append(report)
+        failures = sum(len(r.failures) for r in reports)
+        exit_code = 1 if failures else 0
     finally:
-        runner.close()
-    failures = sum(len(r.failures) for r in reports)
+        runner.close(exit_code)
     print("\ncoverage (examples per kind):")
     print("\n".join(coverage_lines(reports)))
     _summary(reports, time.perf_counter() - started)
@@ -373,7 +374,7 @@ def _check(args: argparse.Namespace) -> int:
             f"KNOWN upstream bug {bug['id']}: {_examples(bug['examples'])} ({where}) ended in it "
             f"and checked nothing past it: {bug['title']}"
         )
-    return 1 if failures else 0
+    return exit_code
 
 
 def _examples(n: int) -> str:

@@ -106,15 +106,22 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_runtestloop(session: pytest.Session) -> bool | None:
     runner = session.config.stash.get(_RUNNER_KEY, None)
     if runner is not None and not runner.is_driver:
-        runner.follow()  # torchrun follower: run what rank 0 sends, no tests of its own
+        # torchrun follower: run what rank 0 sends, no tests of its own; fail where it failed
+        session.testsfailed = runner.follow()
         return True
     return None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    runner = session.config.stash.get(_RUNNER_KEY, None)
+    if runner is not None:
+        runner.close(int(exitstatus))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     runner = config.stash.get(_RUNNER_KEY, None)
     if runner is not None:
-        runner.close()
+        runner.close(1)  # no-op after pytest_sessionfinish
 
 
 @pytest.fixture(scope="session")

@@ -67,7 +67,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def two_agents(args, tmp_path, *, env=None, timeout=240):
+def two_agents(args, tmp_path, *, env=None, timeout=180):
     """Run ``args`` (what follows torchrun's own options) under two torchrun agents on
     this machine that form one job of two ranks, as two hosts would: c10d rendezvous,
     one rank each, each with a temp directory of its own.  The agents' exit codes and
@@ -116,10 +116,10 @@ def _check(tmp_path, *args):
     return ["-m", "dcprop.cli", "check", "--recipe", str(recipe), "--world-size", "2", *args]
 
 
-def _driver(codes, outputs):
-    """The exit code and output of the agent whose rank 0 drove the run (either may)."""
-    [driver] = [i for i, out in enumerate(outputs) if "coverage (examples per kind)" in out]
-    return codes[driver], outputs[driver]
+def _driver(outputs):
+    """The output of the agent whose rank 0 drove the run (either may host rank 0)."""
+    [out] = [out for out in outputs if "coverage (examples per kind)" in out]
+    return out
 
 
 def test_two_torchrun_agents_form_one_job(tmp_path):
@@ -147,15 +147,17 @@ def test_two_torchrun_agents_form_one_job(tmp_path):
         ),
         tmp_path,
     )
-    code, out = _driver(codes, outputs)
-    assert code == 1, out[-3000:]
+    out = _driver(outputs)
+    assert "FAILED roundtrip" in out, out[-3000:]
+    # the follower's host fails too, at once (not after torchrun's 5-minute exit barrier)
+    assert all(codes), "\n----\n".join(out[-3000:] for out in outputs)
     [failure] = json.loads(report.read_text())["properties"]["roundtrip"]["failures"]
     codes, outputs = two_agents(
         [failure["reproducer"]], tmp_path, env={"DCPROP_CHECKPOINT_ROOT": str(shared)}
     )
     replayed = [out for out in outputs if "FAIL: roundtrip" in out]
     assert replayed and "state after load" in replayed[0], "\n----\n".join(outputs)
-    assert 1 in codes, codes
+    assert all(codes), codes
 
 
 def test_a_job_across_hosts_needs_a_shared_checkpoint_root(tmp_path):

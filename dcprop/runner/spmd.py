@@ -92,6 +92,7 @@ class SPMDRunner:
         self._worlds = Worlds(device_type)
         self._ids = itertools.count()
         self._broken = False
+        self._closed = False
         root = None if tmp_root is None else os.path.abspath(tmp_root)
         self._base: str | None = self._shared_base(root)
         problem = preflight(self._base, self._control)
@@ -146,6 +147,8 @@ class SPMDRunner:
         example's collectives."""
         if not self.is_driver:
             raise RunnerError("only rank 0 drives; other ranks call follow()")
+        if self._closed:
+            raise RunnerError("this runner is closed: its other ranks have exited")
         if self._broken:
             raise RunnerError(
                 "an earlier example hung; torchrun's processes cannot be "
@@ -171,7 +174,7 @@ class SPMDRunner:
             device=self.device,
         )
         try:
-            outcomes = self._round(("run", task, self.timeout if timeout is None else timeout))
+            outcomes = self._round(task, self.timeout if timeout is None else timeout)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         self.examples += 1
@@ -180,26 +183,26 @@ class SPMDRunner:
             raise failure
         return {o.rank: o.value for o in outcomes if o.status == "ok"}
 
-    def _round(self, message: tuple[str, Task | None, float]) -> list[Outcome]:
-        dist.broadcast_object_list([message], src=0, group=self._control)
-        return self._answer(message)
+    def _round(self, task: Task, timeout: float) -> list[Outcome]:
+        dist.broadcast_object_list([("run", task, timeout)], src=0, group=self._control)
+        return self._answer(task, timeout)
 
     def follow(self) -> int:
-        """Run what rank 0 sends until it closes the runner; return how many tasks ran."""
-        ran = 0
+        """Run what rank 0 sends until it closes the runner; return the exit status it
+        closed it with, for this process to exit with (torchrun's agents of other hosts
+        would otherwise report success, after waiting for the failed one)."""
         while True:
             box: list[Any] = [None]
             dist.broadcast_object_list(box, src=0, group=self._control)
             if box[0][0] == "shutdown":
-                return ran
-            self._answer(box[0])
-            ran += 1
+                return int(box[0][1])
+            _, task, timeout = box[0]
+            self._answer(task, timeout)
 
-    def _answer(self, message: tuple[str, Any, float]) -> list[Outcome]:
+    def _answer(self, task: Task, timeout: float) -> list[Outcome]:
         """Run the task on this rank, its collectives under its timeout; gather every
         rank's outcome on rank 0, which waits for the others at most that long again
         and a grace."""
-        _, task, timeout = message
         self._worlds.set_timeout(timedelta(seconds=timeout))
         outcome = execute(task, self._worlds, self._device)
         gathered: list[Any] = [None] * self.world_size if self.is_driver else []
@@ -215,9 +218,12 @@ class SPMDRunner:
             _set_pg_timeout(_IDLE, self._control)
         return gathered
 
-    def close(self) -> None:
-        if self.is_driver and not self._broken:
-            dist.broadcast_object_list([("shutdown", None, 0.0)], src=0, group=self._control)
-        if self._base is not None:
+    def close(self, exit_code: int = 0) -> None:
+        """On rank 0: release the other ranks, which exit with ``exit_code``.  Safe to
+        call twice."""
+        if self.is_driver and not (self._broken or self._closed):
+            self._closed = True
+            dist.broadcast_object_list([("shutdown", exit_code)], src=0, group=self._control)
+        if self.is_driver and self._base is not None:  # the directory rank 0 made
             shutil.rmtree(self._base, ignore_errors=True)
-            self._base = None
+        self._base = None
