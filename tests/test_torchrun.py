@@ -2,6 +2,7 @@
 agents (two "hosts" on this machine, each with its own temp directory) form one job
 that writes its checkpoints under a shared checkpoint root."""
 
+import contextlib
 import json
 import os
 import signal
@@ -96,16 +97,36 @@ def two_agents(args, tmp_path, *, env=None, timeout=180):
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
-                    start_new_session=True,  # a process group to kill, ranks included
+                    start_new_session=True,
                 )
             )
         outputs = [a.communicate(timeout=timeout)[0] for a in agents]
         return [a.returncode for a in agents], outputs
     finally:
         for agent in agents:
-            if agent.poll() is None:
-                os.killpg(agent.pid, signal.SIGKILL)
-                agent.wait()
+            _stop(agent)
+
+
+def _stop(agent):
+    """End an agent still running, and its ranks: torchrun starts each rank in a session
+    of its own, so killing the agent's process group would leave them behind."""
+    if agent.poll() is not None:
+        return
+    family = _descendants(agent.pid)
+    os.killpg(agent.pid, signal.SIGKILL)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    agent.wait()
+
+
+def _descendants(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return [pid for child in children for pid in (child, *_descendants(child))]
 
 
 def _check(tmp_path, *args):
