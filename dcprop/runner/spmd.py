@@ -107,7 +107,10 @@ class SPMDRunner:
         made: list[Any] = [(None, None)]  # (the directory, or why it could not be made)
         if self.rank == 0:
             try:
-                made[0] = (tempfile.mkdtemp(prefix=f"dcprop-{os.getpid()}-", dir=root), None)
+                # named for its host: a local pool's sweep of stale directories (by pid,
+                # on its own host) must never take it for one of its own
+                prefix = f"dcprop-torchrun-{socket.gethostname()}-{os.getpid()}-"
+                made[0] = (tempfile.mkdtemp(prefix=prefix, dir=root), None)
             except OSError as e:
                 made[0] = (None, f"cannot create a directory under {root}: {e}")
         dist.broadcast_object_list(made, src=0, group=self._control)
