@@ -5,11 +5,14 @@ that writes its checkpoints under a shared checkpoint root."""
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import uuid
+
+import pytest
 
 from dcprop import specs as S
 from dcprop.repro import write_reproducer
@@ -68,11 +71,33 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def two_agents(args, tmp_path, *, env=None, timeout=180):
+def _private_mounts():
+    """Whether this machine lets a process have mounts of its own (Linux, as root)."""
+    try:
+        probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, timeout=30)
+    except OSError:
+        return False
+    return probe.returncode == 0
+
+
+PRIVATE_MOUNTS = _private_mounts()
+
+
+def _on_its_own_disk(command, folders):
+    """``command`` in a mount namespace of its own in which each of ``folders`` is a
+    fresh tmpfs: what it writes there no other process sees, as on another host."""
+    mounts = "".join(f"mount -t tmpfs node {shlex.quote(str(f))} && " for f in folders)
+    script = f'{mounts}exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
+def two_agents(args, tmp_path, *, env=None, hidden=(), timeout=180):
     """Run ``args`` (what follows torchrun's own options) under two torchrun agents on
     this machine that form one job of two ranks, as two hosts would: c10d rendezvous,
-    one rank each, each with a temp directory of its own.  The agents' exit codes and
-    output; their process groups are killed whatever happens."""
+    one rank each, each with a temp directory that the other cannot see (where the
+    machine allows private mounts; ``hidden``: folders the second host does not see
+    either).  The agents' exit codes and output; they and their ranks are killed
+    whatever happens."""
     endpoint = f"127.0.0.1:{_free_port()}"
     run_id = uuid.uuid4().hex[:8]
     agents = []
@@ -89,6 +114,8 @@ def two_agents(args, tmp_path, *, env=None, timeout=180):
                 f"--rdzv-id={run_id}",
                 *args,
             ]
+            if PRIVATE_MOUNTS:
+                command = _on_its_own_disk(command, [tmp, *(hidden if node else ())])
             agents.append(
                 subprocess.Popen(
                     command,
@@ -189,3 +216,19 @@ def test_a_job_across_hosts_needs_a_shared_checkpoint_root(tmp_path):
         assert "dcprop: error: torchrun's job spans hosts (2 ranks, 1 on this one)" in out, out
         assert "a directory every host mounts" in out, out[-3000:]
     assert all(codes), codes
+
+
+@pytest.mark.skipif(not PRIVATE_MOUNTS, reason="needs private mounts (unshare --mount)")
+def test_a_checkpoint_root_one_host_cannot_see_stops_every_rank(tmp_path):
+    """The second host has its own, empty, disk where the first has the checkpoint root."""
+    root = tmp_path / "not-shared"
+    root.mkdir()
+    codes, outputs = two_agents(
+        _check(tmp_path, "--max-examples", "1", "--checkpoint-root", str(root)),
+        tmp_path,
+        hidden=[root],
+    )
+    for out in outputs:
+        assert "do not see" in out and "made on rank 0's host" in out, out[-3000:]
+    assert all(codes), codes
+    assert not os.listdir(root), "rank 0 left its directory behind"
