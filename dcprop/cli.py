@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from dcprop import __version__
+from dcprop import __version__, recipes
 from dcprop.errors import DcpropError, UsageError, headline
 from dcprop.properties import PROPERTIES
 from dcprop.runner import resolve_device
@@ -29,14 +29,6 @@ DEFAULT_WORLD_SIZE = 4
 RANKS_PER_CORE = 2
 DEFAULT_DURATION = 180.0  # seconds: the default campaign is sized by time
 DEFAULT_DATABASE = os.path.join(".hypothesis", "examples")  # where Hypothesis keeps its own
-# Recipes are data in the repository's top-level strategies/ folder: found from the
-# working directory first, then beside the package source (an editable install).
-RECIPES_DIRS = (
-    os.path.join("strategies", "recipes"),
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "strategies", "recipes"
-    ),
-)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--recipe",
         default=None,
-        help="a recipe in strategies/recipes/ (a name, or a path to a JSON file)",
+        help="a recipe shipped in dcprop/recipes/ (its name), or a path to a JSON file",
     )
     check.add_argument(
         "--exclude",
@@ -121,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         "--repro-dir",
         default="dcprop-repros",
         help="where reproducers of failures go (default ./dcprop-repros)",
+    )
+    check.add_argument(
+        "--checkpoint-root",
+        default=None,
+        metavar="DIR",
+        help="where examples write checkpoints (default: $DCPROP_CHECKPOINT_ROOT, else the temp "
+        "directory); under torchrun across hosts, a directory every host mounts",
     )
     check.add_argument(
         "--checkpointer", default=None, help="module:attr of your Checkpointer (save/load) to test"
@@ -167,21 +166,8 @@ def _repro(path: str) -> int:
     return 0
 
 
-def load_recipe(name: str) -> dict[str, Any]:
-    folders = [d for d in RECIPES_DIRS if os.path.isdir(d)]
-    candidates = (
-        [name] if name.endswith(".json") else [os.path.join(d, f"{name}.json") for d in folders]
-    )
-    path = next((c for c in candidates if os.path.isfile(c)), None)
-    if path is None:
-        names = sorted({f[:-5] for d in folders for f in os.listdir(d) if f.endswith(".json")})
-        raise UsageError(f"--recipe {name!r}: no such recipe; choose from {names}")
-    with open(path) as f:
-        return json.load(f)
-
-
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    recipe = load_recipe(args.recipe) if args.recipe else {}
+    recipe = recipes.load(args.recipe) if args.recipe else {}
     if args.properties is not None:
         names = args.properties.split(",")
     else:
@@ -360,15 +346,17 @@ def _check(args: argparse.Namespace) -> int:
     for prop in cfg["properties"]:
         _strategy(prop, cfg)  # bad arguments are refused before the ranks start
     largest = max([*cfg["world_sizes"], *(s.world_size for v in explicit.values() for s in v)])
-    runner = make_runner(largest, device=cfg["device"], timeout=args.timeout)
+    runner = make_runner(
+        largest, device=cfg["device"], timeout=args.timeout, checkpoint_root=args.checkpoint_root
+    )
     if under_torchrun() and not runner.is_driver:
-        runner.follow()
-        return 0
+        return runner.follow()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run cleanup on `kill`
     max_examples, duration = _budget(args, cfg)
     started = time.perf_counter()
     deadline = None if duration is None else time.monotonic() + duration
     reports = []
+    exit_code = 2  # unless the campaign ends: torchrun's followers exit with it too
     try:
         with Progress(cfg["properties"], sys.stdout, deadline) as progress:
             for i, prop in enumerate(cfg["properties"]):
@@ -411,9 +399,10 @@ def _check(args: argparse.Namespace) -> int:
                 )
                 progress.done(report)
                 reports.append(report)
+        failures = sum(len(r.failures) for r in reports)
+        exit_code = 1 if failures else 0
     finally:
-        runner.close()
-    failures = sum(len(r.failures) for r in reports)
+        runner.close(exit_code)
     print("\ncoverage (examples per kind):")
     print("\n".join(coverage_lines(reports)))
     _summary(reports, time.perf_counter() - started)
@@ -434,7 +423,7 @@ def _check(args: argparse.Namespace) -> int:
             f"KNOWN upstream bug {bug['id']}: {_examples(bug['examples'])} ({where}) ended in it "
             f"and checked nothing past it: {bug['title']}"
         )
-    return 1 if failures else 0
+    return exit_code
 
 
 def _examples(n: int) -> str:

@@ -56,6 +56,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="where reproducers of failing examples are written",
     )
     group.addoption(
+        "--dcprop-checkpoint-root",
+        default=None,
+        help="where examples write checkpoints (default: $DCPROP_CHECKPOINT_ROOT, else the "
+        "temp directory); under torchrun across hosts, a directory every host mounts",
+    )
+    group.addoption(
         "--dcprop-torchrun",
         action="store_true",
         help="under torchrun: rank 0 runs the tests, other ranks follow",
@@ -72,31 +78,50 @@ def _device(config: pytest.Config) -> str:
         raise pytest.UsageError(str(e)) from None
 
 
+def _checkpoint_root(config: pytest.Config) -> str | None:
+    from dcprop.runner import resolve_checkpoint_root
+
+    return resolve_checkpoint_root(config.getoption("--dcprop-checkpoint-root"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dcprop: a dcprop property test")
     global repro_dir
     repro_dir = config.getoption("--dcprop-repro-dir")
     if config.getoption("--dcprop-torchrun"):
+        from dcprop.errors import UsageError
         from dcprop.runner.spmd import SPMDRunner
 
-        config.stash[_RUNNER_KEY] = SPMDRunner(
-            device=_device(config), timeout=config.getoption("--dcprop-timeout")
-        )
+        try:
+            config.stash[_RUNNER_KEY] = SPMDRunner(
+                device=_device(config),
+                timeout=config.getoption("--dcprop-timeout"),
+                tmp_root=_checkpoint_root(config),
+            )
+        except UsageError as e:
+            raise pytest.UsageError(str(e)) from None
 
 
 @pytest.hookimpl(tryfirst=True)  # torchrun followers serve rank 0 instead of testing
 def pytest_runtestloop(session: pytest.Session) -> bool | None:
     runner = session.config.stash.get(_RUNNER_KEY, None)
     if runner is not None and not runner.is_driver:
-        runner.follow()  # torchrun follower: run what rank 0 sends, no tests of its own
+        # torchrun follower: run what rank 0 sends, no tests of its own; fail where it failed
+        session.testsfailed = runner.follow()
         return True
     return None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    runner = session.config.stash.get(_RUNNER_KEY, None)
+    if runner is not None:
+        runner.close(int(exitstatus))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     runner = config.stash.get(_RUNNER_KEY, None)
     if runner is not None:
-        runner.close()
+        runner.close(1)  # no-op after pytest_sessionfinish
 
 
 @pytest.fixture(scope="session")
@@ -114,6 +139,7 @@ def dcprop_runner(request: pytest.FixtureRequest) -> Any:
         config.getoption("--dcprop-world-size"),
         device=_device(config),
         timeout=config.getoption("--dcprop-timeout"),
+        tmp_root=_checkpoint_root(config),
     )
     yield pools
     pools.close()

@@ -276,8 +276,7 @@ def main(
         scenario.job_world, device=scenario.device, timeout=timeout or DEFAULT_TIMEOUT
     )
     if under_torchrun() and not runner.is_driver:
-        runner.follow()
-        sys.exit(0)
+        sys.exit(runner.follow())
     try:
         run_property(runner, property, scenario, hooks=hooks)
     except ExampleFailure as e:
@@ -289,7 +288,7 @@ def main(
                 f"\nThis is a known upstream bug: {known.id}: {known.title}"
                 + (f" (see {', '.join(links)})" if links else "")
             )
-        runner.close()
+        runner.close(1)
         sys.exit(1)
     runner.close()
     print(f"PASS: {property} holds for this scenario")

@@ -289,6 +289,19 @@ class TwoFaults(DCPCheckpointer):
         super().load(state_dict, path, group=group)
 
 
+class AssumesTheModelIsTheJob(DCPCheckpointer):
+    """Fails where the default group (the job) is larger than the model's group, as a
+    checkpointer that saves over the default group would (without the hang)."""
+
+    def save(self, state_dict, path, *, storage, group):
+        if dist.get_world_size() != dist.get_world_size(group):
+            raise ValueError(
+                f"the default group has {dist.get_world_size()} ranks, "
+                f"the model's {dist.get_world_size(group)}"
+            )
+        super().save(state_dict, path, storage=storage, group=group)
+
+
 INJECTIONS = {
     "drop_key": DropKey(),
     "corrupt_one_element": CorruptOneElement(),

@@ -15,14 +15,27 @@ from dcprop.runner.pool import DEFAULT_TIMEOUT, Pool
 from dcprop.runner.pools import Pools
 
 __all__ = [
+    "CHECKPOINT_ROOT_ENV",
     "DEFAULT_TIMEOUT",
     "Pool",
     "Pools",
     "SPMDRunner",
     "make_runner",
+    "resolve_checkpoint_root",
     "resolve_device",
     "under_torchrun",
 ]
+
+
+#: where every example's checkpoints go when no checkpoint root is given (default: the
+#: temp directory); under torchrun across hosts it must be a file system every host mounts
+CHECKPOINT_ROOT_ENV = "DCPROP_CHECKPOINT_ROOT"
+
+
+def resolve_checkpoint_root(given: str | None = None) -> str | None:
+    """The directory examples write their checkpoints under: ``given``, else
+    ``$DCPROP_CHECKPOINT_ROOT``, else None (the temp directory)."""
+    return given or os.environ.get(CHECKPOINT_ROOT_ENV) or None
 
 
 def under_torchrun() -> bool:
@@ -50,15 +63,23 @@ def resolve_device(requested: str, *, option: str) -> str:
 
 
 def make_runner(
-    world_size: int, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, **pool_options: Any
+    world_size: int,
+    *,
+    device: str = "cpu",
+    timeout: float = DEFAULT_TIMEOUT,
+    checkpoint_root: str | None = None,
+    **pool_options: Any,
 ) -> Any:
     """A :class:`SPMDRunner` under torchrun, else lazily started :class:`Pools` of up to
-    ``world_size`` ranks."""
+    ``world_size`` ranks; either writes checkpoints under :func:`resolve_checkpoint_root`."""
+    root = resolve_checkpoint_root(checkpoint_root)
     if under_torchrun():
         from dcprop.runner.spmd import SPMDRunner
 
-        return SPMDRunner(device=device, timeout=timeout)
-    return Pools(world_size, device=device, timeout=timeout, **pool_options)
+        return SPMDRunner(device=device, timeout=timeout, tmp_root=root)
+    if root is not None and not os.path.isdir(root):
+        raise UsageError(f"checkpoint root {root!r} is not a directory; create it")
+    return Pools(world_size, device=device, timeout=timeout, tmp_root=root, **pool_options)
 
 
 def __getattr__(name: str) -> Any:

@@ -110,7 +110,8 @@ class Pools:
             fn, *args, world_size=k, meshes=meshes, seed=seed, timeout=timeout
         )
 
-    def close(self) -> None:
-        """Stop every pool.  Safe to call twice."""
+    def close(self, exit_code: int = 0) -> None:
+        """Stop every pool.  Safe to call twice.  (``exit_code`` is for torchrun's
+        followers, :meth:`SPMDRunner.close`; local ranks have no exit status.)"""
         for pool in self._pools.values():
             pool.close()

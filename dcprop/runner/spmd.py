@@ -7,8 +7,14 @@ rank runs it through the same :func:`~dcprop.runner.execute.execute` as a pool
 worker, and outcomes are gathered on rank 0.  The other ranks sit in
 :meth:`SPMDRunner.follow` until rank 0 closes the runner.
 
-Processes belong to torchrun, so a hang cannot be cured by a restart here: the
-process group's timeout ends it, and the runner refuses further examples.
+Processes belong to torchrun, so a hang cannot be cured by a restart here: an
+example's collectives wait at most its timeout (the process-group timeout of the
+default group and of every group the example uses), rank 0 waits for the others'
+outcomes at most that long again and a grace, and after that the runner refuses
+further examples.
+
+Across hosts every rank must see the checkpoints the others write: examples write
+them under a checkpoint root that rank 0 creates and every rank checks it can see.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -23,9 +30,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
-from dcprop.errors import ExampleSkipped, RunnerError
-from dcprop.runner import under_torchrun
+from dcprop.errors import ExampleSkipped, RunnerError, UsageError
+from dcprop.runner import CHECKPOINT_ROOT_ENV, under_torchrun
 from dcprop.runner.execute import execute
 from dcprop.runner.messages import Outcome, Task, example_world_size
 from dcprop.runner.pool import DEFAULT_TIMEOUT, failure_from_outcomes
@@ -36,6 +44,14 @@ from dcprop.specs import MeshSpec
 
 __all__ = ["SPMDRunner"]
 
+#: how long followers wait for rank 0's next task (torch's default for a gloo group)
+_IDLE = timedelta(minutes=30)
+#: how much longer than an example's timeout rank 0 waits for the other ranks' outcomes
+_GRACE = 60.0
+_ROOT_OPTIONS = (
+    f"--checkpoint-root (dcprop check), --dcprop-checkpoint-root (pytest) or ${CHECKPOINT_ROOT_ENV}"
+)
+
 
 class SPMDRunner:
     """The :class:`~dcprop.runner.pool.Pool` interface over torchrun's processes."""
@@ -43,41 +59,76 @@ class SPMDRunner:
     def __init__(
         self, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, tmp_root: str | None = None
     ) -> None:
+        """``tmp_root``: where examples write their checkpoints (default: the temp
+        directory), the same path on every rank.  A job across hosts needs one that
+        every host mounts: node-local temp directories are not shared."""
         if not under_torchrun():
             raise RunnerError(
                 "SPMDRunner needs torchrun's environment (RANK, WORLD_SIZE, "
                 "LOCAL_RANK, MASTER_ADDR); use Pool outside torchrun"
             )
         world = int(os.environ["WORLD_SIZE"])
-        backend, device_type = backend_for(device, world)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if tmp_root is None and local < world:
+            raise UsageError(
+                f"torchrun's job spans hosts ({world} ranks, {local} on this one): give "
+                f"{_ROOT_OPTIONS} a directory every host mounts, for the checkpoints"
+            )
+        # GPUs are shared by the ranks of one host: their count decides, not the job's size
+        backend, device_type = backend_for(device, local)
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
             self._device = torch.device("cuda", torch.cuda.current_device())
         else:
             self._device = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout + 60.0))
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout + _GRACE))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.device = device
         self.timeout = timeout
         self.examples = 0
-        self._control = dist.new_group(backend="gloo")
+        self._control = dist.new_group(backend="gloo", timeout=_IDLE)
         self._worlds = Worlds(device_type)
         self._ids = itertools.count()
         self._broken = False
-        base: list[Any] = [
-            tempfile.mkdtemp(prefix=f"dcprop-{os.getpid()}-", dir=tmp_root)
-            if self.rank == 0
-            else None
-        ]
-        dist.broadcast_object_list(base, src=0, group=self._control)
-        self._base: str | None = base[0]
-        problem = preflight(base[0], self._control)
+        self._closed = False
+        root = None if tmp_root is None else os.path.abspath(tmp_root)
+        self._base: str | None = self._shared_base(root)
+        problem = preflight(self._base, self._control)
         if problem is not None:
             self._broken = True  # every rank stops here: no rank follows
             self.close()
             raise RunnerError(f"rank {self.rank} failed its start-up check: {problem}")
+
+    def _shared_base(self, root: str | None) -> str:
+        """The run's directory, made by rank 0 under ``root``; every rank must see it,
+        since ranks read checkpoints that other ranks wrote."""
+        made: list[Any] = [(None, None)]  # (the directory, or why it could not be made)
+        if self.rank == 0:
+            try:
+                # named for its host: a local pool's sweep of stale directories (by pid,
+                # on its own host) must never take it for one of its own
+                prefix = f"dcprop-torchrun-{socket.gethostname()}-{os.getpid()}-"
+                made[0] = (tempfile.mkdtemp(prefix=prefix, dir=root), None)
+            except OSError as e:
+                made[0] = (None, f"cannot create a directory under {root}: {e}")
+        dist.broadcast_object_list(made, src=0, group=self._control)
+        base, reason = made[0]
+        if reason is not None:  # on every rank
+            raise UsageError(f"{reason}; give {_ROOT_OPTIONS} a directory that can be written")
+        blind: list[Any] = [None] * self.world_size
+        seen = os.path.isdir(base)
+        dist.all_gather_object(blind, None if seen else socket.gethostname(), group=self._control)
+        if any(blind):
+            if self.rank == 0:
+                shutil.rmtree(base, ignore_errors=True)
+            hosts = ", ".join(sorted({h for h in blind if h}))
+            raise UsageError(
+                f"the ranks on {hosts} do not see {base}, made on rank 0's host: give "
+                f"{_ROOT_OPTIONS} a directory every host mounts, for the checkpoints"
+            )
+        return base
 
     @property
     def is_driver(self) -> bool:
@@ -94,9 +145,13 @@ class SPMDRunner:
         job_world_size: int | None = None,
     ) -> dict[int, Any]:
         """As :meth:`Pool.run`.  torchrun's world is the job: an example whose job
-        (``job_world_size``, default its own world) is of another size is skipped."""
+        (``job_world_size``, default its own world) is of another size is skipped.
+        ``timeout`` (default the runner's) is the process-group timeout of the
+        example's collectives."""
         if not self.is_driver:
             raise RunnerError("only rank 0 drives; other ranks call follow()")
+        if self._closed:
+            raise RunnerError("this runner is closed: its other ranks have exited")
         if self._broken:
             raise RunnerError(
                 "an earlier example hung; torchrun's processes cannot be "
@@ -122,7 +177,7 @@ class SPMDRunner:
             device=self.device,
         )
         try:
-            outcomes = self._round(("run", task))
+            outcomes = self._round(task, self.timeout if timeout is None else timeout)
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         self.examples += 1
@@ -131,11 +186,30 @@ class SPMDRunner:
             raise failure
         return {o.rank: o.value for o in outcomes if o.status == "ok"}
 
-    def _round(self, message: tuple[str, Task | None]) -> list[Outcome]:
-        box: list[Any] = [message]
-        dist.broadcast_object_list(box, src=0, group=self._control)
-        outcome = execute(box[0][1], self._worlds, self._device)
+    def _round(self, task: Task, timeout: float) -> list[Outcome]:
+        dist.broadcast_object_list([("run", task, timeout)], src=0, group=self._control)
+        return self._answer(task, timeout)
+
+    def follow(self) -> int:
+        """Run what rank 0 sends until it closes the runner; return the exit status it
+        closed it with, for this process to exit with (torchrun's agents of other hosts
+        would otherwise report success, after waiting for the failed one)."""
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0, group=self._control)
+            if box[0][0] == "shutdown":
+                return int(box[0][1])
+            _, task, timeout = box[0]
+            self._answer(task, timeout)
+
+    def _answer(self, task: Task, timeout: float) -> list[Outcome]:
+        """Run the task on this rank, its collectives under its timeout; gather every
+        rank's outcome on rank 0, which waits for the others at most that long again
+        and a grace."""
+        self._worlds.set_timeout(timedelta(seconds=timeout))
+        outcome = execute(task, self._worlds, self._device)
         gathered: list[Any] = [None] * self.world_size if self.is_driver else []
+        _set_pg_timeout(timedelta(seconds=timeout + _GRACE), self._control)
         try:
             dist.gather_object(
                 outcome, gathered if self.is_driver else None, dst=0, group=self._control
@@ -143,24 +217,16 @@ class SPMDRunner:
         except Exception as e:
             self._broken = True
             raise RunnerError(f"ranks did not report within the process-group timeout: {e}") from e
+        finally:
+            _set_pg_timeout(_IDLE, self._control)
         return gathered
 
-    def follow(self) -> int:
-        """Run what rank 0 sends until it closes the runner; return how many tasks ran."""
-        ran = 0
-        while True:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=0, group=self._control)
-            name, task = box[0]
-            if name == "stop":
-                return ran
-            outcome = execute(task, self._worlds, self._device)
-            dist.gather_object(outcome, None, dst=0, group=self._control)
-            ran += 1
-
-    def close(self) -> None:
-        if self.is_driver and not self._broken:
-            dist.broadcast_object_list([("stop", None)], src=0, group=self._control)
-        if self._base is not None:
+    def close(self, exit_code: int = 0) -> None:
+        """On rank 0: release the other ranks, which exit with ``exit_code``.  Safe to
+        call twice."""
+        if self.is_driver and not (self._broken or self._closed):
+            self._closed = True
+            dist.broadcast_object_list([("shutdown", exit_code)], src=0, group=self._control)
+        if self.is_driver and self._base is not None:  # the directory rank 0 made
             shutil.rmtree(self._base, ignore_errors=True)
-            self._base = None
+        self._base = None

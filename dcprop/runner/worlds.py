@@ -9,6 +9,7 @@ a world seen before costs nothing.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, cast
 
 import torch
@@ -22,6 +23,7 @@ __all__ = ["Worlds"]
 class Worlds:
     def __init__(self, device_type: str) -> None:
         self.device_type = device_type
+        self._timeout: timedelta | None = None  # of the groups created here; None: torch's
         self._groups: dict[tuple[int, ...], Any] = {}
         self._meshes: dict[MeshSpec, Any] = {}
 
@@ -31,6 +33,15 @@ class Worlds:
 
     def known_groups(self) -> set[Any]:
         return {g for g in self._groups.values() if g is not None}
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        """From now on a collective of the default group or of any group made here,
+        before or after, waits at most ``timeout`` before it raises."""
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        self._timeout = timeout
+        for group in {dist.group.WORLD, *self.known_groups()}:
+            _set_pg_timeout(timeout, group)
 
     def group(self, ranks: tuple[int, ...]) -> Any:
         """The group over ``ranks`` (None on ranks outside it), created by :meth:`prepare`."""
@@ -47,7 +58,7 @@ class Worlds:
             if len(ranks) == dist.get_world_size():
                 self._groups[ranks] = dist.group.WORLD
             else:
-                g = dist.new_group(list(ranks))
+                g = dist.new_group(list(ranks), timeout=self._timeout)
                 self._groups[ranks] = g if dist.get_rank() in ranks else None
         return self._groups[ranks]
 

@@ -2,6 +2,7 @@
 
 import attrs
 import pytest
+import torch
 import torch.distributed as dist
 
 import dcprop.specs as S
@@ -17,9 +18,21 @@ def world(ctx: RankContext):
     return dist.get_world_size(ctx.group())
 
 
+def group_timeouts(ctx: RankContext, spec: S.MeshSpec):
+    """The timeouts of the groups this rank's example may use, in seconds."""
+    mesh = ctx.mesh(spec)
+    groups = [dist.group.WORLD, ctx.group(), *mesh.get_all_groups()]
+    return {g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups}
+
+
 def test_runner_is_spmd(dcprop_runner):
     assert type(dcprop_runner).__name__ == "SPMDRunner"
     assert dcprop_runner.run(world) == {0: 2, 1: 2}
+    # an example's timeout is that of every group it uses, made for it or before it
+    spec = S.MeshSpec((2, 1), ("replicate", "shard"))
+    for timeout in (7.0, 9.0):
+        ran = dcprop_runner.run(group_timeouts, spec, world_size=2, meshes=(spec,), timeout=timeout)
+        assert ran == {0: {timeout}, 1: {timeout}}
 
 
 def test_reshard_two_to_one(dcprop_runner):
