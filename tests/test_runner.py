@@ -417,3 +417,20 @@ def test_torchrun_mode_runs_the_same_properties():
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "4 passed" in out, out[-4000:]
+
+
+def test_the_stale_directory_sweep_leaves_other_hosts_directories(tmp_path):
+    # On a checkpoint root that several hosts share, another host's live pool may
+    # have a pid that is dead here: only this host's directories are swept.
+    import socket
+
+    from dcprop.runner.pool import remove_stale_tempdirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = tmp_path / f"dcprop-{dead.pid}-{socket.gethostname()}-abc"
+    theirs = tmp_path / f"dcprop-{dead.pid}-another-host-abc"
+    mine.mkdir()
+    theirs.mkdir()
+    assert remove_stale_tempdirs(str(tmp_path)) == [str(mine)]
+    assert theirs.exists()

@@ -69,15 +69,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _owner_prefix(pid: int) -> str:
+    # The host is part of the name: on a checkpoint root that several hosts share, a pid
+    # says nothing about another host's processes, so only this host's dirs are swept.
+    return f"{TEMP_PREFIX}{pid}-{socket.gethostname()}-"
+
+
 def remove_stale_tempdirs(root: str | None = None) -> list[str]:
-    """Remove dcprop temp dirs whose owning process is gone (a controller killed hard)."""
+    """Remove this host's dcprop temp dirs whose owning process is gone (a controller
+    killed hard)."""
     removed = []
     for path in glob.glob(os.path.join(root or tempfile.gettempdir(), f"{TEMP_PREFIX}*-*")):
         try:
             pid = int(os.path.basename(path)[len(TEMP_PREFIX) :].split("-", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        mine = os.path.basename(path).startswith(_owner_prefix(pid))
+        if mine and pid != os.getpid() and not _pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
@@ -178,7 +186,7 @@ class Pool:
             self._needs_restart = False
         remove_stale_tempdirs(self._tmp_root)
         if self._base is None:
-            self._base = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self._tmp_root)
+            self._base = tempfile.mkdtemp(prefix=_owner_prefix(os.getpid()), dir=self._tmp_root)
         incarnation = tempfile.mkdtemp(prefix=f"pool{self.starts}-", dir=self._base)
         self.starts += 1
         store = os.path.join(incarnation, "store")
