@@ -416,7 +416,7 @@ def test_torchrun_mode_runs_the_same_properties():
         )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
-    assert "4 passed" in out, out[-4000:]
+    assert "5 passed" in out, out[-4000:]
 
 
 def test_the_stale_directory_sweep_leaves_other_hosts_directories(tmp_path):

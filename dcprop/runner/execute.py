@@ -256,3 +256,23 @@ def root_cause(e: BaseException) -> tuple[BaseException, list[Any]]:
         inner, summary = failures[min(failures)]
         return inner, list(summary or [])
     return e, list(traceback.extract_tb(e.__traceback__))
+
+
+# gloo's transport error when a collective outlives its process group's timeout
+_COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting \d+ms for \w+ operation to complete")
+
+
+def waited_out(outcome: Outcome) -> bool:
+    """The rank failed only because a collective outlived the process-group timeout:
+    it waited for a peer that never came (a hang), whatever code it was in."""
+    return outcome.failed and bool(_COLLECTIVE_TIMEOUT.search(outcome.message))
+
+
+def innermost_first(formatted_traceback: str) -> str:
+    """A traceback's frame lines, innermost first, as faulthandler writes stacks (so
+    the hang's signature names the same place whichever way the stack was taken)."""
+    return "\n".join(
+        line
+        for line in reversed(formatted_traceback.splitlines())
+        if line.strip().startswith("File ")
+    )

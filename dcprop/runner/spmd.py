@@ -32,9 +32,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
-from dcprop.errors import ExampleSkipped, RunnerError, UsageError
+from dcprop.errors import ExampleFailure, ExampleSkipped, HarnessError, RunnerError, UsageError
 from dcprop.runner import CHECKPOINT_ROOT_ENV, under_torchrun
-from dcprop.runner.execute import execute
+from dcprop.runner.execute import execute, innermost_first, waited_out
 from dcprop.runner.messages import Outcome, Task, example_world_size
 from dcprop.runner.pool import DEFAULT_TIMEOUT, failure_from_outcomes
 from dcprop.runner.preflight import preflight
@@ -91,7 +91,8 @@ class SPMDRunner:
         self._control = dist.new_group(backend="gloo", timeout=_IDLE)
         self._worlds = Worlds(device_type)
         self._ids = itertools.count()
-        self._broken = False
+        self._broken = False  # the control group is gone: no rank can be told anything
+        self._hung = False  # an example hung: its groups are unusable, the control group is not
         self._closed = False
         root = None if tmp_root is None else os.path.abspath(tmp_root)
         self._base: str | None = self._shared_base(root)
@@ -152,7 +153,7 @@ class SPMDRunner:
             raise RunnerError("only rank 0 drives; other ranks call follow()")
         if self._closed:
             raise RunnerError("this runner is closed: its other ranks have exited")
-        if self._broken:
+        if self._broken or self._hung:
             raise RunnerError(
                 "an earlier example hung; torchrun's processes cannot be "
                 "restarted from inside, so this run cannot continue"
@@ -181,10 +182,28 @@ class SPMDRunner:
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         self.examples += 1
-        failure = failure_from_outcomes({o.rank: o for o in outcomes})
+        failure = self._failure(outcomes, timeout)
         if failure is not None:
             raise failure
         return {o.rank: o.value for o in outcomes if o.status == "ok"}
+
+    def _failure(
+        self, outcomes: list[Outcome], timeout: float | None
+    ) -> ExampleFailure | HarnessError | None:
+        """As the pool's, with one difference: a rank whose collective ran out of the
+        process-group timeout (the only clock torchrun mode has) hung there, which is
+        a hang, not a failure of the code under test."""
+        by_rank = {o.rank: o for o in outcomes}
+        hung = {r: o for r, o in by_rank.items() if waited_out(o)}
+        if not hung:
+            return failure_from_outcomes(by_rank)
+        self._hung = True  # gloo's connections of the example's groups are gone
+        return failure_from_outcomes(
+            {r: o for r, o in by_rank.items() if r not in hung},
+            hung=sorted(hung),
+            stacks={r: innermost_first(o.traceback) for r, o in hung.items()},
+            timeout=self.timeout if timeout is None else timeout,
+        )
 
     def _round(self, task: Task, timeout: float) -> list[Outcome]:
         dist.broadcast_object_list([("run", task, timeout)], src=0, group=self._control)

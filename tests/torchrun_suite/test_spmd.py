@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import dcprop.specs as S
-from dcprop.errors import ExampleSkipped
+from dcprop.errors import ExampleSkipped, RankTimeout
 from dcprop.properties import run_property
 from dcprop.runner.execute import RankContext
 from dcprop.testing import property_test
@@ -59,3 +59,19 @@ def test_a_job_of_another_size_is_skipped(dcprop_runner):
         run_property(dcprop_runner, "roundtrip", one)
     on_sub_world = attrs.evolve(one, job_world_size=2)
     assert sorted(run_property(dcprop_runner, "roundtrip", on_sub_world)) == [0]
+
+
+def wait_for_rank_1(ctx: RankContext):
+    if ctx.rank != 1:
+        dist.all_reduce(torch.zeros(1), group=ctx.group())
+
+
+# Last in the file: torchrun's processes cannot be restarted, so a hang ends the run's
+# examples (the runner refuses more), and this test must come after every other.
+def test_zz_a_collective_that_outlives_its_timeout_is_a_hang(dcprop_runner):
+    """Under torchrun the process-group timeout is the only clock: a rank whose
+    collective ran out of it hung, which is a RankTimeout, not a failure of the code."""
+    with pytest.raises(RankTimeout, match=r"rank\(s\) \[0\] did not finish") as info:
+        dcprop_runner.run(wait_for_rank_1, timeout=3.0)
+    assert info.value.signature.startswith("RankTimeout: ranks did not finish, waiting in")
+    assert "wait_for_rank_1" in info.value.signature
