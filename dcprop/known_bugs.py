@@ -448,6 +448,29 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "even with the documented CPU staging configuration.  Diagnosis by dcprop; no "
         "upstream issue found.",
     ),
+    KnownBug(
+        id="tc-reshard-keeps-template-leaves",
+        project="torch_checkpointing",
+        title="torch_checkpointing's resharding load reads only the tensors of an item: its "
+        "other leaves (an optimizer's learning rate) keep the values of the template, "
+        "silently, even with strict=True",
+        signature=r"^PropertyFailure: full state after resharding .*: differences in N of N "
+        r"entries \(bitwise\): @ assert_same$",
+        # a scheduler moves the saved lr away from the fresh template's; resharding runs
+        # for an item with tensors (optimizer state) whose layout changed
+        occurs_in=lambda scenario: scenario.load is not None
+        and scenario.optimizer.scheduler is not None
+        and not _stateless_optimizer(scenario),
+        shows=lambda sighting: bool(sighting.keys)
+        and all(re.fullmatch(r"optim/param_groups\[\d+\]/lr", k) for k in sighting.keys),
+        explanation="checkpoint_reader.py, CheckpointReader._read_with_resharding: for an item "
+        "whose layout changed it returns the load template itself (result_dict = "
+        "checkpoint_info.state_dict) after DefaultResharder.load copied the tensor shards "
+        "into it; the resharder's sharding metadata covers tensors only, so non-tensor "
+        "leaves are neither read nor reported among the unhandled paths, and strict=True "
+        "cannot see them.  An item loaded without resharding reads its leaves.  Diagnosis "
+        "by dcprop; no upstream issue found.",
+    ),
 )
 
 

@@ -476,7 +476,6 @@ CASES = [
 
 
 TC_SYNC = "roundtrip-6bf9af1273.json"
-TC_ASYNC = "roundtrip-39bfa28ab0.json"
 CASES += [
     (
         "tc-direct-io-buffered-write",
@@ -503,12 +502,14 @@ CASES += [
     (
         "tc-direct-io-buffered-write",
         with_tc(failed(error(0, DIRECT_IO_ASYNC, f"... self._file.close()\nOSError: {EINVAL}\n"))),
-        corpus("tc-direct-io-buffered-write", TC_ASYNC),
+        corpus("tc-direct-io-buffered-write", TC_SYNC, storage=S.StorageSpec(async_save=True)),
         [
             (
                 "the writer process failed otherwise",
                 with_tc(failed(error(0, DIRECT_IO_ASYNC, "...\nPermissionError: [Errno 13]\n"))),
-                corpus("tc-direct-io-buffered-write", TC_ASYNC),
+                corpus(
+                    "tc-direct-io-buffered-write", TC_SYNC, storage=S.StorageSpec(async_save=True)
+                ),
             ),
         ],
     ),
@@ -534,6 +535,55 @@ CASES += [
                 "a GPU job has CUDA",
                 with_tc(failed(error(0, NO_CUDA), error(1, NO_CUDA))),
                 corpus("tc-metadata-gather-cuda", device="cuda"),
+            ),
+        ],
+    ),
+]
+
+TC_RESHARD = "reshard-8979173bdd.json"
+LR_KEPT = (
+    "PropertyFailure: full state after resharding fsdpN on mesh (N,) -> hsdp on mesh (N, N) "
+    "on rank N: differences in N of N entries (bitwise): @ assert_same"
+)
+
+
+def lr_kept(*keys):
+    return with_tc(failed(error(0, LR_KEPT, keys=keys)))
+
+
+CASES += [
+    (
+        "tc-reshard-keeps-template-leaves",
+        lr_kept("optim/param_groups[0]/lr"),
+        corpus("tc-reshard-keeps-template-leaves", TC_RESHARD),
+        [
+            (
+                "met with DCP, not torch_checkpointing",
+                with_tc(failed(error(0, LR_KEPT, keys=("optim/param_groups[0]/lr",))), "torch"),
+                corpus("tc-reshard-keeps-template-leaves", TC_RESHARD),
+            ),
+            (
+                "a tensor differs too",
+                lr_kept("optim/param_groups[0]/lr", "model/fc0.weight"),
+                corpus("tc-reshard-keeps-template-leaves", TC_RESHARD),
+            ),
+            (
+                "no scheduler moves the lr",
+                lr_kept("optim/param_groups[0]/lr"),
+                corpus(
+                    "tc-reshard-keeps-template-leaves",
+                    TC_RESHARD,
+                    optimizer=S.OptimizerSpec("adam"),
+                ),
+            ),
+            (
+                "plain SGD has no state to reshard",
+                lr_kept("optim/param_groups[0]/lr"),
+                corpus(
+                    "tc-reshard-keeps-template-leaves",
+                    TC_RESHARD,
+                    optimizer=S.OptimizerSpec(scheduler=S.SchedulerSpec(kind="linear", factor=0.9)),
+                ),
             ),
         ],
     ),
