@@ -458,11 +458,15 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         r"entries \(bitwise\): @ assert_same$",
         # a scheduler moves the saved lr away from the fresh template's; resharding runs
         # for an item with tensors (optimizer state) whose layout changed
-        occurs_in=lambda scenario: scenario.load is not None
-        and scenario.optimizer.scheduler is not None
-        and not _stateless_optimizer(scenario),
-        shows=lambda sighting: bool(sighting.keys)
-        and all(re.fullmatch(r"optim/param_groups\[\d+\]/lr", k) for k in sighting.keys),
+        occurs_in=lambda scenario: (
+            scenario.load is not None
+            and scenario.optimizer.scheduler is not None
+            and not _stateless_optimizer(scenario)
+        ),
+        shows=lambda sighting: (
+            bool(sighting.keys)
+            and all(re.fullmatch(r"optim/param_groups\[\d+\]/lr", k) for k in sighting.keys)
+        ),
         explanation="checkpoint_reader.py, CheckpointReader._read_with_resharding: for an item "
         "whose layout changed it returns the load template itself (result_dict = "
         "checkpoint_info.state_dict) after DefaultResharder.load copied the tensor shards "
