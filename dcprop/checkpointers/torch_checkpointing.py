@@ -8,9 +8,13 @@ accelerator the documented CPU staging configuration (no pinned memory, no
 non-blocking copy).  ``storage.async_save`` picks the async preset (a background
 writer process) or the synchronous one.
 
-A manager is built per checkpoint: its metadata manager caches the first state dict's
-layout and rejects any other (the library's documented behaviour for a training job,
-whose layout never changes), while every example here is a new job.
+A manager is built per checkpoint, so this adapter has no per-rank ``setup``: a
+manager's metadata manager caches the first state dict's layout and rejects any other
+(right for a training job, whose layout never changes; every example here is a new
+job), and the uncached one the docs recommend for a changing layout cannot be handed to
+a 0.1.1 ``CheckpointManager`` (its ``Config`` has no ``checkpoint_metadata_manager``).
+The async preset therefore starts its writer process (``spawn``, which imports torch)
+per save: seconds, more under load, so give ``--timeout`` room.
 
 Install it with ``pip install dcprop[torch-checkpointing]``.
 """
