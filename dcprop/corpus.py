@@ -1,7 +1,8 @@
 """The regression corpus: saved failing scenarios that the test suite replays.
 
-Each entry is a JSON file ``{"property", "expect", "signature", "note", "scenario"}``
-where ``expect`` is ``"pass"`` (a fixed bug that must stay fixed), ``"fail"`` (a
+Each entry is a JSON file ``{"property", "expect", "signature", "checkpointer", "note",
+"scenario"}`` (``checkpointer``: a short name of :data:`~dcprop.checkpointer.CHECKPOINTERS`,
+absent for DCP) where ``expect`` is ``"pass"`` (a fixed bug that must stay fixed), ``"fail"`` (a
 dcprop self-test), or ``"known:<bug id>"`` (a known upstream bug, so the suite
 notices when upstream fixes it).  An entry that expects a failure names its
 ``signature``: the replay must fail with exactly that, not just somehow (a hang
@@ -16,6 +17,7 @@ import json
 import os
 from typing import Any
 
+from dcprop.checkpointer import CHECKPOINTERS
 from dcprop.errors import SpecError
 from dcprop.serialization import from_json, to_json
 from dcprop.specs import Scenario
@@ -24,7 +26,7 @@ __all__ = ["CorpusEntry", "load_entries", "write_entry"]
 
 
 class CorpusEntry:
-    __slots__ = ("expect", "note", "path", "property", "scenario", "signature")
+    __slots__ = ("checkpointer", "expect", "note", "path", "property", "scenario", "signature")
 
     def __init__(
         self,
@@ -34,9 +36,11 @@ class CorpusEntry:
         expect: str,
         note: str,
         signature: str | None = None,
+        checkpointer: str = "dcp",
     ) -> None:
         self.path, self.property, self.scenario = path, property, scenario
         self.expect, self.note, self.signature = expect, note, signature
+        self.checkpointer = checkpointer
 
     @property
     def known_bug(self) -> str | None:
@@ -54,6 +58,7 @@ def write_entry(
     expect: str,
     signature: str | None = None,
     note: str = "",
+    checkpointer: str = "dcp",
 ) -> str:
     if expect != "pass" and not signature:
         raise ValueError(f"a corpus entry that expects {expect!r} needs the failure's signature")
@@ -63,6 +68,8 @@ def write_entry(
     data: dict[str, Any] = {"property": property, "expect": expect}
     if signature:
         data["signature"] = signature
+    if checkpointer != "dcp":
+        data["checkpointer"] = _short_name(checkpointer, path)
     data.update(note=note, scenario=to_json(scenario))
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -86,7 +93,26 @@ def load_entries(directory: str) -> list[CorpusEntry]:
                 f"corpus entry {path} expects {expect!r} but names no failure signature: "
                 "replay it and add the signature it fails with"
             )
+        checkpointer = _short_name(data.get("checkpointer", "dcp"), path)
         entries.append(
-            CorpusEntry(path, data["property"], scenario, expect, data.get("note", ""), signature)
+            CorpusEntry(
+                path,
+                data["property"],
+                scenario,
+                expect,
+                data.get("note", ""),
+                signature,
+                checkpointer,
+            )
         )
     return entries
+
+
+def _short_name(checkpointer: str, path: str) -> str:
+    """An entry names its checkpointer by short name: it must replay anywhere."""
+    if checkpointer not in CHECKPOINTERS:
+        raise SpecError(
+            f"corpus entry {path}: checkpointer {checkpointer!r} is not one of "
+            f"{', '.join(map(repr, CHECKPOINTERS))}"
+        )
+    return checkpointer

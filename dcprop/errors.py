@@ -93,6 +93,9 @@ class ExampleFailure(AssertionError):
     to match known upstream bugs and to tell Hypothesis which failures are distinct).
     """
 
+    #: the project of the checkpointer the example ran with (``run_property`` sets it)
+    checkpointer_project: str | None = "torch"
+
     def __init__(
         self, message: str, *, outcomes: dict[int, Any] | None = None, signature: str = ""
     ) -> None:

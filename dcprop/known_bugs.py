@@ -1,4 +1,5 @@
-"""Known upstream (PyTorch) bugs that dcprop finds on stock torch.
+"""Known upstream bugs that dcprop finds: in stock torch, and in the checkpoint
+libraries it ships adapters for (``KnownBug.project``).
 
 An example's failure is *known*, not new, when one entry explains the failure of
 every rank that failed: its signature, in a scenario the bug can occur in, showing
@@ -67,6 +68,10 @@ class KnownBug:
     id: str
     title: str
     signature: str  # a regular expression searched in the failure signature
+    # whose bug: "torch" (met with any checkpointer: DCP and the state-dict API under
+    # it are what every property runs), or a checkpoint library's, met only when the
+    # example ran with that library's adapter (``ExampleFailure.checkpointer_project``)
+    project: str = "torch"
     occurs_in: Callable[[S.Scenario], bool] = _always
     shows: Callable[[Sighting], bool] = _always
     upstream: str | None = None  # the upstream issue, where one exists
@@ -78,7 +83,8 @@ class KnownBug:
 
     def explains(self, sighting: Sighting) -> bool:
         return (
-            re.search(self.signature, sighting.signature) is not None
+            self.project in ("torch", sighting.failure.checkpointer_project)
+            and re.search(self.signature, sighting.signature) is not None
             and self.occurs_in(sighting.scenario)
             and self.shows(sighting)
         )
@@ -404,6 +410,70 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "model.named_parameters(), which lists a shared Parameter once, so only its first "
         "name is removed (e.g. embed.weight goes, head.weight tied to it stays).  Shown on "
         "a plain nn.Module without FSDP.  Diagnosis by dcprop; no upstream issue found.",
+    ),
+    KnownBug(
+        id="tc-direct-io-buffered-write",
+        project="torch_checkpointing",
+        title="torch_checkpointing's local file-system storage opens files with O_DIRECT and "
+        "writes through a buffered file object: where the file system accepts O_DIRECT "
+        "(ext4, xfs) the unaligned write fails with EINVAL, so no save completes",
+        signature=r"^OSError: (\[Errno N\] Invalid argument @ close|Unexpected response from "
+        r"worker process: .* in _write_key @ _recv)$",
+        # a multi-rank save fails earlier, in tc-metadata-gather-cuda (on CPU)
+        occurs_in=lambda scenario: scenario.job_world == 1,
+        shows=lambda sighting: "[Errno 22] Invalid argument" in sighting.message,
+        certain_in=lambda scenario: scenario.job_world == 1,
+        explanation="storage/filesystem.py, _DirectIOWriteStream.__enter__: os.open(path, "
+        "O_RDWR|O_CREAT|O_TRUNC|O_DIRECT) succeeds on ext4, then os.fdopen(fd, 'wb') wraps "
+        "it in a BufferedWriter, whose flush on close writes a Python buffer of arbitrary "
+        "address and length: O_DIRECT requires both aligned, and write(2) fails with EINVAL "
+        "(the fallback to buffered I/O covers only an EINVAL from open, as on tmpfs).  "
+        "The async save shows it from its writer process.  The docs call the O_DIRECT "
+        "fallback benign; use_direct_io=False steps past it.  Diagnosis by dcprop; no "
+        "upstream issue found.",
+    ),
+    KnownBug(
+        id="tc-metadata-gather-cuda",
+        project="torch_checkpointing",
+        title="torch_checkpointing's DefaultMetadataManager all-gathers sharding metadata "
+        "through CUDA tensors, so a multi-rank save with a resharder fails on a CPU-only host",
+        signature=r"^AssertionError: Torch not compiled with CUDA enabled @ _lazy_init$",
+        occurs_in=lambda scenario: scenario.job_world > 1 and scenario.device == "cpu",
+        certain_in=lambda scenario: scenario.job_world > 1 and scenario.device == "cpu",
+        explanation="metadata_manager.py, DefaultMetadataManager._all_gather_pickled_data "
+        "builds torch.tensor([size], device='cuda') and .cuda() tensors whatever the "
+        "process group's backend; CheckpointManager wires this manager in whenever an "
+        "item has a resharder (the docs' way to reshard on load), and rank_info comes "
+        "from the default group, so every save of a job of two or more ranks reaches it, "
+        "even with the documented CPU staging configuration.  Diagnosis by dcprop; no "
+        "upstream issue found.",
+    ),
+    KnownBug(
+        id="tc-reshard-keeps-template-leaves",
+        project="torch_checkpointing",
+        title="torch_checkpointing's resharding load reads only the tensors of an item: its "
+        "other leaves (an optimizer's learning rate) keep the values of the template, "
+        "silently, even with strict=True",
+        signature=r"^PropertyFailure: full state after resharding .*: differences in N of N "
+        r"entries \(bitwise\): @ assert_same$",
+        # a scheduler moves the saved lr away from the fresh template's; resharding runs
+        # for an item with tensors (optimizer state) whose layout changed
+        occurs_in=lambda scenario: (
+            scenario.load is not None
+            and scenario.optimizer.scheduler is not None
+            and not _stateless_optimizer(scenario)
+        ),
+        shows=lambda sighting: (
+            bool(sighting.keys)
+            and all(re.fullmatch(r"optim/param_groups\[\d+\]/lr", k) for k in sighting.keys)
+        ),
+        explanation="checkpoint_reader.py, CheckpointReader._read_with_resharding: for an item "
+        "whose layout changed it returns the load template itself (result_dict = "
+        "checkpoint_info.state_dict) after DefaultResharder.load copied the tensor shards "
+        "into it; the resharder's sharding metadata covers tensors only, so non-tensor "
+        "leaves are neither read nor reported among the unhandled paths, and strict=True "
+        "cannot see them.  An item loaded without resharding reads its leaves.  Diagnosis "
+        "by dcprop; no upstream issue found.",
     ),
 )
 

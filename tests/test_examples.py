@@ -70,3 +70,21 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
         ci = f.read()
     assert "rm -rf .venv" in ci  # a fresh environment: a missing dependency fails CI
     assert tests in ci.splitlines()
+
+
+def test_trainer_checkpoint_manager_example():
+    result = _run(
+        "-m",
+        "pytest",
+        os.path.join(EXAMPLES, "test_my_trainer.py"),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--hypothesis-profile=dcprop-ci",
+        "--dcprop-world-size",
+        "2",
+        "--rootdir",
+        EXAMPLES,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "2 passed" in out, out[-3000:]

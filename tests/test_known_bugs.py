@@ -107,6 +107,21 @@ TIED = (
 )
 
 
+DIRECT_IO = "OSError: [Errno N] Invalid argument @ close"
+DIRECT_IO_ASYNC = (
+    'OSError: Unexpected response from worker process: Traceback (most recent call last): File "'
+    '<path>", line N, in _write_key @ _recv'
+)
+EINVAL = "[Errno 22] Invalid argument"
+NO_CUDA = "AssertionError: Torch not compiled with CUDA enabled @ _lazy_init"
+
+
+def with_tc(failure, project="torch_checkpointing"):
+    """``failure`` as met with the checkpointer of ``project`` (run_property records it)."""
+    failure.checkpointer_project = project
+    return failure
+
+
 def strict_missing(rank, *names):
     listed = ", ".join(f'"{n}"' for n in names)
     message = (
@@ -454,6 +469,121 @@ CASES = [
                 "nothing is pretrained: the tied weight trains",
                 failed(kept_frozen("pretrain.fc1.weight")),
                 attrs.evolve(FINE_TUNED_TIE, pretrained=None),
+            ),
+        ],
+    ),
+]
+
+
+TC_SYNC = "roundtrip-6bf9af1273.json"
+CASES += [
+    (
+        "tc-direct-io-buffered-write",
+        with_tc(failed(error(0, DIRECT_IO, EINVAL))),
+        corpus("tc-direct-io-buffered-write", TC_SYNC),
+        [
+            (
+                "met with DCP, not torch_checkpointing",
+                with_tc(failed(error(0, DIRECT_IO, EINVAL)), "torch"),
+                corpus("tc-direct-io-buffered-write", TC_SYNC),
+            ),
+            (
+                "met with your own checkpointer",
+                with_tc(failed(error(0, DIRECT_IO, EINVAL)), None),
+                corpus("tc-direct-io-buffered-write", TC_SYNC),
+            ),
+            (
+                "a two-rank job (its save fails earlier, in the metadata gather)",
+                with_tc(failed(error(0, DIRECT_IO, EINVAL), error(1, DIRECT_IO, EINVAL))),
+                corpus("tc-direct-io-buffered-write", TC_SYNC, job_world_size=2),
+            ),
+        ],
+    ),
+    (
+        "tc-direct-io-buffered-write",
+        with_tc(failed(error(0, DIRECT_IO_ASYNC, f"... self._file.close()\nOSError: {EINVAL}\n"))),
+        corpus("tc-direct-io-buffered-write", TC_SYNC, storage=S.StorageSpec(async_save=True)),
+        [
+            (
+                "the writer process failed otherwise",
+                with_tc(failed(error(0, DIRECT_IO_ASYNC, "...\nPermissionError: [Errno 13]\n"))),
+                corpus(
+                    "tc-direct-io-buffered-write", TC_SYNC, storage=S.StorageSpec(async_save=True)
+                ),
+            ),
+        ],
+    ),
+    (
+        "tc-metadata-gather-cuda",
+        with_tc(failed(error(0, NO_CUDA), error(1, NO_CUDA))),
+        corpus("tc-metadata-gather-cuda"),
+        [
+            (
+                "met with DCP, not torch_checkpointing",
+                with_tc(failed(error(0, NO_CUDA), error(1, NO_CUDA)), "torch"),
+                corpus("tc-metadata-gather-cuda"),
+            ),
+            (
+                "a one-rank job gathers no metadata",
+                with_tc(failed(error(0, NO_CUDA))),
+                attrs.evolve(
+                    corpus("tc-metadata-gather-cuda"),
+                    save=corpus("tc-direct-io-buffered-write", TC_SYNC).save,
+                ),
+            ),
+            (
+                "a GPU job has CUDA",
+                with_tc(failed(error(0, NO_CUDA), error(1, NO_CUDA))),
+                corpus("tc-metadata-gather-cuda", device="cuda"),
+            ),
+        ],
+    ),
+]
+
+TC_RESHARD = "reshard-8979173bdd.json"
+LR_KEPT = (
+    "PropertyFailure: full state after resharding fsdpN on mesh (N,) -> hsdp on mesh (N, N) "
+    "on rank N: differences in N of N entries (bitwise): @ assert_same"
+)
+
+
+def lr_kept(*keys):
+    return with_tc(failed(error(0, LR_KEPT, keys=keys)))
+
+
+CASES += [
+    (
+        "tc-reshard-keeps-template-leaves",
+        lr_kept("optim/param_groups[0]/lr"),
+        corpus("tc-reshard-keeps-template-leaves", TC_RESHARD),
+        [
+            (
+                "met with DCP, not torch_checkpointing",
+                with_tc(failed(error(0, LR_KEPT, keys=("optim/param_groups[0]/lr",))), "torch"),
+                corpus("tc-reshard-keeps-template-leaves", TC_RESHARD),
+            ),
+            (
+                "a tensor differs too",
+                lr_kept("optim/param_groups[0]/lr", "model/fc0.weight"),
+                corpus("tc-reshard-keeps-template-leaves", TC_RESHARD),
+            ),
+            (
+                "no scheduler moves the lr",
+                lr_kept("optim/param_groups[0]/lr"),
+                corpus(
+                    "tc-reshard-keeps-template-leaves",
+                    TC_RESHARD,
+                    optimizer=S.OptimizerSpec("adam"),
+                ),
+            ),
+            (
+                "plain SGD has no state to reshard",
+                lr_kept("optim/param_groups[0]/lr"),
+                corpus(
+                    "tc-reshard-keeps-template-leaves",
+                    TC_RESHARD,
+                    optimizer=S.OptimizerSpec(scheduler=S.SchedulerSpec(kind="linear", factor=0.9)),
+                ),
             ),
         ],
     ),

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dcprop.errors import UsageError
+from dcprop.checkpointer import project_of
+from dcprop.errors import ExampleFailure, UsageError
 from dcprop.specs import Scenario
 
 __all__ = ["PROPERTIES", "property_ref", "run_property"]
@@ -39,12 +40,17 @@ def run_property(
     """Run property ``name`` over ``scenario`` on ``runner`` (Pools, a Pool or an
     SPMDRunner), in a job of ``scenario.job_world`` ranks."""
     args: tuple[Any, ...] = (scenario,) if hooks is None else (scenario, hooks)
-    return runner.run(
-        property_ref(name),
-        *args,
-        world_size=scenario.world_size,
-        meshes=scenario.meshes,
-        seed=scenario.seed,
-        timeout=timeout,
-        job_world_size=scenario.job_world,
-    )
+    try:
+        return runner.run(
+            property_ref(name),
+            *args,
+            world_size=scenario.world_size,
+            meshes=scenario.meshes,
+            seed=scenario.seed,
+            timeout=timeout,
+            job_world_size=scenario.job_world,
+        )
+    except ExampleFailure as failure:
+        # a checkpoint library's known bugs explain only failures met with it
+        failure.checkpointer_project = project_of(hooks.checkpointer if hooks else None)
+        raise

@@ -20,7 +20,7 @@ from torch import nn
 
 from dcprop import build
 from dcprop import specs as S
-from dcprop.checkpointer import Checkpointer, DCPCheckpointer
+from dcprop.checkpointer import Checkpointer, DCPCheckpointer, StatefulCheckpointer, live
 from dcprop.contract import Contract
 from dcprop.errors import PropertyFailure
 from dcprop.runner.execute import PeerFailed
@@ -43,7 +43,7 @@ class Hooks:
     Both must be importable by reference (they travel to the rank processes).
     """
 
-    checkpointer: Checkpointer = attrs.field(factory=DCPCheckpointer)
+    checkpointer: Checkpointer | StatefulCheckpointer = attrs.field(factory=DCPCheckpointer)
     model_factory: ModelFactory = attrs.field(default=default_model_factory)
 
 
@@ -247,12 +247,40 @@ class Job:
         return os.path.join(self.ctx.tmpdir, name)
 
     def save(self, state: dict[str, Any], name: str) -> str:
+        """Save ``state`` (from :meth:`state`) as checkpoint ``name``: the one place a
+        property hands state to the checkpointer, as a state dict or as an app state."""
         path = self.checkpoint_dir(name)
-        self.hooks.checkpointer.save(state, path, storage=self.scenario.storage, group=self.group)
+        checkpointer = live(self.hooks.checkpointer, self.ctx)
+        storage = self.scenario.storage
+        if isinstance(checkpointer, StatefulCheckpointer):
+            app_state = app_state_of(state, self.steps_taken)
+            checkpointer.save_app_state(app_state, path, storage=storage, group=self.group)
+        else:
+            checkpointer.save(state, path, storage=storage, group=self.group)
         return path
 
     def load(self, state: dict[str, Any], name: str) -> None:
-        self.hooks.checkpointer.load(state, self.checkpoint_dir(name), group=self.group)
+        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``."""
+        path = self.checkpoint_dir(name)
+        checkpointer = live(self.hooks.checkpointer, self.ctx)
+        if not isinstance(checkpointer, StatefulCheckpointer):
+            checkpointer.load(state, path, group=self.group)
+            return
+        app_state = app_state_of(state, step=None)
+        checkpointer.load_app_state(app_state, path, group=self.group)
+        missed = [key for key, entry in app_state.items() if entry.loaded is None]
+        if missed:
+            raise PropertyFailure(
+                f"load_app_state never called load_state_dict of {missed} (rank {self.rank})"
+            )
+        state.update({key: app_state[key].loaded for key in state})
+        step = app_state[TRAIN_STATE].loaded["step"]  # type: ignore[index]
+        # every property saves after the scenario's training steps
+        if step != self.scenario.training.steps:
+            raise PropertyFailure(
+                f"the train state loaded from {name!r} has step {step!r}, saved at step "
+                f"{self.scenario.training.steps} (rank {self.rank})"
+            )
 
     def restore(self, name: str, **overrides: Any) -> None:
         """Load checkpoint ``name`` into a template of this job's state dict and apply it.
@@ -296,6 +324,36 @@ class Job:
         if self.scheduler is not None:
             sched = self.scheduler.state_dict()
             self.scheduler.load_state_dict({k: _nudge(v) for k, v in sched.items()})
+
+
+TRAIN_STATE = "train_state"
+
+
+class Entry:
+    """One ``Stateful`` of the app state a :class:`StatefulCheckpointer` receives:
+    ``state_dict()`` is the very dict the property took with ``get_state_dict`` and the
+    drawn options (and checks), and what ``load_state_dict`` receives goes back to the
+    property, which applies it with ``set_state_dict`` under the same options and checks
+    it."""
+
+    def __init__(self, state_dict: dict[str, Any]) -> None:
+        self._state_dict = state_dict
+        self.loaded: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loaded = state_dict
+
+
+def app_state_of(state: dict[str, Any], step: int | None) -> dict[str, Entry]:
+    """The app state a trainer hands its checkpoint manager: one ``Stateful`` per entry
+    of ``state`` (model, optimizer, LR scheduler) and the train state (its step
+    counter; -1 in a template to load into)."""
+    app_state = {key: Entry(value) for key, value in state.items()}
+    app_state[TRAIN_STATE] = Entry({"step": -1 if step is None else step})
+    return app_state
 
 
 def _shift(t: torch.Tensor, g: torch.Generator) -> None:

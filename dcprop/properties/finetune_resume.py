@@ -17,7 +17,6 @@ and the pretrained weights are exactly the saved ones throughout.
 
 from __future__ import annotations
 
-import os
 from typing import Any, cast
 
 import attrs
@@ -101,9 +100,9 @@ def _finetune_job(
         **load_template_overrides(options),
     )
     partial = get_model_state_dict(job.model, submodules={sub}, options=read)
-    job.hooks.checkpointer.load(
-        {"model": partial}, os.path.join(ctx.tmpdir, "pretrain"), group=job.group
-    )
+    loaded = {"model": partial}
+    job.load(loaded, "pretrain")
+    partial = loaded["model"]
     write = state_dict_options(options, strict=False, ignore_frozen_params=False)
     if write.broadcast_from_rank0 and ctx.rank != 0:
         partial = {}

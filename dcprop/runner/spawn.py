@@ -53,6 +53,8 @@ def _fork_server() -> Any:
 
 def _rank_main(channel: socket.socket, argv: list[str], log: str, controller: int) -> None:
     """The rank process: output to ``log``, then the worker's main loop."""
+    # like a job's rank, it may start processes of its own (an async checkpoint writer)
+    multiprocessing.current_process().daemon = False
     _exit_with(controller)
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)

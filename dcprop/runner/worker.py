@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
+    from dcprop.checkpointer import close_live
     from dcprop.runner.execute import execute, harness_error
     from dcprop.runner.preflight import preflight
     from dcprop.runner.worlds import Worlds
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             conn.send(("outcome", outcome))
         except Exception as e:  # an unpicklable return value
             conn.send(("outcome", harness_error(args.rank, e, started)))
+    close_live()  # the checkpointers' teardown: os._exit skips atexit
     stacks.close()
     os._exit(0)  # skip interpreter teardown: torch's exit hooks can abort a rank late
 

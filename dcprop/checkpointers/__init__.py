@@ -1,0 +1,1 @@
+"""Adapters shipped with dcprop for checkpoint libraries people use (each an optional extra)."""
