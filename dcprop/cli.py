@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from dcprop import __version__, recipes
+from dcprop.checkpointer import CHECKPOINTERS
 from dcprop.errors import DcpropError, UsageError, headline
 from dcprop.properties import PROPERTIES
 from dcprop.runner import resolve_device
@@ -184,6 +185,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
     if args.shrink_seconds < 0:
         raise UsageError(f"--shrink-seconds {args.shrink_seconds}: must be 0 or more")
+    if args.add_to_corpus and (args.checkpointer or "dcp") not in CHECKPOINTERS:
+        raise UsageError(
+            f"--add-to-corpus with --checkpointer {args.checkpointer!r}: corpus entries must "
+            f"replay anywhere, so they name a built-in checkpointer "
+            f"({', '.join(CHECKPOINTERS)}); drop --add-to-corpus for your own"
+        )
     device = resolve_device(args.device, option="--device")
     _check_world_size(args.world_size, args.oversubscribe)
     _check_report_path(args.report)
@@ -373,7 +380,9 @@ def _check(args: argparse.Namespace) -> int:
                         blame=whose.sentence() if whose else "",
                     )
                     if args.add_to_corpus:
-                        _add_to_corpus(args.add_to_corpus, prop, scenario, failure)
+                        _add_to_corpus(
+                            args.add_to_corpus, prop, scenario, failure, args.checkpointer or "dcp"
+                        )
                     return path
 
                 # each property gets an equal share of the time that is left
@@ -490,7 +499,9 @@ def _write_report(
     os.replace(tmp, path)
 
 
-def _add_to_corpus(directory: str, prop: str, scenario: Any, failure: Any) -> str:
+def _add_to_corpus(
+    directory: str, prop: str, scenario: Any, failure: Any, checkpointer: str
+) -> str:
     from dcprop.corpus import write_entry
     from dcprop.known_bugs import match_known
 
@@ -502,6 +513,7 @@ def _add_to_corpus(directory: str, prop: str, scenario: Any, failure: Any) -> st
         expect=f"known:{known.id}" if known else "fail",
         signature=failure.signature,
         note=headline(str(failure)),
+        checkpointer=checkpointer,
     )
 
 

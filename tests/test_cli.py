@@ -33,8 +33,12 @@ def dcprop(*args, cwd=ROOT, timeout=600, pythonpath=()):
         (["--world-size", "0"], "--world-size 0: needs at least 1 rank"),
         (["--recipe", "nope"], "no such recipe"),
         (["--checkpointer", "no.such.module:X"], "does not import"),
-        (["--checkpointer", "json"], "must look like 'package.module:attribute'"),
+        (["--checkpointer", "json"], "or look like 'package.module:attribute'"),
         (["--timeout", "0"], "must be positive"),
+        (
+            ["--add-to-corpus", "corpus", "--checkpointer", "helpers:RenamedDCP"],
+            "corpus entries must replay anywhere",
+        ),
         (["--report", "no/such/dir/report.json"], "no/such/dir does not exist; create it"),
         (["--world-size", str(MANY_RANKS)], "add --oversubscribe"),
         pytest.param(
