@@ -401,3 +401,10 @@ def kill_self_on(ctx, rank):
         time.sleep(0.5)
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier(group=ctx.group())
+
+
+def make_multiprocessing_temp_dir(ctx):
+    """What an async writer's start-up does: multiprocessing's own temp directory."""
+    import multiprocessing.util
+
+    return multiprocessing.util.get_temp_dir()

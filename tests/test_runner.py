@@ -434,3 +434,14 @@ def test_the_stale_directory_sweep_leaves_other_hosts_directories(tmp_path):
     theirs.mkdir()
     assert remove_stale_tempdirs(str(tmp_path)) == [str(mine)]
     assert theirs.exists()
+
+
+def test_temp_files_made_in_a_rank_go_with_the_pool(tmp_path):
+    # a rank ends with os._exit, so what multiprocessing (an async writer) makes in
+    # TMPDIR would outlive it: it lives in the pool's directory instead
+    with Pool(1, tmp_root=str(tmp_path)) as pool:
+        made = pool.run(helpers.make_multiprocessing_temp_dir)[0]
+        assert made.startswith(str(tmp_path) + os.sep)
+        assert os.path.isdir(made)
+    assert not os.path.exists(made)
+    assert not os.listdir(tmp_path)

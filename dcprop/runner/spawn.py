@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +56,11 @@ def _rank_main(channel: socket.socket, argv: list[str], log: str, controller: in
     """The rank process: output to ``log``, then the worker's main loop."""
     # like a job's rank, it may start processes of its own (an async checkpoint writer)
     multiprocessing.current_process().daemon = False
+    # A rank ends with os._exit, which skips the clean-up of temp files made in it (by
+    # multiprocessing, a writer process, a user's checkpointer): keep them inside the
+    # pool's own directory, which the controller removes (or the next pool, after a
+    # hard kill).
+    os.environ["TMPDIR"] = tempfile.tempdir = os.path.dirname(log)
     _exit_with(controller)
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
