@@ -87,6 +87,7 @@ class PropertyReport:
     first_failure_at: int | None = None  # the example that first found a new failure
     first_failure_seconds: float | None = None
     steered: dict[str, int] = attrs.field(factory=dict)  # draws skipped, per confirmed bug
+    flaky: list[str] = attrs.field(factory=list)  # signatures that did not fail again
 
     @property
     def checked(self) -> int:
@@ -300,6 +301,7 @@ def run_campaign(
             record(scenario, failure)
     # each distinct failure (signature), as Hypothesis replays it shrunk at the end
     finals: dict[str, tuple[S.Scenario, ExampleFailure]] = {}
+    seen: dict[str, tuple[S.Scenario, ExampleFailure]] = {}  # the last example of each
     if max_examples > 0:
 
         @settings(
@@ -323,6 +325,7 @@ def run_campaign(
             try:
                 attempt(scenario)
             except ExampleFailure as failure:
+                seen[failure.signature] = (scenario, failure)
                 if is_final_replay():
                     finals[failure.signature] = (scenario, failure)
                 raise
@@ -333,6 +336,13 @@ def run_campaign(
             search()
         except (_OutOfTime, Unsatisfiable):
             pass  # out of time, or every draw was certain to end in a confirmed known bug
+        except Flaky as error:
+            # a failure that did not fail again the same way is still a failure of the
+            # code under test: report what was seen, marked flaky, not a crash of dcprop
+            for signature in _flaky_signatures(error) or list(seen):
+                if signature in seen and signature not in finals:
+                    report.flaky.append(signature)
+                    finals[signature] = seen[signature]
         except Exception as error:
             if not _failures_only(error):
                 raise
@@ -372,6 +382,12 @@ def _json(scenario: S.Scenario) -> Any:
     return to_json(scenario)
 
 
+def _flaky_signatures(error: Flaky) -> list[str]:
+    """The signatures of the failures a Flaky search saw (its first failures)."""
+    inner = getattr(error, "exceptions", None) or ()
+    return [e.signature for e in inner if isinstance(e, ExampleFailure)]
+
+
 def _failures_only(error: BaseException) -> bool:
     """True for what a search raises when examples failed: one failure, or Hypothesis'
     group of the distinct ones (not a failure that did not fail again: Flaky)."""
@@ -396,6 +412,9 @@ def _record(
         "scenario": _json(scenario),
         "reproducer": None,
     }
+    if failure.signature in report.flaky:
+        entry["error"] = f"flaky (did not fail the same way again): {entry['error']}"
+        entry["flaky"] = True
     known = match_known(failure, scenario)
     if known is not None:
         entry["known_bug"] = known.id

@@ -408,3 +408,18 @@ def make_multiprocessing_temp_dir(ctx):
     import multiprocessing.util
 
     return multiprocessing.util.get_temp_dir()
+
+
+class FailsOnce(DCPCheckpointer):
+    """A transient fault: the first save after ``marker`` is armed fails, every later one
+    passes (as a write that hit a full disk once would)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def save(self, state_dict, path, *, storage, group):
+        try:
+            os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return super().save(state_dict, path, storage=storage, group=group)
+        raise OSError("a transient write error")

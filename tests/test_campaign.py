@@ -200,3 +200,23 @@ def test_a_checkpointer_failing_where_dcp_fails_otherwise_is_told_apart(dcprop_r
     assert blame["summary"].startswith(
         f"plain DCP fails differently ({blame['plain_dcp_signature']})"
     )
+
+
+def test_a_failure_that_does_not_fail_again_is_reported_flaky(dcprop_runner, tmp_path):
+    """Hypothesis raises Flaky when the failing example passes on replay: the failure
+    was still seen in the code under test, so it is reported (marked flaky), never a
+    crash of the campaign."""
+    report = run_campaign(
+        dcprop_runner,
+        "roundtrip",
+        dst.scenarios("roundtrip", **{**SMALL, "world_sizes": (1,)}),
+        max_examples=5,
+        seed=0,
+        hooks=Hooks(checkpointer=helpers.FailsOnce(str(tmp_path / "armed"))),
+        shrink_seconds=0,
+    )
+    [failure] = report.failures
+    assert failure["flaky"] is True
+    assert failure["error"].startswith("flaky (did not fail the same way again):")
+    assert "a transient write error" in failure["error"]
+    assert report.flaky == [failure["signature"]]
