@@ -221,6 +221,16 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _threads_per_rank(world_size: int) -> None:
+    """Share the cores between the ranks of the largest job.  Each rank is a process,
+    and torch gives every process one intra-op thread per core; on 2 cores a 4-rank
+    example then ran 3x slower than with one thread per rank (OpenMP threads spin
+    while they wait: benchmarks/bench_campaign.py, section worlds).  The fork server
+    the ranks come from reads OMP_NUM_THREADS when it imports torch; a user's value
+    wins."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // world_size)))
+
+
 def _check_world_size(world_size: int, oversubscribe: bool) -> None:
     """Each rank is a process that computes: far more ranks than cores make every
     example slow enough to time out, so that is refused unless asked for (the default
@@ -312,6 +322,7 @@ def _check(args: argparse.Namespace) -> int:
 
     explicit = {p: _explicit(cfg["recipe"], p, args.world_size) for p in cfg["properties"]}
     largest = max([*cfg["world_sizes"], *(s.world_size for v in explicit.values() for s in v)])
+    _threads_per_rank(largest)
     runner = make_runner(largest, device=cfg["device"], timeout=args.timeout)
     if under_torchrun() and not runner.is_driver:
         runner.follow()
@@ -433,12 +444,22 @@ def _write_report(
 
     from dcprop.campaign import known_totals
 
+    max_examples, duration = _budget(args, cfg)
+
     data = {
         "dcprop_version": __version__,
         "torch_version": torch.__version__,
         "device": cfg["device"],
         "world_size": args.world_size,
         "seed": args.seed,
+        # the campaign's budget, as given or defaulted: what a re-run needs to match it
+        "budget": {
+            "duration": duration,
+            "max_examples": None if max_examples == UNLIMITED_EXAMPLES else max_examples,
+            "shrink_seconds": args.shrink_seconds,
+            "world_sizes": list(cfg["world_sizes"]),
+            "threads_per_rank": os.environ.get("OMP_NUM_THREADS"),
+        },
         "properties": {r.name: r.to_json() for r in reports},
         # per bug: how many examples ended in it (they checked nothing past the bug)
         "known": known_totals(reports),
