@@ -9,7 +9,8 @@ overhead  The default campaign (``dcprop check --no-database --seed 0 --duration
           examples: every scenario the campaign ran, run again directly on the
           campaign's already-started pools, without Hypothesis, matching, events,
           database or progress.  Rows with and without the examples that ended in a
-          known bug.  ``--profile`` adds the controller's own time by function.
+          known bug.  ``--profile`` adds the controller's own time by function;
+          ``--preload torch._dynamo`` measures a fork server that imports it once.
 bugs      Each injected bug of the test suite: seconds to the first failure and to
           the shrunk report, by ``dcprop check`` itself (checkpointers) or by
           ``run_campaign`` on the default strategy (model factories: the CLI takes
@@ -159,7 +160,7 @@ def overhead(duration: float, profile: bool) -> None:
     calls = recording.calls
     steered = sum(sum(p["steered"].values()) for p in props.values())
     print(
-        f"\nthe default campaign (dcprop check {' '.join(argv[1:5])}), exit {code}, "
+        f"\nthe default campaign (dcprop check {' '.join(argv[1:6])}), exit {code}, "
         f"{wall:.1f}s wall, {len(calls)} examples, {steered} draws steered past "
         "confirmed known bugs"
     )
@@ -183,7 +184,11 @@ def overhead(duration: float, profile: bool) -> None:
             f"{label:<28} {n:>5} {spent:>10.1f} {ran:>11.1f} {again:>8.1f} "
             f"{n / spent:>13.2f} {n / again:>9.2f} {again / spent:>6.0%}"
         )
-    print(f"controller time outside the runner: {controller:.1f}s ({controller / wall:.0%})")
+    print(
+        f"controller time outside the runner: {controller:.1f}s ({controller / wall:.0%}); "
+        f"inside it, {pools.starts} pool starts ({pools.restarts} restarts after a hang or "
+        "crash), which the bare examples, on started pools, do not pay"
+    )
     print(
         f"\n{'property':<16} {'examples':>8} {'checked':>8} {'known':>6} {'steered':>8} "
         f"{'seconds':>8} {'ex/s':>6}  stopped before the checks"
@@ -441,7 +446,18 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--preload",
+        default="",
+        help="comma-separated modules the fork server imports besides its own (to measure "
+        "what importing them once, instead of in every rank after each start, saves)",
+    )
     args = parser.parse_args()
+    if args.preload:
+        from dcprop.runner import spawn
+
+        spawn.PRELOAD.extend(args.preload.split(","))
+        print(f"fork server also preloads {args.preload}")
     sections = args.sections.split(",")
     threads = [int(t) for t in args.threads.split(",")]
     print(f"{_cores()} cores, load average {os.getloadavg()[0]:.2f} at the start")
