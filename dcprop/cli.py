@@ -354,12 +354,7 @@ def _check(args: argparse.Namespace) -> int:
                         _add_to_corpus(args.add_to_corpus, prop, scenario, failure)
                     return path
 
-                # each property gets an equal share of the time that is left
-                share = (
-                    None
-                    if deadline is None
-                    else max(0.0, deadline - time.monotonic()) / (len(cfg["properties"]) - i)
-                )
+                share = _share(duration, deadline, len(cfg["properties"]), i)
                 report = run_campaign(
                     runner,
                     prop,
@@ -397,6 +392,17 @@ def _check(args: argparse.Namespace) -> int:
             f"and checked nothing past it: {bug['title']}"
         )
     return 1 if failures else 0
+
+
+def _share(duration: float | None, deadline: float | None, count: int, i: int) -> float | None:
+    """The time the ``i``-th of ``count`` properties gets (None: no limit): an equal
+    share of the time left, and never less than half of its planned share.  An
+    example runs to its end even past the deadline, so one hang (it costs --timeout)
+    would otherwise leave the properties after it no time at all."""
+    if duration is None or deadline is None:
+        return None
+    left = max(0.0, deadline - time.monotonic())
+    return max(left / (count - i), duration / count / 2)
 
 
 def _examples(n: int) -> str:

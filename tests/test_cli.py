@@ -189,6 +189,19 @@ def test_a_campaign_sized_by_time_reports_progress_and_coverage(tmp_path):
     assert not (tmp_path / ".hypothesis").exists()
 
 
+def test_a_property_after_an_overrun_still_gets_time(tmp_path):
+    """Each property gets at least half its planned share of --duration: roundtrip's
+    first example, which starts the ranks, outlasts the whole budget, and ddp_parity
+    after it still runs."""
+    report = tmp_path / "report.json"
+    args = ["--properties", "roundtrip,ddp_parity", "--world-size", "1", "--duration", "1s"]
+    result = dcprop("check", *args, "--no-database", "--report", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report.read_text())["properties"]
+    assert data["roundtrip"]["seconds"] > 1  # it overran the whole budget
+    assert data["ddp_parity"]["duration"] == 0.25 and data["ddp_parity"]["examples"] > 0
+
+
 def test_clean_campaign_report(tmp_path):
     report = tmp_path / "report.json"
     result = dcprop(
