@@ -48,7 +48,7 @@ sys.path.insert(
 )
 
 from dcprop import specs as S
-from dcprop.errors import ExampleFailure
+from dcprop.errors import ExampleFailure, RankTimeout
 from dcprop.properties import PROPERTIES, property_ref
 from dcprop.runner import Pool, Pools
 
@@ -107,17 +107,20 @@ class Recording:
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
-        ended = "ok"
+        ended, hung = "ok", False
         try:
             return self.pools.run(fn, *args, **kwargs)
         except ExampleFailure as failure:
             from dcprop.known_bugs import match_known
 
             ended = "known bug" if match_known(failure, args[0]) else "failed"
+            hung = isinstance(failure, RankTimeout)
             raise
         finally:
             seconds = time.perf_counter() - started
-            self.calls.append(dict(fn=fn, args=args, kwargs=kwargs, seconds=seconds, ended=ended))
+            self.calls.append(
+                dict(fn=fn, args=args, kwargs=kwargs, seconds=seconds, ended=ended, hung=hung)
+            )
 
     def close(self) -> None:
         pass  # closed by the benchmark, after the bare examples
@@ -188,6 +191,11 @@ def overhead(duration: float, profile: bool) -> None:
         f"controller time outside the runner: {controller:.1f}s ({controller / wall:.0%}); "
         f"inside it, {pools.starts} pool starts ({pools.restarts} restarts after a hang or "
         "crash), which the bare examples, on started pools, do not pay"
+    )
+    hangs = [c for c in calls if c["hung"]]
+    print(
+        f"examples that hung: {len(hangs)}, {sum(c['seconds'] for c in hangs):.1f}s in the "
+        f"runner ({sum(c['ended'] == 'known bug' for c in hangs)} of them known deadlocks)"
     )
     print(
         f"\n{'property':<16} {'examples':>8} {'checked':>8} {'known':>6} {'steered':>8} "
