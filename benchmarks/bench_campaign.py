@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -158,8 +159,7 @@ def overhead(duration: float, profile: bool) -> None:
         pools.close()
     with open(report) as f:
         props = json.load(f)["properties"]
-    os.remove(report)
-    os.rmdir(os.path.dirname(report))
+    shutil.rmtree(os.path.dirname(report))
     calls = recording.calls
     steered = sum(sum(p["steered"].values()) for p in props.values())
     print(
