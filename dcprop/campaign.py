@@ -88,6 +88,7 @@ class PropertyReport:
     first_failure_seconds: float | None = None
     steered: dict[str, int] = attrs.field(factory=dict)  # draws skipped, per confirmed bug
     flaky: list[str] = attrs.field(factory=list)  # signatures that did not fail again
+    duration: float | None = None  # the property's share of the time budget (None: no limit)
 
     @property
     def checked(self) -> int:
@@ -126,11 +127,14 @@ class PropertyReport:
             "shrink_stopped": self.shrink_stopped,
             "out_of_time": self.out_of_time,
             "checked": self.checked,
+            # the rest were stopped before the checks: see "ended" and "known"
+            "checked_share": round(self.checked / self.examples, 3) if self.examples else None,
             "ended": self.ended,
             "first_failure_at": self.first_failure_at,
             "first_failure_seconds": self.first_failure_seconds,
             "coverage": self.coverage,
             "steered": self.steered,
+            "duration": None if self.duration is None else round(self.duration, 3),
         }
 
 
@@ -248,7 +252,7 @@ def run_campaign(
     reported (Hypothesis alone would go on for up to five minutes, and a
     campaign should end within a few).  The time budget ends generation only: a
     failure found in time is still shrunk."""
-    report = PropertyReport(property)
+    report = PropertyReport(property, duration=duration)
     started = time.perf_counter()
     last: dict[str, Any] = {}
     confirmed = set() if confirmed is None else confirmed

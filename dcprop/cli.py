@@ -261,6 +261,16 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _threads_per_rank(world_size: int) -> None:
+    """Share the cores between the ranks of the largest job.  Each rank is a process,
+    and torch gives every process one intra-op thread per core; on 2 cores a 4-rank
+    example then ran 3x slower than with one thread per rank (OpenMP threads spin
+    while they wait: benchmarks/bench_campaign.py, section worlds).  The fork server
+    the ranks come from reads OMP_NUM_THREADS when it imports torch; a user's value
+    wins."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // world_size)))
+
+
 def _check_world_size(world_size: int, oversubscribe: bool) -> None:
     """Each rank is a process that computes: far more ranks than cores make every
     example slow enough to time out, so that is refused unless asked for (the default
@@ -353,6 +363,7 @@ def _check(args: argparse.Namespace) -> int:
     for prop in cfg["properties"]:
         _strategy(prop, cfg)  # bad arguments are refused before the ranks start
     largest = max([*cfg["world_sizes"], *(s.world_size for v in explicit.values() for s in v)])
+    _threads_per_rank(largest)
     runner = make_runner(
         largest, device=cfg["device"], timeout=args.timeout, checkpoint_root=args.checkpoint_root
     )
@@ -385,12 +396,7 @@ def _check(args: argparse.Namespace) -> int:
                         )
                     return path
 
-                # each property gets an equal share of the time that is left
-                share = (
-                    None
-                    if deadline is None
-                    else max(0.0, deadline - time.monotonic()) / (len(cfg["properties"]) - i)
-                )
+                share = _share(duration, deadline, len(cfg["properties"]), i)
                 report = run_campaign(
                     runner,
                     prop,
@@ -433,6 +439,17 @@ def _check(args: argparse.Namespace) -> int:
             f"and checked nothing past it: {bug['title']}"
         )
     return exit_code
+
+
+def _share(duration: float | None, deadline: float | None, count: int, i: int) -> float | None:
+    """The time the ``i``-th of ``count`` properties gets (None: no limit): an equal
+    share of the time left, and never less than half of its planned share.  An
+    example runs to its end even past the deadline, so one hang (it costs --timeout)
+    would otherwise leave the properties after it no time at all."""
+    if duration is None or deadline is None:
+        return None
+    left = max(0.0, deadline - time.monotonic())
+    return max(left / (count - i), duration / count / 2)
 
 
 def _examples(n: int) -> str:
@@ -480,6 +497,8 @@ def _write_report(
 
     from dcprop.campaign import known_totals
 
+    max_examples, duration = _budget(args, cfg)
+
     data = {
         "dcprop_version": __version__,
         "torch_version": torch.__version__,
@@ -487,6 +506,14 @@ def _write_report(
         "world_size": args.world_size,
         "seed": args.seed,
         "exclude": list(cfg["exclude"]),  # regions never drawn
+        # the campaign's budget, as given or defaulted: what a re-run needs to match it
+        "budget": {
+            "duration": duration,
+            "max_examples": None if max_examples == UNLIMITED_EXAMPLES else max_examples,
+            "shrink_seconds": args.shrink_seconds,
+            "world_sizes": list(cfg["world_sizes"]),
+            "threads_per_rank": os.environ.get("OMP_NUM_THREADS"),
+        },
         "properties": {r.name: r.to_json() for r in reports},
         # each distinct failure (signature) of each property, shrunk, with its reproducer
         "failures": sum(len(r.failures) for r in reports),

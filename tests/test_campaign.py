@@ -52,6 +52,7 @@ def test_known_bugs_are_counted_per_example(dcprop_runner):
     assert report.failures == [] and report.examples == 3
     assert [(k["id"], k["examples"]) for k in report.known] == [(bug, 3)]
     assert report.known_examples == 3 and report.to_json()["known_examples"] == 3
+    assert report.to_json()["checked_share"] == 0  # none reached the property's checks
     assert known_totals([report, report])[0]["examples"] == 6
 
 
@@ -88,6 +89,9 @@ def test_a_campaign_ends_when_its_time_is_up(dcprop_runner):
     assert report.out_of_time and report.examples > 0 and report.phase == "done"
     assert report.checked + report.ended["known bug"] == report.examples
     assert sum(report.coverage["plan"].values()) == report.examples
+    data = report.to_json()
+    assert data["duration"] == 3.0
+    assert data["checked_share"] == round(report.checked / report.examples, 3)
 
 
 def test_a_confirmed_known_bug_is_not_paid_for_again(dcprop_runner):

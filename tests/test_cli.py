@@ -85,6 +85,31 @@ def test_a_checkpointer_in_the_working_directory_imports(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ranks_share_the_cores_instead_of_each_taking_all_of_them(tmp_path):
+    """Each rank of a 4-rank job gets a quarter of the cores (at least one thread):
+    torch's default, one thread per core in every rank, oversubscribes them."""
+    (tmp_path / "threads_ckpt.py").write_text(
+        "import torch\nfrom dcprop.checkpointer import DCPCheckpointer\n\n\n"
+        "class CountThreads(DCPCheckpointer):\n"
+        "    def save(self, *args, **kwargs):\n"
+        f"        assert torch.get_num_threads() == {max(1, len(os.sched_getaffinity(0)) // 4)}\n"
+        "        super().save(*args, **kwargs)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = ROOT
+    args = ["--checkpointer", "threads_ckpt:CountThreads", "--properties", "roundtrip"]
+    args += ["--world-size", "4", "--max-examples", "2", "--no-database"]
+    result = subprocess.run(
+        [sys.executable, "-m", "dcprop.cli", "check", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_an_environment_without_numpy_is_refused_at_start_up(tmp_path):
     """The CPU torch wheel does not install numpy, which torch's object collectives (and
     so dcp.save) need.  A `numpy` that does not import, first on the path, reproduces
@@ -154,13 +179,36 @@ def test_a_campaign_sized_by_time_reports_progress_and_coverage(tmp_path):
         str(report),
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    budget = json.loads(report.read_text())["budget"]
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // 2)))
+    assert budget == {
+        "duration": 4.0,
+        "max_examples": None,  # sized by time
+        "shrink_seconds": 60.0,
+        "world_sizes": [1, 2],
+        "threads_per_rank": threads,
+    }
     data = json.loads(report.read_text())["properties"]["ddp_parity"]
     assert data["out_of_time"] and data["examples"] > 0
+    assert 3.5 < data["duration"] <= 4.0  # its share: what was left of the budget at its start
     assert data["checked"] == data["ended"]["held"] + data["ended"]["check failed"]
     assert "\x1b[" not in result.stdout  # no terminal escapes in a log
     assert "coverage (examples per kind):" in result.stdout and "  plan " in result.stdout
     assert "checked" in result.stdout.splitlines()[0]  # the plain progress line
     assert not (tmp_path / ".hypothesis").exists()
+
+
+def test_a_property_after_an_overrun_still_gets_time(tmp_path):
+    """Each property gets at least half its planned share of --duration: roundtrip's
+    first example, which starts the ranks, outlasts the whole budget, and ddp_parity
+    after it still runs."""
+    report = tmp_path / "report.json"
+    args = ["--properties", "roundtrip,ddp_parity", "--world-size", "1", "--duration", "1s"]
+    result = dcprop("check", *args, "--no-database", "--report", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads(report.read_text())["properties"]
+    assert data["roundtrip"]["seconds"] > 1  # it overran the whole budget
+    assert data["ddp_parity"]["duration"] == 0.25 and data["ddp_parity"]["examples"] > 0
 
 
 def test_clean_campaign_report(tmp_path):
