@@ -36,6 +36,9 @@ PRELOAD = [
     "torch.distributed.fsdp",
     "torch.distributed.tensor",
     "torch.nn.parallel",
+    # FSDP2 and DTensor import it on a rank's first example: 1.4 to 4.5 s per rank after
+    # every pool start (benchmarks/bench_campaign.py --preload); it starts no thread
+    "torch._dynamo",
     "dcprop.runner.worker",
     "dcprop.runner.execute",
     "dcprop.properties._harness",
