@@ -235,79 +235,141 @@ def run_campaign(
 ) -> PropertyReport:
     """Run ``property`` over ``explicit`` scenarios, then up to ``max_examples`` drawn
     from ``strategy`` for up to ``duration`` seconds (None: no time limit).
-    ``on_failure(scenario, failure, blame)`` writes a reproducer and returns its path;
-    it is called for each distinct failure (signature), shrunk, with what plain DCP
-    does on its scenario (:func:`blame`; None with DCP itself).  ``database``: a
-    directory where Hypothesis keeps failing examples, replayed first by the next
-    campaign of this property.
-    ``confirmed``: ids of known bugs this property has already met (updated here); a
-    drawn scenario that is certain to end in one of them is skipped and counted in
-    ``steered`` instead of paying for the bug again, unless ``strict``.  Not shared
+    ``on_failure(scenario, failure, blame)`` writes a reproducer and returns its path,
+    for each distinct failure, shrunk, with what plain DCP does on its scenario
+    (:func:`blame`).  ``database``: where Hypothesis keeps failing examples, replayed
+    first next time.  ``confirmed``: known bugs this property has met (updated here);
+    see :class:`_Campaign` for the budget and for skipping confirmed bugs."""
+    campaign = _Campaign(
+        runner,
+        property,
+        hooks,
+        strict,
+        on_example,
+        on_failure,
+        shrink_seconds,
+        duration,
+        set() if confirmed is None else confirmed,
+        PropertyReport(property, duration=duration),
+    )
+    for scenario in explicit:
+        try:
+            campaign.attempt(scenario)
+        except ExampleFailure as failure:
+            campaign.record(scenario, failure)
+    if max_examples > 0:
+        campaign.search(strategy, max_examples, seed, database)
+    return campaign.done()
+
+
+@attrs.define
+class _Campaign:
+    """One property's campaign: the budget, each example's ending, and the failures.
+
+    A drawn scenario certain to end in a ``confirmed`` known bug is skipped and counted
+    in ``steered`` instead of paying for the bug again, unless ``strict``.  Not shared
     between properties: each calls other APIs, so a bug met in one is not certain in
     another (ddp_parity never loads a state dict).
 
-    Shrinking stops after ``shrink_seconds`` (counted from the first failure, so
-    the search for further distinct failures that Hypothesis goes on with for up to
-    ten seconds falls within it too): the smallest failure found by then is the one
-    reported (Hypothesis alone would go on for up to five minutes, and a
-    campaign should end within a few).  The time budget ends generation only: a
-    failure found in time is still shrunk."""
-    report = PropertyReport(property, duration=duration)
-    started = time.perf_counter()
-    last: dict[str, Any] = {}
-    confirmed = set() if confirmed is None else confirmed
+    The time budget ends generation only: a failure found in time is still shrunk,
+    for ``shrink_seconds`` counted from the first failure (the search for further
+    distinct failures, which Hypothesis goes on with for up to ten seconds, falls
+    within it); after that every candidate passes, so Hypothesis replays the smallest
+    failure found so far (alone it would go on for up to five minutes)."""
 
-    def attempt(scenario: S.Scenario) -> None:
-        found_at = last.get("found_at")
-        now = time.perf_counter()
-        if found_at is None and duration is not None and now - started > duration:
-            report.out_of_time = True
-            raise _OutOfTime
-        out_of_time = found_at is not None and now - found_at > shrink_seconds
-        if out_of_time and not is_final_replay():
-            report.shrink_stopped = True
+    runner: Any
+    property: str
+    hooks: Any
+    strict: bool
+    on_example: Callable[[PropertyReport], None] | None
+    on_failure: Callable[[S.Scenario, ExampleFailure, Blame | None], str] | None
+    shrink_seconds: float
+    duration: float | None
+    confirmed: set[str]
+    report: PropertyReport
+    started: float = attrs.field(factory=time.perf_counter)
+    found_at: float | None = None  # when the first new failure was found
+    # each distinct failure (signature): as Hypothesis replays it shrunk at the end, and
+    # its last example (what a Flaky search is reported from)
+    finals: dict[str, tuple[S.Scenario, ExampleFailure]] = attrs.field(factory=dict)
+    seen: dict[str, tuple[S.Scenario, ExampleFailure]] = attrs.field(factory=dict)
+
+    def attempt(self, scenario: S.Scenario) -> None:
+        """Run one example, unless the budget says otherwise; raise its failure as a
+        type of its own per signature, unless it is a known bug (counted)."""
+        if not self._within_budget():
             return  # counts as passing, so Hypothesis keeps what it has
-        if found_at is not None:
-            report.phase = "replaying" if is_final_replay() else "shrinking"
+        report = self.report
         report.examples += 1
         report.cover(scenario)
         try:
+            self._run(scenario)
+        finally:
+            report.seconds = time.perf_counter() - self.started
+            if self.on_example:
+                self.on_example(report)
+
+    def _within_budget(self) -> bool:
+        now = time.perf_counter()
+        if self.found_at is None:
+            if self.duration is not None and now - self.started > self.duration:
+                self.report.out_of_time = True
+                raise _OutOfTime
+            return True
+        if now - self.found_at > self.shrink_seconds and not is_final_replay():
+            self.report.shrink_stopped = True
+            return False
+        self.report.phase = "replaying" if is_final_replay() else "shrinking"
+        return True
+
+    def _run(self, scenario: S.Scenario) -> None:
+        report = self.report
+        try:
             with carry_runner_errors():  # the pool or the harness failed: not the example
-                run_property(runner, property, scenario, hooks=hooks)
+                run_property(self.runner, self.property, scenario, hooks=self.hooks)
             report.ended["held"] += 1
         except ExampleSkipped:
             report.ended["skipped"] += 1
         except ExampleFailure as failure:
             known = match_known(failure, scenario)
             report.ended[ending(failure, known)] += 1
-            if known is not None and not strict:
+            if known is not None and not self.strict:
                 report.count_known(known, failure, scenario)
-                confirmed.add(known.id)
+                self.confirmed.add(known.id)
                 return
-            if "found_at" not in last:
-                last["found_at"] = time.perf_counter()
+            if self.found_at is None:
+                self.found_at = time.perf_counter()
                 report.first_failure_at = report.examples
-                report.first_failure_seconds = round(last["found_at"] - started, 3)
+                report.first_failure_seconds = round(self.found_at - self.started, 3)
             raise signature_error(failure) from None
-        finally:
-            report.seconds = time.perf_counter() - started
-            if on_example:
-                on_example(report)
 
-    def record(scenario: S.Scenario, failure: ExampleFailure) -> None:
-        whose = blame(runner, property, scenario, failure, hooks)
-        _record(report, scenario, failure, on_failure, whose)
+    def record(self, scenario: S.Scenario, failure: ExampleFailure) -> None:
+        whose = blame(self.runner, self.property, scenario, failure, self.hooks)
+        _record(self.report, scenario, failure, self.on_failure, whose)
 
-    for scenario in explicit:
+    def search(self, strategy: Any, max_examples: int, seed: int, database: str | None) -> None:
+        """Hypothesis' search over ``strategy``; then each distinct failure, recorded."""
+        test = self._hypothesis_test(strategy, max_examples, seed, database)
         try:
-            attempt(scenario)
-        except ExampleFailure as failure:
-            record(scenario, failure)
-    # each distinct failure (signature), as Hypothesis replays it shrunk at the end
-    finals: dict[str, tuple[S.Scenario, ExampleFailure]] = {}
-    seen: dict[str, tuple[S.Scenario, ExampleFailure]] = {}  # the last example of each
-    if max_examples > 0:
+            test()
+        except (_OutOfTime, Unsatisfiable):
+            pass  # out of time, or every draw was certain to end in a confirmed known bug
+        except Flaky as error:
+            # a failure that did not fail again the same way is still a failure of the
+            # code under test: report what was seen, marked flaky, not a crash of dcprop
+            for signature in _flaky_signatures(error) or list(self.seen):
+                if signature in self.seen and signature not in self.finals:
+                    self.report.flaky.append(signature)
+                    self.finals[signature] = self.seen[signature]
+        except Exception as error:
+            if not _failures_only(error):
+                raise
+        for shrunk, final in self.finals.values():
+            self.record(shrunk, final)
 
+    def _hypothesis_test(
+        self, strategy: Any, max_examples: int, seed: int, database: str | None
+    ) -> Callable[[], None]:
         @settings(
             max_examples=max_examples,
             deadline=None,
@@ -321,40 +383,30 @@ def run_campaign(
         @hypothesis_seed(seed)  # under @settings: @seed alone would turn the database off
         @given(strategy)
         def search(scenario: S.Scenario) -> None:
-            bug = None if strict else certain_known_bug(scenario, confirmed)
-            if bug is not None:
-                report.steered[bug] = report.steered.get(bug, 0) + 1
-                reject()
-            record_events(scenario)
-            try:
-                attempt(scenario)
-            except ExampleFailure as failure:
-                seen[failure.signature] = (scenario, failure)
-                if is_final_replay():
-                    finals[failure.signature] = (scenario, failure)
-                raise
+            self._draw(scenario)
 
         # the database keys examples by test function: one key per property
-        search.hypothesis.inner_test._hypothesis_internal_add_digest = property.encode()  # type: ignore[attr-defined]
+        search.hypothesis.inner_test._hypothesis_internal_add_digest = self.property.encode()  # type: ignore[attr-defined]
+        return search  # type: ignore[no-any-return]
+
+    def _draw(self, scenario: S.Scenario) -> None:
+        bug = None if self.strict else certain_known_bug(scenario, self.confirmed)
+        if bug is not None:
+            self.report.steered[bug] = self.report.steered.get(bug, 0) + 1
+            reject()
+        record_events(scenario)
         try:
-            search()
-        except (_OutOfTime, Unsatisfiable):
-            pass  # out of time, or every draw was certain to end in a confirmed known bug
-        except Flaky as error:
-            # a failure that did not fail again the same way is still a failure of the
-            # code under test: report what was seen, marked flaky, not a crash of dcprop
-            for signature in _flaky_signatures(error) or list(seen):
-                if signature in seen and signature not in finals:
-                    report.flaky.append(signature)
-                    finals[signature] = seen[signature]
-        except Exception as error:
-            if not _failures_only(error):
-                raise
-        for shrunk, final in finals.values():
-            record(shrunk, final)
-    report.phase = "done"
-    report.seconds = time.perf_counter() - started
-    return report
+            self.attempt(scenario)
+        except ExampleFailure as failure:
+            self.seen[failure.signature] = (scenario, failure)
+            if is_final_replay():
+                self.finals[failure.signature] = (scenario, failure)
+            raise
+
+    def done(self) -> PropertyReport:
+        self.report.phase = "done"
+        self.report.seconds = time.perf_counter() - self.started
+        return self.report
 
 
 def certain_known_bug(scenario: S.Scenario, confirmed: set[str]) -> str | None:
