@@ -14,6 +14,8 @@ example database, a re-run replays the last failures first.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -407,6 +409,29 @@ class _Campaign:
         self.report.phase = "done"
         self.report.seconds = time.perf_counter() - self.started
         return self.report
+
+
+def write_report(path: str, reports: list[PropertyReport], settings: dict[str, Any]) -> None:
+    """The campaign's JSON report at ``path`` (written whole or not at all): versions,
+    ``settings`` (how it was run), each property's report, and the known bugs met."""
+    import torch
+
+    from dcprop import __version__
+
+    data = {
+        "dcprop_version": __version__,
+        "torch_version": torch.__version__,
+        **settings,
+        "properties": {r.name: r.to_json() for r in reports},
+        # each distinct failure (signature) of each property, shrunk, with its reproducer
+        "failures": sum(len(r.failures) for r in reports),
+        # per bug: how many examples ended in it (they checked nothing past the bug)
+        "known": known_totals(reports),
+    }
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
 def certain_known_bug(scenario: S.Scenario, confirmed: set[str]) -> str | None:

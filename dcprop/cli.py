@@ -8,7 +8,6 @@ usage or set-up, with a message that says what to change.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import runpy
 import signal
@@ -17,8 +16,7 @@ import time
 from typing import Any
 
 from dcprop import __version__, recipes
-from dcprop.checkpointer import CHECKPOINTERS
-from dcprop.errors import DcpropError, UsageError, headline
+from dcprop.errors import DcpropError, UsageError
 from dcprop.properties import PROPERTIES
 from dcprop.runner import resolve_device
 
@@ -37,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcprop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="run properties over generated scenarios")
+    _add_what_options(check)
+    _add_budget_options(check)
+    _add_output_options(check)
+    repro = sub.add_parser("repro", help="run a reproducer script written by dcprop check")
+    repro.add_argument("file")
+    return parser
+
+
+def _add_what_options(check: argparse.ArgumentParser) -> None:
+    """What the campaign tests: properties, worlds, scenarios, checkpointer."""
     check.add_argument(
         "--properties",
         default=None,
@@ -48,35 +56,6 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_WORLD_SIZE,
         help=f"largest world size; scenarios use 1..N ranks (default {DEFAULT_WORLD_SIZE})",
     )
-    check.add_argument(
-        "--max-examples",
-        type=int,
-        default=None,
-        help="examples per property (default: the recipe's, or as many as --duration allows)",
-    )
-    check.add_argument(
-        "--duration",
-        default=None,
-        metavar="TIME",
-        help="time for the whole campaign, shared between the properties: 90s, 5m, 1h or "
-        f"seconds (default: the recipe's, or {DEFAULT_DURATION:g}s when no example count is "
-        "given); a failure found in time is still shrunk",
-    )
-    check.add_argument(
-        "--database",
-        default=DEFAULT_DATABASE,
-        metavar="DIR",
-        help="Hypothesis example database: a re-run replays the last failures first "
-        f"(default {DEFAULT_DATABASE})",
-    )
-    check.add_argument(
-        "--no-database",
-        dest="database",
-        action="store_const",
-        const=None,
-        help="keep no example database",
-    )
-    check.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0)")
     check.add_argument(
         "--recipe",
         default=None,
@@ -93,6 +72,42 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     check.add_argument(
+        "--checkpointer",
+        default=None,
+        help="the checkpointer to test: dcp (default), torch_checkpointing, "
+        "or module:attr of your own",
+    )
+    check.add_argument(
+        "--checkpoint-root",
+        default=None,
+        metavar="DIR",
+        help="where examples write checkpoints (default: $DCPROP_CHECKPOINT_ROOT, else the temp "
+        "directory); under torchrun across hosts, a directory every host mounts",
+    )
+    check.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help=f"allow --world-size above {RANKS_PER_CORE} ranks per CPU core (refused by default)",
+    )
+
+
+def _add_budget_options(check: argparse.ArgumentParser) -> None:
+    """How long the campaign runs and what it remembers."""
+    check.add_argument(
+        "--max-examples",
+        type=int,
+        default=None,
+        help="examples per property (default: the recipe's, or as many as --duration allows)",
+    )
+    check.add_argument(
+        "--duration",
+        default=None,
+        metavar="TIME",
+        help="time for the whole campaign, shared between the properties: 90s, 5m, 1h or "
+        f"seconds (default: the recipe's, or {DEFAULT_DURATION:g}s when no example count is "
+        "given); a failure found in time is still shrunk",
+    )
+    check.add_argument(
         "--timeout",
         type=float,
         default=20.0,
@@ -104,26 +119,30 @@ def _parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds spent shrinking a failure before reporting the smallest so far (default 60)",
     )
+    check.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default 0)")
     check.add_argument(
-        "--oversubscribe",
-        action="store_true",
-        help=f"allow --world-size above {RANKS_PER_CORE} ranks per CPU core (refused by default)",
+        "--database",
+        default=DEFAULT_DATABASE,
+        metavar="DIR",
+        help="Hypothesis example database: a re-run replays the last failures first "
+        f"(default {DEFAULT_DATABASE})",
     )
+    check.add_argument(
+        "--no-database",
+        dest="database",
+        action="store_const",
+        const=None,
+        help="keep no example database",
+    )
+
+
+def _add_output_options(check: argparse.ArgumentParser) -> None:
+    """What the campaign writes and how it counts known bugs."""
     check.add_argument("--report", default=None, help="write a JSON report here")
     check.add_argument(
         "--repro-dir",
         default="dcprop-repros",
         help="where reproducers of failures go (default ./dcprop-repros)",
-    )
-    check.add_argument(
-        "--checkpoint-root",
-        default=None,
-        metavar="DIR",
-        help="where examples write checkpoints (default: $DCPROP_CHECKPOINT_ROOT, else the temp "
-        "directory); under torchrun across hosts, a directory every host mounts",
-    )
-    check.add_argument(
-        "--checkpointer", default=None, help="module:attr of your Checkpointer (save/load) to test"
     )
     check.add_argument(
         "--strict", action="store_true", help="count known upstream bugs as failures (exit 1)"
@@ -134,9 +153,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also save each new failure as a corpus entry in DIR",
     )
-    repro = sub.add_parser("repro", help="run a reproducer script written by dcprop check")
-    repro.add_argument("file")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,12 +201,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--timeout {args.timeout}: must be positive")
     if args.shrink_seconds < 0:
         raise UsageError(f"--shrink-seconds {args.shrink_seconds}: must be 0 or more")
-    if args.add_to_corpus and (args.checkpointer or "dcp") not in CHECKPOINTERS:
-        raise UsageError(
-            f"--add-to-corpus with --checkpointer {args.checkpointer!r}: corpus entries must "
-            f"replay anywhere, so they name a built-in checkpointer "
-            f"({', '.join(CHECKPOINTERS)}); drop --add-to-corpus for your own"
-        )
     device = resolve_device(args.device, option="--device")
     _check_world_size(args.world_size, args.oversubscribe)
     _check_report_path(args.report)
@@ -347,18 +357,10 @@ def _explicit(recipe: dict[str, Any], prop: str, world: int) -> tuple[Any, ...]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    cfg = _settings(args)
-    hooks = None
-    if args.checkpointer:
-        from dcprop.checkpointer import load_checkpointer
-        from dcprop.properties._harness import Hooks
-
-        hooks = Hooks(checkpointer=load_checkpointer(args.checkpointer))
-    from dcprop.campaign import known_totals, run_campaign
-    from dcprop.progress import Progress, coverage_lines
-    from dcprop.repro import write_reproducer
     from dcprop.runner import make_runner, under_torchrun
 
+    cfg = _settings(args)
+    hooks = _hooks(args.checkpointer)
     explicit = {p: _explicit(cfg["recipe"], p, args.world_size) for p in cfg["properties"]}
     for prop in cfg["properties"]:
         _strategy(prop, cfg)  # bad arguments are refused before the ranks start
@@ -370,61 +372,96 @@ def _check(args: argparse.Namespace) -> int:
     if under_torchrun() and not runner.is_driver:
         return runner.follow()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run cleanup on `kill`
-    max_examples, duration = _budget(args, cfg)
     started = time.perf_counter()
-    deadline = None if duration is None else time.monotonic() + duration
-    reports = []
     exit_code = 2  # unless the campaign ends: torchrun's followers exit with it too
     try:
-        with Progress(cfg["properties"], sys.stdout, deadline) as progress:
-            for i, prop in enumerate(cfg["properties"]):
-                job = runner.world_size if under_torchrun() else None
-                strategy = _strategy(prop, cfg, job_world_size=job)
-
-                def write(scenario: Any, failure: Any, whose: Any, prop: str = prop) -> str:
-                    path = write_reproducer(
-                        args.repro_dir,
-                        prop,
-                        scenario,
-                        error=str(failure),
-                        checkpointer=args.checkpointer,
-                        blame=whose.sentence() if whose else "",
-                    )
-                    if args.add_to_corpus:
-                        _add_to_corpus(
-                            args.add_to_corpus, prop, scenario, failure, args.checkpointer or "dcp"
-                        )
-                    return path
-
-                share = _share(duration, deadline, len(cfg["properties"]), i)
-                report = run_campaign(
-                    runner,
-                    prop,
-                    strategy,
-                    max_examples=max_examples,
-                    seed=args.seed,
-                    hooks=hooks,
-                    strict=args.strict,
-                    on_example=progress.update,
-                    on_failure=write,
-                    explicit=explicit[prop],
-                    shrink_seconds=args.shrink_seconds,
-                    duration=share,
-                    database=args.database,
-                )
-                progress.done(report)
-                reports.append(report)
-        failures = sum(len(r.failures) for r in reports)
-        exit_code = 1 if failures else 0
+        reports = _campaign(args, cfg, runner, hooks, explicit)
+        exit_code = 1 if any(r.failures for r in reports) else 0
     finally:
         runner.close(exit_code)
+    _print_results(args, cfg, reports, time.perf_counter() - started)
+    return exit_code
+
+
+def _hooks(checkpointer: str | None) -> Any:
+    if not checkpointer:
+        return None
+    from dcprop.checkpointer import load_checkpointer
+    from dcprop.properties._harness import Hooks
+
+    return Hooks(checkpointer=load_checkpointer(checkpointer))
+
+
+def _campaign(
+    args: argparse.Namespace, cfg: dict[str, Any], runner: Any, hooks: Any, explicit: Any
+) -> list[Any]:
+    """Each property in turn, for its share of the time, under the live view."""
+    from dcprop.campaign import run_campaign
+    from dcprop.progress import Progress
+    from dcprop.runner import under_torchrun
+
+    max_examples, duration = _budget(args, cfg)
+    deadline = None if duration is None else time.monotonic() + duration
+    reports = []
+    with Progress(cfg["properties"], sys.stdout, deadline) as progress:
+        for i, prop in enumerate(cfg["properties"]):
+            job = runner.world_size if under_torchrun() else None
+            report = run_campaign(
+                runner,
+                prop,
+                _strategy(prop, cfg, job_world_size=job),
+                max_examples=max_examples,
+                seed=args.seed,
+                hooks=hooks,
+                strict=args.strict,
+                on_example=progress.update,
+                on_failure=_failure_writer(args, prop),
+                explicit=explicit[prop],
+                shrink_seconds=args.shrink_seconds,
+                duration=_share(duration, deadline, len(cfg["properties"]), i),
+                database=args.database,
+            )
+            progress.done(report)
+            reports.append(report)
+    return reports
+
+
+def _failure_writer(args: argparse.Namespace, prop: str) -> Any:
+    """Writes a failure's reproducer (and corpus entry, with --add-to-corpus)."""
+    from dcprop.corpus import add_failure
+    from dcprop.repro import write_reproducer
+
+    def write(scenario: Any, failure: Any, whose: Any) -> str:
+        path = write_reproducer(
+            args.repro_dir,
+            prop,
+            scenario,
+            error=str(failure),
+            checkpointer=args.checkpointer,
+            blame=whose.sentence() if whose else "",
+        )
+        if args.add_to_corpus:
+            add_failure(
+                args.add_to_corpus, prop, scenario, failure, checkpointer=args.checkpointer or "dcp"
+            )
+        return path
+
+    return write
+
+
+def _print_results(
+    args: argparse.Namespace, cfg: dict[str, Any], reports: list[Any], seconds: float
+) -> None:
+    from dcprop.campaign import known_totals, write_report
+    from dcprop.progress import coverage_lines
+
     print("\ncoverage (examples per kind):")
     print("\n".join(coverage_lines(reports)))
-    _summary(reports, time.perf_counter() - started)
+    _summary(reports, seconds)
     if cfg["exclude"]:  # a clean run must not hide what it never tried
         print(f"excluded (never drawn): {', '.join(cfg['exclude'])}")
     if args.report:
-        _write_report(args.report, cfg, args, reports)
+        write_report(args.report, reports, _report_settings(args, cfg))
     for r in reports:
         for f in r.failures:
             print(f"FAILED {r.name}: {f['error']}\n  reproducer: {f['reproducer']}")
@@ -438,7 +475,6 @@ def _check(args: argparse.Namespace) -> int:
             f"KNOWN upstream bug {bug['id']}: {_examples(bug['examples'])} ({where}) ended in it "
             f"and checked nothing past it: {bug['title']}"
         )
-    return exit_code
 
 
 def _share(duration: float | None, deadline: float | None, count: int, i: int) -> float | None:
@@ -490,18 +526,10 @@ def _summary(reports: list[Any], seconds: float) -> None:
         )
 
 
-def _write_report(
-    path: str, cfg: dict[str, Any], args: argparse.Namespace, reports: list[Any]
-) -> None:
-    import torch
-
-    from dcprop.campaign import known_totals
-
+def _report_settings(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
+    """What the report records of how the campaign was run."""
     max_examples, duration = _budget(args, cfg)
-
-    data = {
-        "dcprop_version": __version__,
-        "torch_version": torch.__version__,
+    return {
         "device": cfg["device"],
         "world_size": args.world_size,
         "seed": args.seed,
@@ -514,34 +542,7 @@ def _write_report(
             "world_sizes": list(cfg["world_sizes"]),
             "threads_per_rank": os.environ.get("OMP_NUM_THREADS"),
         },
-        "properties": {r.name: r.to_json() for r in reports},
-        # each distinct failure (signature) of each property, shrunk, with its reproducer
-        "failures": sum(len(r.failures) for r in reports),
-        # per bug: how many examples ended in it (they checked nothing past the bug)
-        "known": known_totals(reports),
     }
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _add_to_corpus(
-    directory: str, prop: str, scenario: Any, failure: Any, checkpointer: str
-) -> str:
-    from dcprop.corpus import write_entry
-    from dcprop.known_bugs import match_known
-
-    known = match_known(failure, scenario)
-    return write_entry(
-        directory,
-        prop,
-        scenario,
-        expect=f"known:{known.id}" if known else "fail",
-        signature=failure.signature,
-        note=headline(str(failure)),
-        checkpointer=checkpointer,
-    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The regression corpus: saved failing scenarios that the test suite replays.
 
 Each entry is a JSON file ``{"property", "expect", "signature", "checkpointer", "note",
-"scenario"}`` (``checkpointer``: a short name of :data:`~dcprop.checkpointer.CHECKPOINTERS`,
-absent for DCP) where ``expect`` is ``"pass"`` (a fixed bug that must stay fixed), ``"fail"`` (a
+"scenario"}``.  ``checkpointer`` is a short name of
+:data:`~dcprop.checkpointer.CHECKPOINTERS` or a user's ``module:attr`` (absent for
+DCP).  ``expect`` is ``"pass"`` (a fixed bug that must stay fixed), ``"fail"`` (a
 dcprop self-test), or ``"known:<bug id>"`` (a known upstream bug, so the suite
 notices when upstream fixes it).  An entry that expects a failure names its
 ``signature``: the replay must fail with exactly that, not just somehow (a hang
@@ -18,7 +19,7 @@ import os
 from typing import Any
 
 from dcprop.checkpointer import CHECKPOINTERS
-from dcprop.errors import SpecError
+from dcprop.errors import SpecError, headline
 from dcprop.serialization import from_json, to_json
 from dcprop.specs import Scenario
 
@@ -69,7 +70,7 @@ def write_entry(
     if signature:
         data["signature"] = signature
     if checkpointer != "dcp":
-        data["checkpointer"] = _short_name(checkpointer, path)
+        data["checkpointer"] = _checkpointer_name(checkpointer, path)
     data.update(note=note, scenario=to_json(scenario))
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -93,7 +94,7 @@ def load_entries(directory: str) -> list[CorpusEntry]:
                 f"corpus entry {path} expects {expect!r} but names no failure signature: "
                 "replay it and add the signature it fails with"
             )
-        checkpointer = _short_name(data.get("checkpointer", "dcp"), path)
+        checkpointer = _checkpointer_name(data.get("checkpointer", "dcp"), path)
         entries.append(
             CorpusEntry(
                 path,
@@ -108,11 +109,33 @@ def load_entries(directory: str) -> list[CorpusEntry]:
     return entries
 
 
-def _short_name(checkpointer: str, path: str) -> str:
-    """An entry names its checkpointer by short name: it must replay anywhere."""
-    if checkpointer not in CHECKPOINTERS:
+def _checkpointer_name(checkpointer: str, path: str) -> str:
+    """An entry names its checkpointer as ``--checkpointer`` does: a short name, or a
+    user's own by ``module:attr`` (a project's corpus of its own checkpointer)."""
+    module, _, attr = checkpointer.partition(":")
+    if checkpointer not in CHECKPOINTERS and not (module and attr):
         raise SpecError(
-            f"corpus entry {path}: checkpointer {checkpointer!r} is not one of "
+            f"corpus entry {path}: checkpointer {checkpointer!r} is neither 'module:attr' "
+            "nor one of "
             f"{', '.join(map(repr, CHECKPOINTERS))}"
         )
     return checkpointer
+
+
+def add_failure(
+    directory: str, property: str, scenario: Scenario, failure: Any, *, checkpointer: str = "dcp"
+) -> str:
+    """Keep a campaign's failure as a corpus entry: expected to fail as a known bug
+    where it matches one, else as a new failure, with its signature."""
+    from dcprop.known_bugs import match_known
+
+    known = match_known(failure, scenario)
+    return write_entry(
+        directory,
+        property,
+        scenario,
+        expect=f"known:{known.id}" if known else "fail",
+        signature=failure.signature,
+        note=headline(str(failure)),
+        checkpointer=checkpointer,
+    )

@@ -92,7 +92,7 @@ def test_the_readme_lists_every_known_bug():
 
 def test_add_to_corpus_stores_the_signature(tmp_path):
     """`dcprop check --add-to-corpus` writes what the replay must fail with."""
-    from dcprop.cli import _add_to_corpus
+    from dcprop.corpus import add_failure
     from dcprop.runner.messages import Outcome
     from dcprop.runner.pool import failure_from_outcomes
 
@@ -105,12 +105,12 @@ def test_add_to_corpus_stores_the_signature(tmp_path):
         signature=entry.signature,
     )
     failure = failure_from_outcomes({0: outcome})
-    _add_to_corpus(str(tmp_path), entry.property, entry.scenario, failure)
+    add_failure(str(tmp_path), entry.property, entry.scenario, failure)
     [written] = load_entries(str(tmp_path))
     assert written.signature == entry.signature and written.expect == entry.expect
 
 
-def test_an_entry_names_its_checkpointer_by_short_name(tmp_path):
+def test_an_entry_names_its_checkpointer_by_short_name_or_reference(tmp_path):
     entry = next(e for e in ENTRIES if e.checkpointer == "torch_checkpointing")
     path = write_entry(
         str(tmp_path),
@@ -127,8 +127,12 @@ def test_an_entry_names_its_checkpointer_by_short_name(tmp_path):
     ]
     with open(path) as f:
         data = json.load(f)
-    data["checkpointer"] = "mypkg.ckpt:Mine"  # replays only where mypkg imports
+    data["checkpointer"] = "mypkg.ckpt:Mine"  # a project's corpus of its own checkpointer
     with open(path, "w") as f:
         json.dump(data, f)
-    with pytest.raises(SpecError, match=r"'mypkg\.ckpt:Mine' is not one of 'dcp', 'torch_che"):
+    assert [e.checkpointer for e in load_entries(str(tmp_path))] == ["mypkg.ckpt:Mine"]
+    data["checkpointer"] = "mine"  # neither a short name nor module:attr
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(SpecError, match=r"'mine' is neither 'module:attr' nor one of 'dcp', 'tor"):
         load_entries(str(tmp_path))
