@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import time
 import traceback
 from typing import Any
@@ -17,12 +16,13 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from dcprop.errors import DcpropError, PropertyFailure, headline
+from dcprop.errors import DcpropError, PropertyFailure
+from dcprop.runner.failures import failure_signature
 from dcprop.runner.messages import Outcome, Task
 from dcprop.runner.worlds import Worlds
 from dcprop.specs import MeshSpec
 
-__all__ = ["RankContext", "execute", "failure_signature", "harness_error", "root_cause"]
+__all__ = ["PeerFailed", "RankContext", "execute", "harness_error", "resolve", "root_cause"]
 
 
 class RankContext:
@@ -33,7 +33,6 @@ class RankContext:
         self.world_size = task.world_size
         self.tmpdir = task.tmpdir
         self.device = device
-        self.seed = task.seed
         self._worlds = worlds
 
     def mesh(self, spec: MeshSpec) -> Any:
@@ -46,10 +45,6 @@ class RankContext:
     def group(self, world_size: int | None = None) -> Any:
         """The process group over ranks ``0..world_size-1`` (default: the example's world)."""
         return self._worlds.world_group(world_size or self.world_size)
-
-    def barrier(self) -> None:
-        """Wait for every rank of the example's world."""
-        dist.barrier(group=self.group())
 
     def agree(self, ok: bool, what: str) -> None:
         """Raise on every rank if any rank of the example's world says ``ok=False``.
@@ -65,26 +60,6 @@ class RankContext:
 
 class PeerFailed(RuntimeError):
     """This rank stopped because another rank of the example failed first."""
-
-
-_NUMBER = re.compile(r"\d+(\.\d+)?")
-_PATH = re.compile(r"(/[^\s:'\"]+)+")
-_ADDRESS = re.compile(r"0x[0-9a-f]+")
-
-
-def failure_signature(error_type: str, message: str, where: str = "") -> str:
-    """A stable, short identity for a failure: type, the first line of the message with
-    numbers, paths and addresses blanked (those vary between shrink steps), and the
-    function that raised it.  A first line that ends in a colon only introduces what
-    follows ("Error(s) in loading state_dict for M:"), so the next line is kept too,
-    except in dcprop's own PropertyFailure, whose first line is written to be its
-    identity (the lines after it list keys, which change as an example shrinks)."""
-    if error_type == "PropertyFailure":
-        first = message.strip().splitlines()[0] if message.strip() else ""
-    else:
-        first = headline(message)
-    first = _NUMBER.sub("N", _ADDRESS.sub("0x?", _PATH.sub("<path>", first)))[:240]
-    return f"{error_type}: {first}" + (f" @ {where}" if where else "")
 
 
 class _GlobalState:
@@ -256,23 +231,3 @@ def root_cause(e: BaseException) -> tuple[BaseException, list[Any]]:
         inner, summary = failures[min(failures)]
         return inner, list(summary or [])
     return e, list(traceback.extract_tb(e.__traceback__))
-
-
-# gloo's transport error when a collective outlives its process group's timeout
-_COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting \d+ms for \w+ operation to complete")
-
-
-def waited_out(outcome: Outcome) -> bool:
-    """The rank failed only because a collective outlived the process-group timeout:
-    it waited for a peer that never came (a hang), whatever code it was in."""
-    return outcome.failed and bool(_COLLECTIVE_TIMEOUT.search(outcome.message))
-
-
-def innermost_first(formatted_traceback: str) -> str:
-    """A traceback's frame lines, innermost first, as faulthandler writes stacks (so
-    the hang's signature names the same place whichever way the stack was taken)."""
-    return "\n".join(
-        line
-        for line in reversed(formatted_traceback.splitlines())
-        if line.strip().startswith("File ")
-    )

@@ -18,14 +18,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dcprop.errors import RunnerError
-from dcprop.runner.messages import example_world_size
+from dcprop.runner.base import Runner
+from dcprop.runner.failures import example_sizes
 from dcprop.runner.pool import DEFAULT_TIMEOUT, Pool
 from dcprop.specs import MeshSpec
 
 __all__ = ["Pools"]
 
 
-class Pools:
+class Pools(Runner):
     """The :class:`Pool` interface over one pool per job size, up to ``world_size`` ranks.
 
     >>> with Pools(4) as runner:                                   # doctest: +SKIP
@@ -87,7 +88,7 @@ class Pools:
 
     def run(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *args: Any,
         world_size: int | None = None,
         meshes: Sequence[MeshSpec] = (),
@@ -98,14 +99,7 @@ class Pools:
         """As :meth:`Pool.run`, on the pool of ``job_world_size`` ranks (default: the
         example's world, its meshes included)."""
         meshes = tuple(meshes)
-        k = example_world_size(world_size, meshes, self.world_size, "the runner")
-        needed = max([k, *(m.size for m in meshes)])
-        job = needed if job_world_size is None else job_world_size
-        if job < needed:
-            raise RunnerError(
-                f"job_world_size={job} cannot hold an example of {needed} ranks; "
-                f"use None or at least {needed}"
-            )
+        k, job = example_sizes(world_size, meshes, job_world_size, self.world_size, "the runner")
         return self.pool(job).run(
             fn, *args, world_size=k, meshes=meshes, seed=seed, timeout=timeout
         )

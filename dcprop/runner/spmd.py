@@ -34,9 +34,16 @@ from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from dcprop.errors import ExampleFailure, ExampleSkipped, HarnessError, RunnerError, UsageError
 from dcprop.runner import CHECKPOINT_ROOT_ENV, under_torchrun
-from dcprop.runner.execute import execute, innermost_first, waited_out
-from dcprop.runner.messages import Outcome, Task, example_world_size
-from dcprop.runner.pool import DEFAULT_TIMEOUT, failure_from_outcomes
+from dcprop.runner.base import Runner, example_dir
+from dcprop.runner.execute import execute
+from dcprop.runner.failures import (
+    example_sizes,
+    failure_from_outcomes,
+    innermost_first,
+    waited_out,
+)
+from dcprop.runner.messages import Outcome, Task
+from dcprop.runner.pool import DEFAULT_TIMEOUT
 from dcprop.runner.preflight import preflight
 from dcprop.runner.worker import backend_for
 from dcprop.runner.worlds import Worlds
@@ -53,7 +60,7 @@ _ROOT_OPTIONS = (
 )
 
 
-class SPMDRunner:
+class SPMDRunner(Runner):
     """The :class:`~dcprop.runner.pool.Pool` interface over torchrun's processes."""
 
     def __init__(
@@ -137,7 +144,7 @@ class SPMDRunner:
 
     def run(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *args: Any,
         world_size: int | None = None,
         meshes: Sequence[MeshSpec] = (),
@@ -149,6 +156,28 @@ class SPMDRunner:
         (``job_world_size``, default its own world) is of another size is skipped.
         ``timeout`` (default the runner's) is the process-group timeout of the
         example's collectives."""
+        self._check_usable()
+        meshes = tuple(meshes)
+        k, job = example_sizes(
+            world_size, meshes, job_world_size, self.world_size, "torchrun's world"
+        )
+        if job != self.world_size:
+            raise ExampleSkipped(
+                f"the example's job has {job} ranks but torchrun's world has "
+                f"{self.world_size}: its default process group would not be its job"
+            )
+        timeout = self.timeout if timeout is None else timeout
+        assert self._base is not None
+        with example_dir(self._base) as tmpdir:
+            task = Task(next(self._ids), fn, tuple(args), k, meshes, tmpdir, seed, self.device)
+            outcomes = self._round(task, timeout)
+        self.examples += 1
+        failure = self._failure(outcomes, timeout)
+        if failure is not None:
+            raise failure
+        return {o.rank: o.value for o in outcomes if o.status == "ok"}
+
+    def _check_usable(self) -> None:
         if not self.is_driver:
             raise RunnerError("only rank 0 drives; other ranks call follow()")
         if self._closed:
@@ -158,37 +187,9 @@ class SPMDRunner:
                 "an earlier example hung; torchrun's processes cannot be "
                 "restarted from inside, so this run cannot continue"
             )
-        k = example_world_size(world_size, tuple(meshes), self.world_size, "torchrun's world")
-        job = max([k, *(m.size for m in meshes)]) if job_world_size is None else job_world_size
-        if job != self.world_size:
-            raise ExampleSkipped(
-                f"the example's job has {job} ranks but torchrun's world has "
-                f"{self.world_size}: its default process group would not be its job"
-            )
-        assert self._base is not None
-        tmpdir = tempfile.mkdtemp(prefix="example-", dir=self._base)
-        task = Task(
-            id=next(self._ids),
-            fn=fn,
-            args=tuple(args),
-            world_size=k,
-            meshes=tuple(meshes),
-            tmpdir=tmpdir,
-            seed=seed,
-            device=self.device,
-        )
-        try:
-            outcomes = self._round(task, self.timeout if timeout is None else timeout)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        self.examples += 1
-        failure = self._failure(outcomes, timeout)
-        if failure is not None:
-            raise failure
-        return {o.rank: o.value for o in outcomes if o.status == "ok"}
 
     def _failure(
-        self, outcomes: list[Outcome], timeout: float | None
+        self, outcomes: list[Outcome], timeout: float
     ) -> ExampleFailure | HarnessError | None:
         """As the pool's, with one difference: a rank whose collective ran out of the
         process-group timeout (the only clock torchrun mode has) hung there, which is
@@ -202,11 +203,11 @@ class SPMDRunner:
             {r: o for r, o in by_rank.items() if r not in hung},
             hung=sorted(hung),
             stacks={r: innermost_first(o.traceback) for r, o in hung.items()},
-            timeout=self.timeout if timeout is None else timeout,
+            timeout=timeout,
         )
 
     def _round(self, task: Task, timeout: float) -> list[Outcome]:
-        dist.broadcast_object_list([("run", task, timeout)], src=0, group=self._control)
+        dist.broadcast_object_list([("run", (task, timeout))], src=0, group=self._control)
         return self._answer(task, timeout)
 
     def follow(self) -> int:
@@ -216,10 +217,10 @@ class SPMDRunner:
         while True:
             box: list[Any] = [None]
             dist.broadcast_object_list(box, src=0, group=self._control)
-            if box[0][0] == "shutdown":
-                return int(box[0][1])
-            _, task, timeout = box[0]
-            self._answer(task, timeout)
+            name, payload = box[0]
+            if name == "shutdown":
+                return int(payload)
+            self._answer(*payload)
 
     def _answer(self, task: Task, timeout: float) -> list[Outcome]:
         """Run the task on this rank, its collectives under its timeout; gather every
