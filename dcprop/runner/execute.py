@@ -26,7 +26,14 @@ __all__ = ["PeerFailed", "RankContext", "execute", "harness_error", "resolve", "
 
 
 class RankContext:
-    """What a property sees on one rank: its rank, the example's world, meshes, a temp dir."""
+    """What a property sees on one rank: its rank, the example's world, meshes, a temp dir.
+
+    Annotate a property's first parameter with it (``dcprop.runner.RankContext``)."""
+
+    rank: int  #: this rank, in the default process group
+    world_size: int  #: the example's world: ranks ``0..world_size-1`` run it
+    tmpdir: str  #: the example's directory, the same on every rank, removed after it
+    device: torch.device  #: where this rank's tensors go
 
     def __init__(self, task: Task, worlds: Worlds, device: torch.device) -> None:
         self.rank = dist.get_rank()
@@ -40,6 +47,7 @@ class RankContext:
         return self._worlds.mesh(spec)
 
     def flat_mesh(self, world_size: int) -> Any:
+        """The 1D mesh over ranks ``0..world_size-1`` (declared with any mesh of that size)."""
         return self._worlds.flat_mesh(world_size)
 
     def group(self, world_size: int | None = None) -> Any:

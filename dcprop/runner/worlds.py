@@ -27,10 +27,6 @@ class Worlds:
         self._groups: dict[tuple[int, ...], Any] = {}
         self._meshes: dict[MeshSpec, Any] = {}
 
-    @property
-    def group_count(self) -> int:
-        return len(self._groups)
-
     def known_groups(self) -> set[Any]:
         return {g for g in self._groups.values() if g is not None}
 
@@ -113,7 +109,3 @@ class Worlds:
 
 def _flat(world_size: int) -> MeshSpec:
     return MeshSpec((world_size,), ("world",))
-
-
-def world_size_of(meshes: tuple[MeshSpec, ...]) -> int:
-    return max((m.size for m in meshes), default=1)
