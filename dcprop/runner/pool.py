@@ -32,16 +32,15 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from multiprocessing.connection import Connection, wait
-from typing import Any, cast
+from typing import cast
 
 from dcprop.errors import ExampleFailure, HarnessError, PoolExhausted, RunnerError
-from dcprop.runner.base import Runner, example_dir
-from dcprop.runner.failures import example_sizes, failure_from_outcomes
+from dcprop.runner.base import TaskRunner
+from dcprop.runner.failures import failure_from_outcomes
 from dcprop.runner.messages import Blocked, Outcome, Task
 from dcprop.runner.spawn import RankProcess
-from dcprop.specs import MeshSpec
 
 __all__ = ["DEFAULT_TIMEOUT", "Pool", "certain_hang", "remove_stale_tempdirs"]
 
@@ -94,7 +93,7 @@ class _Rank:
         self.rank, self.proc, self.conn, self.log, self.stacks = rank, proc, conn, log, stacks
 
 
-class Pool(Runner):
+class Pool(TaskRunner):
     """``world_size`` persistent ranks on ``device`` ("cpu" or "cuda").
 
     >>> with Pool(2) as pool:                                  # doctest: +SKIP
@@ -272,44 +271,28 @@ class Pool(Runner):
         self._ranks = []
 
     # -- examples ------------------------------------------------------------------
-    def run(
-        self,
-        fn: Callable[..., Any] | str,
-        *args: Any,
-        world_size: int | None = None,
-        meshes: Sequence[MeshSpec] = (),
-        seed: int = 0,
-        timeout: float | None = None,
-        job_world_size: int | None = None,
-    ) -> dict[int, Any]:
-        """Call ``fn(ctx, *args)`` on ranks ``0..world_size-1``; return ``{rank: value}``.
+    _where = "a pool"
 
-        ``fn`` must be importable by reference (a module-level function, or its
-        ``"module:qualname"``).  Raises :class:`~dcprop.errors.ExampleFailure` (or a
-        subclass) if any rank fails.  ``job_world_size``, where given, must be this
-        pool's size: the example's default process group (see
-        :class:`~dcprop.runner.pools.Pools`).
-        """
-        meshes = tuple(meshes)
-        k, job = example_sizes(world_size, meshes, job_world_size, self.world_size, "a pool")
+    def _check_job(self, job: int, job_world_size: int | None) -> None:
         if job_world_size is not None and job != self.world_size:
             raise RunnerError(
                 f"job_world_size={job} needs a pool of that many ranks, not "
                 f"{self.world_size}; run it on dcprop.runner.Pools"
             )
-        timeout = timeout or self.timeout
+
+    def _ready(self) -> str:
         self.start()
         assert self._base is not None
-        with example_dir(self._base) as tmpdir:
-            task = Task(next(self._ids), fn, tuple(args), k, meshes, tmpdir, seed, self.device)
-            example = self._run_task(task, timeout)
-        self.examples += 1
-        failure = self._failure(example, timeout)
-        if failure is not None:
-            raise failure
-        return {r: o.value for r, o in example.outcomes.items() if o.status == "ok"}
+        return self._base
 
-    def _run_task(self, task: Task, timeout: float) -> _Example:
+    def _run_task(
+        self, task: Task, timeout: float
+    ) -> tuple[dict[int, Outcome], ExampleFailure | HarnessError | None]:
+        example = self._send(task, timeout)
+        return example.outcomes, self._failure(example, timeout)
+
+    def _send(self, task: Task, timeout: float) -> _Example:
+        """Send ``task`` to every rank and collect what they report."""
         try:
             payload = pickle.dumps(task)
         except Exception as e:

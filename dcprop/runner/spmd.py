@@ -24,7 +24,6 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -34,10 +33,9 @@ from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from dcprop.errors import ExampleFailure, ExampleSkipped, HarnessError, RunnerError, UsageError
 from dcprop.runner import CHECKPOINT_ROOT_ENV, under_torchrun
-from dcprop.runner.base import Runner, example_dir
+from dcprop.runner.base import TaskRunner
 from dcprop.runner.execute import execute
 from dcprop.runner.failures import (
-    example_sizes,
     failure_from_outcomes,
     innermost_first,
     waited_out,
@@ -47,7 +45,6 @@ from dcprop.runner.pool import DEFAULT_TIMEOUT
 from dcprop.runner.preflight import preflight
 from dcprop.runner.worker import backend_for
 from dcprop.runner.worlds import Worlds
-from dcprop.specs import MeshSpec
 
 __all__ = ["SPMDRunner"]
 
@@ -60,7 +57,7 @@ _ROOT_OPTIONS = (
 )
 
 
-class SPMDRunner(Runner):
+class SPMDRunner(TaskRunner):
     """The :class:`~dcprop.runner.pool.Pool` interface over torchrun's processes."""
 
     def __init__(
@@ -142,40 +139,28 @@ class SPMDRunner(Runner):
     def is_driver(self) -> bool:
         return self.rank == 0
 
-    def run(
-        self,
-        fn: Callable[..., Any] | str,
-        *args: Any,
-        world_size: int | None = None,
-        meshes: Sequence[MeshSpec] = (),
-        seed: int = 0,
-        timeout: float | None = None,
-        job_world_size: int | None = None,
-    ) -> dict[int, Any]:
-        """As :meth:`Pool.run`.  torchrun's world is the job: an example whose job
-        (``job_world_size``, default its own world) is of another size is skipped.
-        ``timeout`` (default the runner's) is the process-group timeout of the
-        example's collectives."""
-        self._check_usable()
-        meshes = tuple(meshes)
-        k, job = example_sizes(
-            world_size, meshes, job_world_size, self.world_size, "torchrun's world"
-        )
+    _where = "torchrun's world"
+
+    def _check_job(self, job: int, job_world_size: int | None) -> None:
+        """torchrun's world is the job: an example whose job (``job_world_size``,
+        default its own world) is of another size is skipped."""
         if job != self.world_size:
             raise ExampleSkipped(
                 f"the example's job has {job} ranks but torchrun's world has "
                 f"{self.world_size}: its default process group would not be its job"
             )
-        timeout = self.timeout if timeout is None else timeout
+
+    def _ready(self) -> str:
+        self._check_usable()
         assert self._base is not None
-        with example_dir(self._base) as tmpdir:
-            task = Task(next(self._ids), fn, tuple(args), k, meshes, tmpdir, seed, self.device)
-            outcomes = self._round(task, timeout)
-        self.examples += 1
-        failure = self._failure(outcomes, timeout)
-        if failure is not None:
-            raise failure
-        return {o.rank: o.value for o in outcomes if o.status == "ok"}
+        return self._base
+
+    def _run_task(
+        self, task: Task, timeout: float
+    ) -> tuple[dict[int, Outcome], ExampleFailure | HarnessError | None]:
+        """``timeout`` is the process-group timeout of the example's collectives."""
+        outcomes = {o.rank: o for o in self._round(task, timeout)}
+        return outcomes, self._failure(outcomes, timeout)
 
     def _check_usable(self) -> None:
         if not self.is_driver:
@@ -189,12 +174,11 @@ class SPMDRunner(Runner):
             )
 
     def _failure(
-        self, outcomes: list[Outcome], timeout: float
+        self, by_rank: dict[int, Outcome], timeout: float
     ) -> ExampleFailure | HarnessError | None:
         """As the pool's, with one difference: a rank whose collective ran out of the
         process-group timeout (the only clock torchrun mode has) hung there, which is
         a hang, not a failure of the code under test."""
-        by_rank = {o.rank: o for o in outcomes}
         hung = {r: o for r, o in by_rank.items() if waited_out(o)}
         if not hung:
             return failure_from_outcomes(by_rank)
