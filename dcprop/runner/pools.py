@@ -27,7 +27,7 @@ __all__ = ["Pools"]
 
 
 class Pools(Runner):
-    """The :class:`Pool` interface over one pool per job size, up to ``world_size`` ranks.
+    """A :class:`~dcprop.runner.base.Runner` of one pool per job size, up to ``world_size`` ranks.
 
     >>> with Pools(4) as runner:                                   # doctest: +SKIP
     ...     runner.run(my_property, scenario, world_size=2)                    # 2 ranks

@@ -58,7 +58,7 @@ _ROOT_OPTIONS = (
 
 
 class SPMDRunner(TaskRunner):
-    """The :class:`~dcprop.runner.pool.Pool` interface over torchrun's processes."""
+    """A :class:`~dcprop.runner.base.Runner` over torchrun's processes."""
 
     def __init__(
         self, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, tmp_root: str | None = None
