@@ -8,12 +8,15 @@ import contextlib
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dcprop.errors import ExampleFailure, HarnessError
 from dcprop.runner.failures import example_sizes
 from dcprop.runner.messages import Outcome, Task
 from dcprop.specs import MeshSpec
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 __all__ = ["Runner", "TaskRunner", "example_dir"]
 
@@ -47,6 +50,12 @@ class Runner(Protocol):
         """Stop the ranks (under torchrun: release them to exit with ``exit_code``).
         Safe to call twice."""
         ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class TaskRunner(Runner):

@@ -156,12 +156,6 @@ class Pool(TaskRunner):
     def pids(self) -> list[int]:
         return [r.proc.pid for r in self._ranks]
 
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def start(self) -> None:
         if self._ranks:
             return

@@ -53,12 +53,6 @@ class Pools(Runner):
         self._options = pool_options
         self._pools: dict[int, Pool] = {}
 
-    def __enter__(self) -> Pools:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def pool(self, size: int) -> Pool:
         """The pool of ``size`` ranks (created on first use; its ranks start on its first run)."""
         if not 1 <= size <= self.world_size:
