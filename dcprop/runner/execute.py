@@ -10,6 +10,7 @@ import os
 import random
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -70,6 +71,24 @@ class PeerFailed(RuntimeError):
     """This rank stopped because another rank of the example failed first."""
 
 
+def _set_environ(environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
+
+
+# process-wide settings an example may change: (read, write) each
+_SETTINGS: tuple[tuple[Callable[[], Any], Callable[[Any], Any]], ...] = (
+    (torch.get_default_dtype, torch.set_default_dtype),
+    (torch.get_default_device, torch.set_default_device),
+    (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
+    (torch.is_grad_enabled, torch.set_grad_enabled),
+    (torch.is_anomaly_enabled, torch.autograd.set_detect_anomaly),
+    (torch.get_num_threads, torch.set_num_threads),
+    (lambda: dict(os.environ), _set_environ),
+    (os.getcwd, os.chdir),
+)
+
+
 class _GlobalState:
     """Process-wide state an example may change, captured before and put back after."""
 
@@ -89,57 +108,23 @@ class _GlobalState:
         from torch.nn.modules import module as nn_module
 
         self._nn = nn_module
-        self.dtype = torch.get_default_dtype()
-        self.device = torch.get_default_device()
-        self.deterministic = torch.are_deterministic_algorithms_enabled()
-        self.grad = torch.is_grad_enabled()
-        self.anomaly = torch.is_anomaly_enabled()
-        self.threads = torch.get_num_threads()
+        self.settings = [read() for read, _ in _SETTINGS]
         self.hooks = {n: dict(getattr(nn_module, n, {})) for n in self._HOOK_DICTS}
-        self.environ = dict(os.environ)
-        self.cwd = os.getcwd()
         self.groups = set(_all_groups()) | known_groups
 
-    def restore(self) -> list[str]:
-        """Put everything back; return what had changed."""
-        changed = []
-        if torch.get_default_dtype() != self.dtype:
-            changed.append("default dtype")
-            torch.set_default_dtype(self.dtype)
-        if torch.get_default_device() != self.device:
-            changed.append("default device")
-            torch.set_default_device(self.device)
-        if torch.are_deterministic_algorithms_enabled() != self.deterministic:
-            changed.append("deterministic algorithms")
-            torch.use_deterministic_algorithms(self.deterministic)
-        if torch.is_grad_enabled() != self.grad:
-            changed.append("grad mode")
-            torch.set_grad_enabled(self.grad)
-        if torch.is_anomaly_enabled() != self.anomaly:
-            changed.append("anomaly mode")
-            torch.autograd.set_detect_anomaly(self.anomaly)
-        if torch.get_num_threads() != self.threads:
-            changed.append("thread count")
-            torch.set_num_threads(self.threads)
+    def restore(self) -> None:
+        """Put everything back."""
+        for (read, write), before in zip(_SETTINGS, self.settings):
+            if read() != before:
+                write(before)
         for name, before in self.hooks.items():
             current = getattr(self._nn, name, None)
             if current is not None and set(current) != set(before):
-                changed.append(name)
                 current.clear()
                 current.update(before)
-        if dict(os.environ) != self.environ:
-            changed.append("environment")
-            os.environ.clear()
-            os.environ.update(self.environ)
-        if os.getcwd() != self.cwd:
-            changed.append("working directory")
-            os.chdir(self.cwd)
-        leftover = [g for g in _all_groups() if g not in self.groups]
-        for g in leftover:
-            dist.destroy_process_group(g)
-        if leftover:
-            changed.append(f"{len(leftover)} process group(s)")
-        return changed
+        for g in _all_groups():
+            if g not in self.groups:
+                dist.destroy_process_group(g)
 
 
 def _all_groups() -> list[Any]:
