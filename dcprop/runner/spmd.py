@@ -27,7 +27,6 @@ import tempfile
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
@@ -43,7 +42,7 @@ from dcprop.runner.failures import (
 from dcprop.runner.messages import Outcome, Task
 from dcprop.runner.pool import DEFAULT_TIMEOUT
 from dcprop.runner.preflight import preflight
-from dcprop.runner.worker import backend_for
+from dcprop.runner.worker import backend_for, rank_device
 from dcprop.runner.worlds import Worlds
 
 __all__ = ["SPMDRunner"]
@@ -80,11 +79,7 @@ class SPMDRunner(TaskRunner):
             )
         # GPUs are shared by the ranks of one host: their count decides, not the job's size
         backend, device_type = backend_for(device, local)
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-            self._device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self._device = torch.device("cpu")
+        self._device = rank_device(device_type, int(os.environ["LOCAL_RANK"]))
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout + _GRACE))
         self.rank = dist.get_rank()

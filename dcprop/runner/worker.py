@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from dcprop.runner.worlds import Worlds
 
-__all__ = ["CollectiveWatch", "backend_for", "main"]
+__all__ = ["CollectiveWatch", "backend_for", "main", "rank_device"]
 
 SAMPLE_INTERVAL = 0.2  # seconds between samples of the main thread's stack
 SETTLE = 1.0  # how long a rank must stand in one collective before it is reported
@@ -198,6 +198,17 @@ def backend_for(device: str, world_size: int) -> tuple[str, str]:
     return "cpu:gloo,cuda:gloo", "cuda"
 
 
+def rank_device(device_type: str, local_rank: int) -> torch.device:
+    """This rank's device: the CPU, or a GPU of its host (shared round-robin where the
+    host has fewer GPUs than ranks), made current."""
+    import torch
+
+    if device_type != "cuda":
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
     _die_with_parent()
@@ -237,15 +248,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _join(args: argparse.Namespace) -> tuple[str, torch.device]:
     """Join the pool's default process group; (its backend, this rank's device)."""
-    import torch
     import torch.distributed as dist
 
     backend, device_type = backend_for(args.device, args.world_size)
-    if device_type == "cuda":
-        torch.cuda.set_device(args.rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = rank_device(device_type, args.rank)
     dist.init_process_group(
         backend,
         store=dist.FileStore(args.store, args.world_size),
