@@ -27,10 +27,13 @@ from __future__ import annotations
 import atexit
 import importlib
 import pickle
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from dcprop.errors import UsageError
 from dcprop.specs import StorageSpec
+
+if TYPE_CHECKING:
+    from dcprop.runner.execute import RankContext
 
 __all__ = [
     "CHECKPOINTERS",
@@ -143,7 +146,7 @@ def load_checkpointer(ref: str) -> Any:
 _LIVE: dict[bytes, Any] = {}
 
 
-def live(checkpointer: Any, ctx: Any) -> Any:
+def live(checkpointer: Any, ctx: RankContext) -> Any:
     """The object that serves ``checkpointer`` on this rank: the first one seen, after its
     ``setup(ctx)`` (if it has one) ran once; later examples get that same object."""
     if not hasattr(checkpointer, "setup") or any(checkpointer is c for c in _LIVE.values()):

@@ -20,7 +20,7 @@ import attrs
 
 from dcprop import specs as S
 from dcprop.errors import ExampleFailure, RankCrashed
-from dcprop.runner.messages import blamed_outcomes
+from dcprop.runner.failures import blamed_outcomes
 
 __all__ = ["KNOWN_BUGS", "KnownBug", "Sighting", "match_known", "sightings"]
 

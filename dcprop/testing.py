@@ -23,6 +23,7 @@ from dcprop.campaign import blame, is_final_replay, record_events, signature_err
 from dcprop.errors import ExampleFailure, ExampleSkipped, carry_runner_errors, reraise_carried
 from dcprop.known_bugs import match_known
 from dcprop.properties import property_ref, run_property
+from dcprop.runner import Runner
 from dcprop.specs import Scenario
 
 __all__ = ["check", "property_test", "reproducers"]
@@ -39,7 +40,7 @@ def _hooks(checkpointer: Any, model_factory: Any) -> Any:
 
 
 def check(
-    runner: Any,
+    runner: Runner,
     property: str,
     scenario: Scenario,
     *,
@@ -132,7 +133,7 @@ def property_test(
     hooks = functools.cache(lambda: _hooks(checkpointer, model_factory))
 
     def decorate(fn: Callable[..., Any]) -> Any:
-        def test(dcprop_runner: Any, scenario: Scenario) -> None:
+        def test(dcprop_runner: Runner, scenario: Scenario) -> None:
             fn(scenario)
             check(
                 dcprop_runner,

@@ -423,3 +423,10 @@ class FailsOnce(DCPCheckpointer):
         except FileExistsError:
             return super().save(state_dict, path, storage=storage, group=group)
         raise OSError("a transient write error")
+
+
+def use_undeclared_mesh(ctx):
+    """Ask for a mesh the task did not declare (so no rank created it)."""
+    from dcprop.specs import MeshSpec
+
+    return ctx.mesh(MeshSpec((2,), ("shard",)))

@@ -93,8 +93,8 @@ def test_the_readme_lists_every_known_bug():
 def test_add_to_corpus_stores_the_signature(tmp_path):
     """`dcprop check --add-to-corpus` writes what the replay must fail with."""
     from dcprop.corpus import add_failure
+    from dcprop.runner.failures import failure_from_outcomes
     from dcprop.runner.messages import Outcome
-    from dcprop.runner.pool import failure_from_outcomes
 
     entry = next(e for e in ENTRIES if e.known_bug == "dsd-full-osd-stateless-optimizer")
     outcome = Outcome(

@@ -17,8 +17,8 @@ from dcprop import specs as S
 from dcprop.corpus import load_entries
 from dcprop.errors import RankTimeout
 from dcprop.known_bugs import KNOWN_BUGS, match_known
+from dcprop.runner.failures import failure_from_outcomes
 from dcprop.runner.messages import Outcome
-from dcprop.runner.pool import failure_from_outcomes
 
 CORPUS = os.path.join(os.path.dirname(__file__), os.pardir, "strategies", "corpus")
 ENTRIES = load_entries(CORPUS)

@@ -153,6 +153,7 @@ def test_checkpoint_exception_is_identified_by_its_cause(small_pool):
         (helpers.unmet_precondition, (), "UsageError: this property needs a scenario"),
         ("helpers:no_such_property", (), "AttributeError"),
         (helpers.take, (helpers.RanksCannotImport(),), "No module named 'only_on_the_controller'"),
+        (helpers.use_undeclared_mesh, (), "was not declared for this example"),
     ],
 )
 def test_harness_errors_are_not_example_failures(small_pool, fn, args, cause):

@@ -15,6 +15,7 @@ from typing import Any
 
 from dcprop.checkpointer import project_of
 from dcprop.errors import ExampleFailure, UsageError
+from dcprop.runner import Runner
 from dcprop.specs import Scenario
 
 __all__ = ["PROPERTIES", "property_ref", "run_property"]
@@ -35,7 +36,12 @@ def property_ref(name: str) -> str:
 
 
 def run_property(
-    runner: Any, name: str, scenario: Scenario, *, hooks: Any = None, timeout: float | None = None
+    runner: Runner,
+    name: str,
+    scenario: Scenario,
+    *,
+    hooks: Any = None,
+    timeout: float | None = None,
 ) -> dict[int, Any]:
     """Run property ``name`` over ``scenario`` on ``runner`` (Pools, a Pool or an
     SPMDRunner), in a job of ``scenario.job_world`` ranks."""

@@ -23,7 +23,7 @@ from dcprop import specs as S
 from dcprop.checkpointer import Checkpointer, DCPCheckpointer, StatefulCheckpointer, live
 from dcprop.contract import Contract
 from dcprop.errors import PropertyFailure
-from dcprop.runner.execute import PeerFailed
+from dcprop.runner.execute import PeerFailed, RankContext
 
 __all__ = ["Hooks", "Job", "setup"]
 
@@ -448,7 +448,9 @@ def uninterrupted_next_step(
     return twin.next_step()
 
 
-def setup(ctx: Any, scenario: S.Scenario, topology: S.Topology, **kwargs: Any) -> Job | None:
+def setup(
+    ctx: RankContext, scenario: S.Scenario, topology: S.Topology, **kwargs: Any
+) -> Job | None:
     """A :class:`Job` on ``topology``, or None on ranks outside its world."""
     if ctx.rank >= topology.world_size:
         return None

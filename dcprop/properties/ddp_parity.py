@@ -74,6 +74,7 @@ from dcprop import specs as S
 from dcprop.compare import assert_same, full_values
 from dcprop.errors import PropertyFailure
 from dcprop.properties._harness import DEFAULT_HOOKS, FULL_STATE, Hooks, Job, batch_rows, setup
+from dcprop.runner.execute import RankContext
 
 __all__ = [
     "ATOL",
@@ -143,7 +144,9 @@ class Reference:
     free_since: dict[str, torch.Tensor]
 
 
-def ddp_parity(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
+def ddp_parity(
+    ctx: RankContext, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
+) -> dict[str, Any]:
     sharded = setup(ctx, scenario, scenario.save, hooks=hooks)
     if sharded is None:
         return {}

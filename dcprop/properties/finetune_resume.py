@@ -33,11 +33,14 @@ from dcprop.properties._harness import (
     setup,
     state_dict_options,
 )
+from dcprop.runner.execute import RankContext
 
 __all__ = ["finetune_resume", "pretrain_scenario"]
 
 
-def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
+def finetune_resume(
+    ctx: RankContext, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
+) -> dict[str, Any]:
     if scenario.pretrained is None:
         raise UsageError("finetune_resume needs a scenario with pretrained=<submodule>")
     prefix = scenario.pretrained + "."

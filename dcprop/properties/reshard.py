@@ -21,6 +21,7 @@ from dcprop.compare import assert_same, full_values
 from dcprop.contract import expert_coordinate
 from dcprop.errors import PropertyFailure
 from dcprop.properties._harness import DEFAULT_HOOKS, FULL_STATE, Hooks, Job, setup
+from dcprop.runner.execute import RankContext
 
 __all__ = ["STEP_RTOL", "reshard"]
 
@@ -29,7 +30,7 @@ __all__ = ["STEP_RTOL", "reshard"]
 STEP_RTOL = 1e-4
 
 
-def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
+def reshard(ctx: RankContext, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
     a = setup(ctx, scenario, scenario.save, hooks=hooks)
     failed = None
     if a is not None:
@@ -102,7 +103,7 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
 _PARAM_LIST = re.compile(r"^optim/param_groups\[\d+\]/params\[\d+\]$")
 
 
-def _expected_file(ctx: Any, rank: int) -> str:
+def _expected_file(ctx: RankContext, rank: int) -> str:
     return os.path.join(ctx.tmpdir, f"expected-rank{rank}.pt")
 
 

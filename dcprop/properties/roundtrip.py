@@ -24,11 +24,14 @@ from dcprop.properties._harness import (
     setup,
     uninterrupted_next_step,
 )
+from dcprop.runner.execute import RankContext
 
 __all__ = ["check_roundtrip", "roundtrip"]
 
 
-def roundtrip(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
+def roundtrip(
+    ctx: RankContext, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
+) -> dict[str, Any]:
     """Run on every rank of the example's world; raises PropertyFailure if it fails."""
     job = setup(ctx, scenario, scenario.save, hooks=hooks)
     if job is None:

@@ -17,11 +17,14 @@ from dcprop.contract import expert_coordinate
 from dcprop.errors import PropertyFailure, UsageError
 from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, setup, uninterrupted_next_step
 from dcprop.properties.roundtrip import check_roundtrip
+from dcprop.runner.execute import RankContext
 
 __all__ = ["expected_layout", "submesh_layout"]
 
 
-def submesh_layout(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
+def submesh_layout(
+    ctx: RankContext, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
+) -> dict[str, Any]:
     topology = scenario.save
     plan = topology.plan
     if not (isinstance(plan, S.FSDP2Plan) and plan.experts):

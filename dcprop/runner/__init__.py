@@ -1,6 +1,7 @@
 """The multi-rank runner: persistent local :class:`Pools` (one :class:`Pool` per job
-size), or :class:`SPMDRunner` under torchrun.  All offer
-``run(fn, *args, world_size=, meshes=, seed=, timeout=, job_world_size=)``.
+size), or :class:`SPMDRunner` under torchrun.  All are a :class:`Runner`:
+``run(fn, *args, world_size=, meshes=, seed=, timeout=, job_world_size=)`` and
+``close(exit_code=0)``.  A property's ``fn`` gets a :class:`RankContext` on each rank.
 
 Importing this package does not import torch; the torchrun mode does, on use.
 """
@@ -8,17 +9,24 @@ Importing this package does not import torch; the torchrun mode does, on use.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dcprop.errors import UsageError
+from dcprop.runner.base import Runner
 from dcprop.runner.pool import DEFAULT_TIMEOUT, Pool
 from dcprop.runner.pools import Pools
+
+if TYPE_CHECKING:
+    from dcprop.runner.execute import RankContext
+    from dcprop.runner.spmd import SPMDRunner
 
 __all__ = [
     "CHECKPOINT_ROOT_ENV",
     "DEFAULT_TIMEOUT",
     "Pool",
     "Pools",
+    "RankContext",
+    "Runner",
     "SPMDRunner",
     "make_runner",
     "resolve_checkpoint_root",
@@ -69,7 +77,7 @@ def make_runner(
     timeout: float = DEFAULT_TIMEOUT,
     checkpoint_root: str | None = None,
     **pool_options: Any,
-) -> Any:
+) -> Any:  # Pools | SPMDRunner; callers ask the latter for is_driver and follow()
     """A :class:`SPMDRunner` under torchrun, else lazily started :class:`Pools` of up to
     ``world_size`` ranks; either writes checkpoints under :func:`resolve_checkpoint_root`."""
     root = resolve_checkpoint_root(checkpoint_root)
@@ -83,8 +91,13 @@ def make_runner(
 
 
 def __getattr__(name: str) -> Any:
+    # these import torch, which this package does not until they are used
     if name == "SPMDRunner":
         from dcprop.runner.spmd import SPMDRunner
 
         return SPMDRunner
+    if name == "RankContext":
+        from dcprop.runner.execute import RankContext
+
+        return RankContext
     raise AttributeError(name)

@@ -8,32 +8,39 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
 import torch.distributed as dist
 
-from dcprop.errors import DcpropError, PropertyFailure, headline
+from dcprop.errors import DcpropError, PropertyFailure
+from dcprop.runner.failures import failure_signature
 from dcprop.runner.messages import Outcome, Task
 from dcprop.runner.worlds import Worlds
 from dcprop.specs import MeshSpec
 
-__all__ = ["RankContext", "execute", "failure_signature", "harness_error", "root_cause"]
+__all__ = ["PeerFailed", "RankContext", "execute", "harness_error", "resolve", "root_cause"]
 
 
 class RankContext:
-    """What a property sees on one rank: its rank, the example's world, meshes, a temp dir."""
+    """What a property sees on one rank: its rank, the example's world, meshes, a temp dir.
+
+    Annotate a property's first parameter with it (``dcprop.runner.RankContext``)."""
+
+    rank: int  #: this rank, in the default process group
+    world_size: int  #: the example's world: ranks ``0..world_size-1`` run it
+    tmpdir: str  #: the example's directory, the same on every rank, removed after it
+    device: torch.device  #: where this rank's tensors go
 
     def __init__(self, task: Task, worlds: Worlds, device: torch.device) -> None:
         self.rank = dist.get_rank()
         self.world_size = task.world_size
         self.tmpdir = task.tmpdir
         self.device = device
-        self.seed = task.seed
         self._worlds = worlds
 
     def mesh(self, spec: MeshSpec) -> Any:
@@ -41,15 +48,12 @@ class RankContext:
         return self._worlds.mesh(spec)
 
     def flat_mesh(self, world_size: int) -> Any:
+        """The 1D mesh over ranks ``0..world_size-1`` (declared with any mesh of that size)."""
         return self._worlds.flat_mesh(world_size)
 
     def group(self, world_size: int | None = None) -> Any:
         """The process group over ranks ``0..world_size-1`` (default: the example's world)."""
         return self._worlds.world_group(world_size or self.world_size)
-
-    def barrier(self) -> None:
-        """Wait for every rank of the example's world."""
-        dist.barrier(group=self.group())
 
     def agree(self, ok: bool, what: str) -> None:
         """Raise on every rank if any rank of the example's world says ``ok=False``.
@@ -67,24 +71,22 @@ class PeerFailed(RuntimeError):
     """This rank stopped because another rank of the example failed first."""
 
 
-_NUMBER = re.compile(r"\d+(\.\d+)?")
-_PATH = re.compile(r"(/[^\s:'\"]+)+")
-_ADDRESS = re.compile(r"0x[0-9a-f]+")
+def _set_environ(environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
 
 
-def failure_signature(error_type: str, message: str, where: str = "") -> str:
-    """A stable, short identity for a failure: type, the first line of the message with
-    numbers, paths and addresses blanked (those vary between shrink steps), and the
-    function that raised it.  A first line that ends in a colon only introduces what
-    follows ("Error(s) in loading state_dict for M:"), so the next line is kept too,
-    except in dcprop's own PropertyFailure, whose first line is written to be its
-    identity (the lines after it list keys, which change as an example shrinks)."""
-    if error_type == "PropertyFailure":
-        first = message.strip().splitlines()[0] if message.strip() else ""
-    else:
-        first = headline(message)
-    first = _NUMBER.sub("N", _ADDRESS.sub("0x?", _PATH.sub("<path>", first)))[:240]
-    return f"{error_type}: {first}" + (f" @ {where}" if where else "")
+# process-wide settings an example may change: (read, write) each
+_SETTINGS: tuple[tuple[Callable[[], Any], Callable[[Any], Any]], ...] = (
+    (torch.get_default_dtype, torch.set_default_dtype),
+    (torch.get_default_device, torch.set_default_device),
+    (torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms),
+    (torch.is_grad_enabled, torch.set_grad_enabled),
+    (torch.is_anomaly_enabled, torch.autograd.set_detect_anomaly),
+    (torch.get_num_threads, torch.set_num_threads),
+    (lambda: dict(os.environ), _set_environ),
+    (os.getcwd, os.chdir),
+)
 
 
 class _GlobalState:
@@ -106,57 +108,23 @@ class _GlobalState:
         from torch.nn.modules import module as nn_module
 
         self._nn = nn_module
-        self.dtype = torch.get_default_dtype()
-        self.device = torch.get_default_device()
-        self.deterministic = torch.are_deterministic_algorithms_enabled()
-        self.grad = torch.is_grad_enabled()
-        self.anomaly = torch.is_anomaly_enabled()
-        self.threads = torch.get_num_threads()
+        self.settings = [read() for read, _ in _SETTINGS]
         self.hooks = {n: dict(getattr(nn_module, n, {})) for n in self._HOOK_DICTS}
-        self.environ = dict(os.environ)
-        self.cwd = os.getcwd()
         self.groups = set(_all_groups()) | known_groups
 
-    def restore(self) -> list[str]:
-        """Put everything back; return what had changed."""
-        changed = []
-        if torch.get_default_dtype() != self.dtype:
-            changed.append("default dtype")
-            torch.set_default_dtype(self.dtype)
-        if torch.get_default_device() != self.device:
-            changed.append("default device")
-            torch.set_default_device(self.device)
-        if torch.are_deterministic_algorithms_enabled() != self.deterministic:
-            changed.append("deterministic algorithms")
-            torch.use_deterministic_algorithms(self.deterministic)
-        if torch.is_grad_enabled() != self.grad:
-            changed.append("grad mode")
-            torch.set_grad_enabled(self.grad)
-        if torch.is_anomaly_enabled() != self.anomaly:
-            changed.append("anomaly mode")
-            torch.autograd.set_detect_anomaly(self.anomaly)
-        if torch.get_num_threads() != self.threads:
-            changed.append("thread count")
-            torch.set_num_threads(self.threads)
+    def restore(self) -> None:
+        """Put everything back."""
+        for (read, write), before in zip(_SETTINGS, self.settings):
+            if read() != before:
+                write(before)
         for name, before in self.hooks.items():
             current = getattr(self._nn, name, None)
             if current is not None and set(current) != set(before):
-                changed.append(name)
                 current.clear()
                 current.update(before)
-        if dict(os.environ) != self.environ:
-            changed.append("environment")
-            os.environ.clear()
-            os.environ.update(self.environ)
-        if os.getcwd() != self.cwd:
-            changed.append("working directory")
-            os.chdir(self.cwd)
-        leftover = [g for g in _all_groups() if g not in self.groups]
-        for g in leftover:
-            dist.destroy_process_group(g)
-        if leftover:
-            changed.append(f"{len(leftover)} process group(s)")
-        return changed
+        for g in _all_groups():
+            if g not in self.groups:
+                dist.destroy_process_group(g)
 
 
 def _all_groups() -> list[Any]:
@@ -256,23 +224,3 @@ def root_cause(e: BaseException) -> tuple[BaseException, list[Any]]:
         inner, summary = failures[min(failures)]
         return inner, list(summary or [])
     return e, list(traceback.extract_tb(e.__traceback__))
-
-
-# gloo's transport error when a collective outlives its process group's timeout
-_COLLECTIVE_TIMEOUT = re.compile(r"Timed out waiting \d+ms for \w+ operation to complete")
-
-
-def waited_out(outcome: Outcome) -> bool:
-    """The rank failed only because a collective outlived the process-group timeout:
-    it waited for a peer that never came (a hang), whatever code it was in."""
-    return outcome.failed and bool(_COLLECTIVE_TIMEOUT.search(outcome.message))
-
-
-def innermost_first(formatted_traceback: str) -> str:
-    """A traceback's frame lines, innermost first, as faulthandler writes stacks (so
-    the hang's signature names the same place whichever way the stack was taken)."""
-    return "\n".join(
-        line
-        for line in reversed(formatted_traceback.splitlines())
-        if line.strip().startswith("File ")
-    )

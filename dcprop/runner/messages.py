@@ -1,9 +1,12 @@
 """What travels between the controller and the ranks.
 
 Messages are ``(name, payload)`` pairs, as in pytest-xdist.  Controller to rank:
-``("run", Task)``, ``("shutdown", None)``.  Rank to controller: ``("ready", rank)``,
-``("blocked", Blocked)`` (any number, while a task runs), ``("outcome", Outcome)``.
-Everything here is plain picklable data.
+``("run", <the pickled Task>)``, ``("shutdown", None)``.  Rank to controller:
+``("ready", {"rank", "backend", "device", "error"})`` once, at start-up;
+``("blocked", Blocked)`` and ``("moved", task id)`` (any number, while a task runs:
+see :class:`~dcprop.runner.worker.CollectiveWatch`); ``("outcome", Outcome)``.
+Under torchrun rank 0 broadcasts ``("run", (Task, timeout))`` and
+``("shutdown", exit status)`` to the others.  Everything here is plain picklable data.
 """
 
 from __future__ import annotations
@@ -12,23 +15,9 @@ from typing import Any
 
 import attrs
 
-from dcprop.errors import RunnerError
 from dcprop.specs import MeshSpec
 
-__all__ = ["Blocked", "Outcome", "Task", "blamed_outcomes", "example_world_size"]
-
-
-def example_world_size(
-    world_size: int | None, meshes: tuple[MeshSpec, ...], available: int, where: str
-) -> int:
-    """The ranks an example uses (default: all ``available``), checked against its meshes."""
-    k = available if world_size is None else world_size
-    if not 1 <= k <= available:
-        raise RunnerError(f"world_size={k} does not fit in {where} of {available} ranks")
-    for m in meshes:
-        if m.size > available:
-            raise RunnerError(f"mesh {m.shape} needs {m.size} ranks but {where} has {available}")
-    return k
+__all__ = ["Blocked", "Outcome", "Task"]
 
 
 @attrs.frozen
@@ -91,10 +80,3 @@ class Blocked:
     op: str
     ranks: tuple[int, ...]
     entered_after: float
-
-
-def blamed_outcomes(outcomes: dict[int, Outcome]) -> dict[int, Outcome]:
-    """The failed ranks a failure is about, by rank: not those that stopped only because
-    a peer failed (``PeerFailed``), unless no other rank failed."""
-    errors = {r: o for r, o in sorted(outcomes.items()) if o.failed}
-    return {r: o for r, o in errors.items() if o.error_type != "PeerFailed"} or errors

@@ -32,24 +32,17 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from multiprocessing.connection import Connection, wait
-from typing import Any, cast
+from typing import cast
 
-from dcprop.errors import (
-    ExampleFailure,
-    HarnessError,
-    PoolExhausted,
-    RankCrashed,
-    RankTimeout,
-    RunnerError,
-    headline,
-)
-from dcprop.runner.messages import Blocked, Outcome, Task, blamed_outcomes, example_world_size
+from dcprop.errors import ExampleFailure, HarnessError, PoolExhausted, RunnerError
+from dcprop.runner.base import TaskRunner
+from dcprop.runner.failures import failure_from_outcomes
+from dcprop.runner.messages import Blocked, Outcome, Task
 from dcprop.runner.spawn import RankProcess
-from dcprop.specs import MeshSpec
 
-__all__ = ["DEFAULT_TIMEOUT", "Pool", "certain_hang", "failure_from_outcomes"]
+__all__ = ["DEFAULT_TIMEOUT", "Pool", "certain_hang", "remove_stale_tempdirs"]
 
 DEFAULT_TIMEOUT = 30.0
 TEMP_PREFIX = "dcprop-"
@@ -100,7 +93,7 @@ class _Rank:
         self.rank, self.proc, self.conn, self.log, self.stacks = rank, proc, conn, log, stacks
 
 
-class Pool:
+class Pool(TaskRunner):
     """``world_size`` persistent ranks on ``device`` ("cpu" or "cuda").
 
     >>> with Pool(2) as pool:                                  # doctest: +SKIP
@@ -162,12 +155,6 @@ class Pool:
 
     def pids(self) -> list[int]:
         return [r.proc.pid for r in self._ranks]
-
-    def __enter__(self) -> Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         if self._ranks:
@@ -249,8 +236,10 @@ class Pool:
                     raise self._unfit
                 self.backend = info["backend"]
 
-    def close(self) -> None:
-        """Stop every rank and remove the pool's temp dir.  Safe to call twice."""
+    def close(self, exit_code: int = 0) -> None:
+        """Stop every rank and remove the pool's temp dir.  Safe to call twice.
+        (``exit_code`` is for torchrun's followers, :meth:`SPMDRunner.close`; local
+        ranks have no exit status.)"""
         for r in self._ranks:
             with contextlib.suppress(OSError, ValueError):
                 r.conn.send(("shutdown", None))
@@ -276,118 +265,69 @@ class Pool:
         self._ranks = []
 
     # -- examples ------------------------------------------------------------------
-    def run(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        world_size: int | None = None,
-        meshes: Sequence[MeshSpec] = (),
-        seed: int = 0,
-        timeout: float | None = None,
-        job_world_size: int | None = None,
-    ) -> dict[int, Any]:
-        """Call ``fn(ctx, *args)`` on ranks ``0..world_size-1``; return ``{rank: value}``.
+    _where = "a pool"
 
-        ``fn`` must be importable by reference (a module-level function).  Raises
-        :class:`~dcprop.errors.ExampleFailure` (or a subclass) if any rank fails.
-        ``job_world_size``, where given, must be this pool's size: the example's
-        default process group (see :class:`~dcprop.runner.pools.Pools`).
-        """
-        k = example_world_size(world_size, tuple(meshes), self.world_size, "a pool")
-        if job_world_size not in (None, self.world_size):
+    def _check_job(self, job: int, job_world_size: int | None) -> None:
+        if job_world_size is not None and job != self.world_size:
             raise RunnerError(
-                f"job_world_size={job_world_size} needs a pool of that many ranks, not "
+                f"job_world_size={job} needs a pool of that many ranks, not "
                 f"{self.world_size}; run it on dcprop.runner.Pools"
             )
+
+    def _ready(self) -> str:
         self.start()
         assert self._base is not None
-        example_dir = tempfile.mkdtemp(prefix="example-", dir=self._base)
-        task = Task(
-            id=next(self._ids),
-            fn=fn,
-            args=tuple(args),
-            world_size=k,
-            meshes=tuple(meshes),
-            tmpdir=example_dir,
-            seed=seed,
-            device=self.device,
-        )
+        return self._base
+
+    def _run_task(
+        self, task: Task, timeout: float
+    ) -> tuple[dict[int, Outcome], ExampleFailure | HarnessError | None]:
+        example = self._send(task, timeout)
+        return example.outcomes, self._failure(example, timeout)
+
+    def _send(self, task: Task, timeout: float) -> _Example:
+        """Send ``task`` to every rank and collect what they report."""
         try:
             payload = pickle.dumps(task)
         except Exception as e:
-            shutil.rmtree(example_dir, ignore_errors=True)
-            raise RunnerError(f"cannot send {fn!r} and its arguments to the ranks: {e}") from e
+            raise RunnerError(f"cannot send {task.fn!r} and its arguments to the ranks: {e}") from e
         try:
             for r in self._ranks:
                 r.conn.send(("run", payload))
-            started = time.monotonic()
-            outcomes, hung, crashed, certain = self._collect(task.id, timeout or self.timeout)
-            if certain:
-                certain = f"after {time.monotonic() - started:.1f}s, {certain}"
+            return self._collect(_Example(task.id, self._ranks, timeout, self.grace))
         except BaseException:
             self._kill()  # interrupted mid-example: ranks may be inside collectives
             raise
-        finally:
-            shutil.rmtree(example_dir, ignore_errors=True)
-        self.examples += 1
+
+    def _collect(self, example: _Example) -> _Example:
+        """Dispatch the ranks' messages to ``example`` until every rank has reported,
+        the timeout, the grace period after a failure, or a certain hang."""
+        while example.pending and not example.certain:
+            remaining = example.deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for conn in wait(list(example.pending), timeout=min(remaining, FRESH)):
+                example.receive(example.pending[conn])  # type: ignore[index]
+            example.check_hang()
+        return example
+
+    def _failure(self, example: _Example, timeout: float) -> ExampleFailure | HarnessError | None:
+        """The example's failure (None if it passed), after stopping the ranks a hang or
+        a crash left unusable."""
+        hung = example.hung
         stacks = self._stacks(hung) if hung else {}
-        if hung or crashed:
+        if hung or example.crashed:
             self._kill()
         else:
             self._failed_restarts = 0
-        failure = failure_from_outcomes(
-            outcomes,
+        return failure_from_outcomes(
+            example.outcomes,
             hung=hung,
-            crashed=crashed,
+            crashed=example.crashed,
             stacks=stacks,
-            timeout=timeout or self.timeout,
-            certain=certain,
+            timeout=timeout,
+            certain=example.certain,
         )
-        if failure is not None:
-            raise failure
-        return {r: o.value for r, o in outcomes.items() if o.status == "ok"}
-
-    def _collect(
-        self, task: int, timeout: float
-    ) -> tuple[dict[int, Outcome], list[int], dict[int, int], str]:
-        """Each rank's outcome, until all have reported, the timeout, the grace period
-        after a failure, or a certain hang; then the ranks that had not reported, those
-        that died, and why the hang was certain ("" if it was not)."""
-        pending = {r.conn: r for r in self._ranks}
-        outcomes: dict[int, Outcome] = {}
-        crashed: dict[int, int] = {}
-        finished: dict[int, float] = {}  # when each rank reported or was seen dead
-        blocked: dict[int, tuple[Blocked, float]] = {}  # latest report, when it came
-        deadline = time.monotonic() + timeout
-        certain = ""
-        while pending and not certain:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            for conn in wait(list(pending), timeout=min(remaining, FRESH)):
-                r = pending[conn]  # type: ignore[index]
-                try:
-                    name, payload = cast(Connection, conn).recv()
-                except (EOFError, OSError):
-                    del pending[conn]  # type: ignore[arg-type]
-                    crashed[r.rank] = _exit_code(r.proc)
-                    finished[r.rank] = time.monotonic()
-                    deadline = min(deadline, time.monotonic() + self.grace)
-                    continue
-                if name == "blocked" and payload.task == task:
-                    blocked[r.rank] = (payload, time.monotonic())
-                elif name == "moved":
-                    blocked.pop(r.rank, None)
-                elif name == "outcome":
-                    del pending[conn]  # type: ignore[arg-type]
-                    outcomes[r.rank] = payload
-                    finished[r.rank] = time.monotonic()
-                    if payload.failed:
-                        deadline = min(deadline, time.monotonic() + self.grace)
-            running = [r.rank for r in pending.values()]
-            current = {r: b for r, (b, seen) in blocked.items() if time.monotonic() - seen <= FRESH}
-            certain = certain_hang(running, current, finished)
-        return outcomes, sorted(r.rank for r in pending.values()), crashed, certain
 
     def _stacks(self, ranks: list[int]) -> dict[int, str]:
         for r in ranks:
@@ -395,6 +335,75 @@ class Pool:
                 os.kill(self._ranks[r].proc.pid, signal.SIGUSR1)
         _wait_until_quiet([self._ranks[r].stacks for r in ranks])
         return {r: _main_thread_stack(self._ranks[r].stacks) for r in ranks}
+
+
+class _Example:
+    """What the controller knows of one example while its ranks run it; each message
+    a rank sends goes to the method named for it (``rank_<name>``), as pytest-xdist's
+    controller dispatches ``worker_<event>``."""
+
+    def __init__(self, task: int, ranks: list[_Rank], timeout: float, grace: float) -> None:
+        self.task = task
+        self.pending = {r.conn: r for r in ranks}
+        self.outcomes: dict[int, Outcome] = {}
+        self.crashed: dict[int, int] = {}  # exit codes of the ranks that died
+        self.finished: dict[int, float] = {}  # when each rank reported or was seen dead
+        self.blocked: dict[int, tuple[Blocked, float]] = {}  # latest report, when it came
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout
+        self.grace = grace
+        self.certain = ""  # why the hang is certain, once it is
+
+    @property
+    def hung(self) -> list[int]:
+        """The ranks that have not reported (yet)."""
+        return sorted(r.rank for r in self.pending.values())
+
+    def receive(self, r: _Rank) -> None:
+        try:
+            name, payload = r.conn.recv()
+        except (EOFError, OSError):
+            self.rank_died(r)
+            return
+        handler = getattr(self, f"rank_{name}", None)
+        if handler is None:
+            raise RunnerError(f"rank {r.rank} sent an unknown message {name!r}")
+        handler(r, payload)
+
+    def rank_outcome(self, r: _Rank, outcome: Outcome) -> None:
+        self._finish(r)
+        self.outcomes[r.rank] = outcome
+        if outcome.failed:
+            self._shorten()
+
+    def rank_died(self, r: _Rank) -> None:
+        code = _exit_code(r.proc)
+        self._finish(r)
+        self.crashed[r.rank] = code
+        self._shorten()
+
+    def rank_blocked(self, r: _Rank, blocked: Blocked) -> None:
+        if blocked.task == self.task:
+            self.blocked[r.rank] = (blocked, time.monotonic())
+
+    def rank_moved(self, r: _Rank, task: int) -> None:
+        self.blocked.pop(r.rank, None)
+
+    def check_hang(self) -> None:
+        """Note whether the hang is certain, from the ranks' current reports."""
+        now = time.monotonic()
+        current = {r: b for r, (b, seen) in self.blocked.items() if now - seen <= FRESH}
+        why = certain_hang(self.hung, current, self.finished)
+        if why:
+            self.certain = f"after {now - self.started:.1f}s, {why}"
+
+    def _finish(self, r: _Rank) -> None:
+        del self.pending[r.conn]
+        self.finished[r.rank] = time.monotonic()
+
+    def _shorten(self) -> None:
+        """A rank failed: wait for the others only for the grace period."""
+        self.deadline = min(self.deadline, time.monotonic() + self.grace)
 
 
 def certain_hang(
@@ -456,105 +465,6 @@ def _main_thread_stack(path: str) -> str:
     blocks = _tail(path, 400).strip().split("\n\n")
     keep = [b for b in blocks if "in watch" not in b]  # both watchdogs' loops: watch*
     return "\n\n".join(keep).strip()
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with status {code}"
-
-
-def failure_from_outcomes(
-    outcomes: dict[int, Outcome],
-    *,
-    hung: Sequence[int] = (),
-    crashed: dict[int, int] | None = None,
-    stacks: dict[int, str] | None = None,
-    timeout: float = 0.0,
-    certain: str = "",
-) -> ExampleFailure | HarnessError | None:
-    """The exception that describes a set of per-rank outcomes, or None if all passed.
-
-    Shared by the pool and the torchrun mode.  A failure of dcprop's own harness on any
-    rank is a :class:`~dcprop.errors.HarnessError` whatever else happened: the example
-    did not run as meant, so it has no verdict.  Ranks that stopped only because a peer
-    failed (``PeerFailed``) are listed but not blamed.  ``certain`` says why the
-    ``hung`` ranks could never finish, where that was known before the timeout.
-    """
-    crashed = crashed or {}
-    stacks = stacks or {}
-    internal = {r: o for r, o in sorted(outcomes.items()) if o.internal}
-    if internal:
-        first = next(iter(internal.values()))
-        return HarnessError(
-            f"dcprop's harness failed on rank(s) {sorted(internal)}, so the example has no "
-            f"verdict: {first.error_type}: {headline(first.message)}\n"
-            + "".join(f"\n--- rank {r} traceback ---\n{o.traceback}" for r, o in internal.items())
-        )
-    errors = {r: o for r, o in sorted(outcomes.items()) if o.failed}
-    blamed = blamed_outcomes(outcomes)
-    if not (errors or hung or crashed):
-        return None
-    lines: list[str] = []
-    cls: type[ExampleFailure] = ExampleFailure
-    signature = ""
-    if crashed:
-        cls = RankCrashed
-        r, code = min(crashed.items())
-        signature = f"RankCrashed: {_describe_exit(code)}"
-        lines.append("; ".join(f"rank {r} {_describe_exit(c)}" for r, c in sorted(crashed.items())))
-    if blamed:
-        first = next(iter(blamed.values()))
-        signature = signature or first.signature
-        lines.append(
-            f"example failed on rank(s) {sorted(blamed)}: {first.error_type}: {first.message}"
-        )
-    if hung:
-        if not (crashed or blamed):
-            cls = RankTimeout
-            signature = f"RankTimeout: ranks did not finish, waiting in {_hung_in(stacks)}"
-            lines.append(
-                f"hang certain before the {timeout:.0f}s timeout: rank(s) {list(hung)} "
-                f"did not finish; {certain}"
-                if certain
-                else f"timed out after {timeout:.0f}s: rank(s) {list(hung)} did not finish"
-            )
-        else:
-            lines.append(f"rank(s) {list(hung)} were still running and were stopped")
-    for r, o in errors.items():
-        if r in blamed:
-            lines.append(f"\n--- rank {r} traceback ---\n{o.traceback.rstrip()}")
-    when = "when the hang was certain" if certain else "at the timeout"
-    for r in hung:
-        if stacks.get(r):
-            lines.append(f"\n--- rank {r} stacks {when} ---\n{stacks[r]}")
-    return cls("\n".join(lines), outcomes=dict(outcomes), signature=signature)
-
-
-_PLUMBING = (
-    "distributed_c10d.py",
-    "c10d_logger.py",
-    "_contextlib.py",
-    "threading.py",
-    "_compile.py",
-    "eval_frame.py",
-)
-
-
-def _hung_in(stacks: dict[int, str]) -> str:
-    """The innermost frame of the first hung rank that is not collective plumbing, as
-    ``function (file)``: where a hang happened, stable across shrink steps."""
-    for _, text in sorted(stacks.items()):
-        for line in text.splitlines():
-            line = line.strip()
-            if line.startswith("File ") and not any(p in line for p in _PLUMBING):
-                path, _, func = line.partition(" in ")
-                filename = os.path.basename(path.split('"')[1]) if '"' in path else path
-                return f"{func} ({filename})"
-    return "an unknown place"
 
 
 def _close_ref(ref: weakref.ref) -> None:

@@ -18,15 +18,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dcprop.errors import RunnerError
-from dcprop.runner.messages import example_world_size
+from dcprop.runner.base import Runner
+from dcprop.runner.failures import example_sizes
 from dcprop.runner.pool import DEFAULT_TIMEOUT, Pool
 from dcprop.specs import MeshSpec
 
 __all__ = ["Pools"]
 
 
-class Pools:
-    """The :class:`Pool` interface over one pool per job size, up to ``world_size`` ranks.
+class Pools(Runner):
+    """A :class:`~dcprop.runner.base.Runner` of one pool per job size, up to ``world_size`` ranks.
 
     >>> with Pools(4) as runner:                                   # doctest: +SKIP
     ...     runner.run(my_property, scenario, world_size=2)                    # 2 ranks
@@ -51,12 +52,6 @@ class Pools:
         self.timeout = float(timeout)
         self._options = pool_options
         self._pools: dict[int, Pool] = {}
-
-    def __enter__(self) -> Pools:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def pool(self, size: int) -> Pool:
         """The pool of ``size`` ranks (created on first use; its ranks start on its first run)."""
@@ -87,7 +82,7 @@ class Pools:
 
     def run(
         self,
-        fn: Callable[..., Any],
+        fn: Callable[..., Any] | str,
         *args: Any,
         world_size: int | None = None,
         meshes: Sequence[MeshSpec] = (),
@@ -98,14 +93,7 @@ class Pools:
         """As :meth:`Pool.run`, on the pool of ``job_world_size`` ranks (default: the
         example's world, its meshes included)."""
         meshes = tuple(meshes)
-        k = example_world_size(world_size, meshes, self.world_size, "the runner")
-        needed = max([k, *(m.size for m in meshes)])
-        job = needed if job_world_size is None else job_world_size
-        if job < needed:
-            raise RunnerError(
-                f"job_world_size={job} cannot hold an example of {needed} ranks; "
-                f"use None or at least {needed}"
-            )
+        k, job = example_sizes(world_size, meshes, job_world_size, self.world_size, "the runner")
         return self.pool(job).run(
             fn, *args, world_size=k, meshes=meshes, seed=seed, timeout=timeout
         )

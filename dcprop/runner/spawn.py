@@ -64,6 +64,8 @@ def _rank_main(channel: socket.socket, argv: list[str], log: str, controller: in
     # pool's own directory, which the controller removes (or the next pool, after a
     # hard kill).
     os.environ["TMPDIR"] = tempfile.tempdir = os.path.dirname(log)
+    # and multiprocessing's own temp dir, where the fork server had already made one
+    multiprocessing.current_process()._config.pop("tempdir", None)  # type: ignore[attr-defined]
     _exit_with(controller)
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)

@@ -24,23 +24,26 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from dcprop.errors import ExampleFailure, ExampleSkipped, HarnessError, RunnerError, UsageError
 from dcprop.runner import CHECKPOINT_ROOT_ENV, under_torchrun
-from dcprop.runner.execute import execute, innermost_first, waited_out
-from dcprop.runner.messages import Outcome, Task, example_world_size
-from dcprop.runner.pool import DEFAULT_TIMEOUT, failure_from_outcomes
+from dcprop.runner.base import TaskRunner
+from dcprop.runner.execute import execute
+from dcprop.runner.failures import (
+    failure_from_outcomes,
+    innermost_first,
+    waited_out,
+)
+from dcprop.runner.messages import Outcome, Task
+from dcprop.runner.pool import DEFAULT_TIMEOUT
 from dcprop.runner.preflight import preflight
-from dcprop.runner.worker import backend_for
+from dcprop.runner.worker import backend_for, rank_device
 from dcprop.runner.worlds import Worlds
-from dcprop.specs import MeshSpec
 
 __all__ = ["SPMDRunner"]
 
@@ -53,8 +56,8 @@ _ROOT_OPTIONS = (
 )
 
 
-class SPMDRunner:
-    """The :class:`~dcprop.runner.pool.Pool` interface over torchrun's processes."""
+class SPMDRunner(TaskRunner):
+    """A :class:`~dcprop.runner.base.Runner` over torchrun's processes."""
 
     def __init__(
         self, *, device: str = "cpu", timeout: float = DEFAULT_TIMEOUT, tmp_root: str | None = None
@@ -76,11 +79,7 @@ class SPMDRunner:
             )
         # GPUs are shared by the ranks of one host: their count decides, not the job's size
         backend, device_type = backend_for(device, local)
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-            self._device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self._device = torch.device("cpu")
+        self._device = rank_device(device_type, int(os.environ["LOCAL_RANK"]))
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout + _GRACE))
         self.rank = dist.get_rank()
@@ -135,20 +134,30 @@ class SPMDRunner:
     def is_driver(self) -> bool:
         return self.rank == 0
 
-    def run(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        world_size: int | None = None,
-        meshes: Sequence[MeshSpec] = (),
-        seed: int = 0,
-        timeout: float | None = None,
-        job_world_size: int | None = None,
-    ) -> dict[int, Any]:
-        """As :meth:`Pool.run`.  torchrun's world is the job: an example whose job
-        (``job_world_size``, default its own world) is of another size is skipped.
-        ``timeout`` (default the runner's) is the process-group timeout of the
-        example's collectives."""
+    _where = "torchrun's world"
+
+    def _check_job(self, job: int, job_world_size: int | None) -> None:
+        """torchrun's world is the job: an example whose job (``job_world_size``,
+        default its own world) is of another size is skipped."""
+        if job != self.world_size:
+            raise ExampleSkipped(
+                f"the example's job has {job} ranks but torchrun's world has "
+                f"{self.world_size}: its default process group would not be its job"
+            )
+
+    def _ready(self) -> str:
+        self._check_usable()
+        assert self._base is not None
+        return self._base
+
+    def _run_task(
+        self, task: Task, timeout: float
+    ) -> tuple[dict[int, Outcome], ExampleFailure | HarnessError | None]:
+        """``timeout`` is the process-group timeout of the example's collectives."""
+        outcomes = {o.rank: o for o in self._round(task, timeout)}
+        return outcomes, self._failure(outcomes, timeout)
+
+    def _check_usable(self) -> None:
         if not self.is_driver:
             raise RunnerError("only rank 0 drives; other ranks call follow()")
         if self._closed:
@@ -158,42 +167,13 @@ class SPMDRunner:
                 "an earlier example hung; torchrun's processes cannot be "
                 "restarted from inside, so this run cannot continue"
             )
-        k = example_world_size(world_size, tuple(meshes), self.world_size, "torchrun's world")
-        job = max([k, *(m.size for m in meshes)]) if job_world_size is None else job_world_size
-        if job != self.world_size:
-            raise ExampleSkipped(
-                f"the example's job has {job} ranks but torchrun's world has "
-                f"{self.world_size}: its default process group would not be its job"
-            )
-        assert self._base is not None
-        tmpdir = tempfile.mkdtemp(prefix="example-", dir=self._base)
-        task = Task(
-            id=next(self._ids),
-            fn=fn,
-            args=tuple(args),
-            world_size=k,
-            meshes=tuple(meshes),
-            tmpdir=tmpdir,
-            seed=seed,
-            device=self.device,
-        )
-        try:
-            outcomes = self._round(task, self.timeout if timeout is None else timeout)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        self.examples += 1
-        failure = self._failure(outcomes, timeout)
-        if failure is not None:
-            raise failure
-        return {o.rank: o.value for o in outcomes if o.status == "ok"}
 
     def _failure(
-        self, outcomes: list[Outcome], timeout: float | None
+        self, by_rank: dict[int, Outcome], timeout: float
     ) -> ExampleFailure | HarnessError | None:
         """As the pool's, with one difference: a rank whose collective ran out of the
         process-group timeout (the only clock torchrun mode has) hung there, which is
         a hang, not a failure of the code under test."""
-        by_rank = {o.rank: o for o in outcomes}
         hung = {r: o for r, o in by_rank.items() if waited_out(o)}
         if not hung:
             return failure_from_outcomes(by_rank)
@@ -202,11 +182,11 @@ class SPMDRunner:
             {r: o for r, o in by_rank.items() if r not in hung},
             hung=sorted(hung),
             stacks={r: innermost_first(o.traceback) for r, o in hung.items()},
-            timeout=self.timeout if timeout is None else timeout,
+            timeout=timeout,
         )
 
     def _round(self, task: Task, timeout: float) -> list[Outcome]:
-        dist.broadcast_object_list([("run", task, timeout)], src=0, group=self._control)
+        dist.broadcast_object_list([("run", (task, timeout))], src=0, group=self._control)
         return self._answer(task, timeout)
 
     def follow(self) -> int:
@@ -216,10 +196,10 @@ class SPMDRunner:
         while True:
             box: list[Any] = [None]
             dist.broadcast_object_list(box, src=0, group=self._control)
-            if box[0][0] == "shutdown":
-                return int(box[0][1])
-            _, task, timeout = box[0]
-            self._answer(task, timeout)
+            name, payload = box[0]
+            if name == "shutdown":
+                return int(payload)
+            self._answer(*payload)
 
     def _answer(self, task: Task, timeout: float) -> list[Outcome]:
         """Run the task on this rank, its collectives under its timeout; gather every

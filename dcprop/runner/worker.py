@@ -1,4 +1,4 @@
-"""A pool rank: joins the default process group once, then runs tasks until told to stop.
+"""A pool rank: joins the default process group once, then runs tasks until told to shut down.
 
 Started by :class:`dcprop.runner.pool.Pool` as ``python -m dcprop.runner.worker``
 with one end of a socket pair as its channel.  It never outlives the controller:
@@ -26,9 +26,14 @@ import time
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["CollectiveWatch", "backend_for", "main"]
+if TYPE_CHECKING:
+    import torch
+
+    from dcprop.runner.worlds import Worlds
+
+__all__ = ["CollectiveWatch", "backend_for", "main", "rank_device"]
 
 SAMPLE_INTERVAL = 0.2  # seconds between samples of the main thread's stack
 SETTLE = 1.0  # how long a rank must stand in one collective before it is reported
@@ -193,7 +198,42 @@ def backend_for(device: str, world_size: int) -> tuple[str, str]:
     return "cpu:gloo,cuda:gloo", "cuda"
 
 
+def rank_device(device_type: str, local_rank: int) -> torch.device:
+    """This rank's device: the CPU, or a GPU of its host (shared round-robin where the
+    host has fewer GPUs than ranks), made current."""
+    import torch
+
+    if device_type != "cuda":
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    _die_with_parent()
+    stacks = open(args.stacks, "w")  # noqa: SIM115 - lives as long as the process
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    conn = Connection(args.fd)
+    sys.path[:] = conn.recv()  # the controller's import path, so tasks unpickle here too
+    from dcprop.checkpointer import close_live
+    from dcprop.runner.worlds import Worlds
+
+    backend, device = _join(args)
+    conn.send(("ready", _start_up_report(args, backend, device)))
+    # NCCL collectives return before they finish, so only gloo's waits say where a rank is
+    watch = (
+        CollectiveWatch(conn, args.rank)
+        if args.watch_collectives and "nccl" not in backend
+        else None
+    )
+    _serve(conn, args.rank, Worlds(device.type), device, watch)
+    close_live()  # the checkpointers' teardown: os._exit skips atexit
+    stacks.close()
+    os._exit(0)  # skip interpreter teardown: torch's exit hooks can abort a rank late
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--rank", type=int, required=True)
@@ -203,28 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pg-timeout", type=float, default=120.0)
     parser.add_argument("--stacks", required=True)
     parser.add_argument("--watch-collectives", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    _die_with_parent()
-    stacks = open(args.stacks, "w")  # noqa: SIM115 - lives as long as the process
-    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    conn = Connection(args.fd)
-    sys.path[:] = conn.recv()  # the controller's import path, so tasks unpickle here too
 
-    import torch
+def _join(args: argparse.Namespace) -> tuple[str, torch.device]:
+    """Join the pool's default process group; (its backend, this rank's device)."""
     import torch.distributed as dist
 
-    from dcprop.checkpointer import close_live
-    from dcprop.runner.execute import execute, harness_error
-    from dcprop.runner.preflight import preflight
-    from dcprop.runner.worlds import Worlds
-
     backend, device_type = backend_for(args.device, args.world_size)
-    if device_type == "cuda":
-        torch.cuda.set_device(args.rank % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
+    device = rank_device(device_type, args.rank)
     dist.init_process_group(
         backend,
         store=dist.FileStore(args.store, args.world_size),
@@ -232,29 +259,40 @@ def main(argv: list[str] | None = None) -> None:
         world_size=args.world_size,
         timeout=timedelta(seconds=args.pg_timeout),
     )
-    worlds = Worlds(device_type)
+    return backend, device
+
+
+def _start_up_report(
+    args: argparse.Namespace, backend: str, device: torch.device
+) -> dict[str, Any]:
+    from dcprop.runner.preflight import preflight
+
     problem = preflight(os.path.dirname(args.store))
-    conn.send(
-        ("ready", {"rank": args.rank, "backend": backend, "device": str(device), "error": problem})
-    )
-    # NCCL collectives return before they finish, so only gloo's waits say where a rank is
-    watch = (
-        CollectiveWatch(conn, args.rank)
-        if args.watch_collectives and "nccl" not in backend
-        else None
-    )
+    return {"rank": args.rank, "backend": backend, "device": str(device), "error": problem}
+
+
+def _serve(
+    conn: Connection,
+    rank: int,
+    worlds: Worlds,
+    device: torch.device,
+    watch: CollectiveWatch | None,
+) -> None:
+    """Run each task the controller sends, until it says ``shutdown`` or goes away."""
+    from dcprop.runner.execute import execute, harness_error
+
     while True:
         try:
             name, payload = conn.recv()
         except EOFError:
-            break
+            return
         if name == "shutdown":
-            break
+            return
         started = time.perf_counter()
         try:
             task = pickle.loads(payload)
         except Exception as e:  # e.g. the user's checkpointer does not import on this rank
-            outcome = harness_error(args.rank, e, started)
+            outcome = harness_error(rank, e, started)
         else:
             if watch is not None:
                 watch.begin(task.id)
@@ -264,10 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             conn.send(("outcome", outcome))
         except Exception as e:  # an unpicklable return value
-            conn.send(("outcome", harness_error(args.rank, e, started)))
-    close_live()  # the checkpointers' teardown: os._exit skips atexit
-    stacks.close()
-    os._exit(0)  # skip interpreter teardown: torch's exit hooks can abort a rank late
+            conn.send(("outcome", harness_error(rank, e, started)))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Rank-side cache of process groups and device meshes for sub-worlds.
 
+Asking for a group or mesh the example did not declare is a :class:`RunnerError`:
+the harness's mistake, which the example's outcome reports as ``internal``, never a
+failure of the code under test.
+
 An example may use the first ``k`` ranks of an ``N``-rank pool, and a resharding
 example uses two such worlds in turn.  Creating a group is collective over the
 default group, so every pool rank creates the same groups in the same order (the
@@ -15,6 +19,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
+from dcprop.errors import RunnerError
 from dcprop.specs import MeshSpec
 
 __all__ = ["Worlds"]
@@ -26,10 +31,6 @@ class Worlds:
         self._timeout: timedelta | None = None  # of the groups created here; None: torch's
         self._groups: dict[tuple[int, ...], Any] = {}
         self._meshes: dict[MeshSpec, Any] = {}
-
-    @property
-    def group_count(self) -> int:
-        return len(self._groups)
 
     def known_groups(self) -> set[Any]:
         return {g for g in self._groups.values() if g is not None}
@@ -46,7 +47,7 @@ class Worlds:
     def group(self, ranks: tuple[int, ...]) -> Any:
         """The group over ``ranks`` (None on ranks outside it), created by :meth:`prepare`."""
         if ranks not in self._groups:
-            raise KeyError(
+            raise RunnerError(
                 f"no process group over ranks {list(ranks)} was prepared for this "
                 "example; declare its world size or mesh in the task"
             )
@@ -75,7 +76,7 @@ class Worlds:
     def mesh(self, spec: MeshSpec) -> Any:
         """The ``DeviceMesh`` for ``spec`` over ranks ``0..spec.size-1``; None off the mesh."""
         if spec not in self._meshes:
-            raise KeyError(
+            raise RunnerError(
                 f"mesh {spec!r} was not declared for this example; list it in the "
                 "task's meshes so that every rank creates it"
             )
@@ -113,7 +114,3 @@ class Worlds:
 
 def _flat(world_size: int) -> MeshSpec:
     return MeshSpec((world_size,), ("world",))
-
-
-def world_size_of(meshes: tuple[MeshSpec, ...]) -> int:
-    return max((m.size for m in meshes), default=1)

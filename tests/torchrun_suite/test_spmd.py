@@ -8,7 +8,7 @@ import torch.distributed as dist
 import dcprop.specs as S
 from dcprop.errors import ExampleSkipped, RankTimeout
 from dcprop.properties import run_property
-from dcprop.runner.execute import RankContext
+from dcprop.runner import RankContext
 from dcprop.testing import property_test
 
 M = S.ModelSpec(S.Block((("fc", S.Linear(4, 6)), ("act", S.Activation()), ("out", S.Linear(6, 3)))))
