@@ -19,9 +19,9 @@ from torch import nn
 from dcprop import specs as S
 
 __all__ = [
-    "DataShard",
+    "DataSplit",
     "build_model",
-    "data_shard",
+    "data_split",
     "optimizer_for",
     "scheduler_for",
     "wrap",
@@ -218,7 +218,7 @@ def _state_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 # ------------------------------------------------------------------- wrapping
 
 
-def data_shard(topology: S.Topology, mesh: Any) -> DataShard:
+def data_split(topology: S.Topology, mesh: Any) -> DataSplit:
     """Which slice of the global batch this rank trains on."""
     plan = topology.plan
     if isinstance(plan, S.FSDP2Plan) and plan.tp is not None:
@@ -227,11 +227,11 @@ def data_shard(topology: S.Topology, mesh: Any) -> DataShard:
         for d in dims:
             index = index * mesh.size(topology.mesh.dim_names.index(d)) + mesh.get_local_rank(d)
             size *= topology.mesh.dim_size(d)
-        return DataShard(index, size)
-    return DataShard(mesh_rank(mesh), topology.world_size)
+        return DataSplit(index, size)
+    return DataSplit(mesh_rank(mesh), topology.world_size)
 
 
-class DataShard(NamedTuple):
+class DataSplit(NamedTuple):
     """This rank's position ``part`` among ``parts`` data-parallel ranks (different rows)."""
 
     part: int

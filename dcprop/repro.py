@@ -283,7 +283,7 @@ def main(
         known = match_known(e, scenario)
         print(f"FAIL: {property}\n{e}")
         if known:
-            links = [known.upstream] if known.upstream else list(known.related)
+            links = list(known.related)
             print(
                 f"\nThis is a known upstream bug: {known.id}: {known.title}"
                 + (f" (see {', '.join(links)})" if links else "")

@@ -158,13 +158,13 @@ def ddp_parity(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> 
         runs["sharded"].append(sharded.train_step())
         runs["ddp"].append(ddp.train_step())
     reference = reference_run(
-        scenario, sharded.shard.parts, sharded.rows, ctx.device, hooks, tol=tol
+        scenario, sharded.data_split.parts, sharded.rows, ctx.device, hooks, tol=tol
     )
     runs["reference"] = reference.losses
 
     # Batch statistics depend on how rows are split: compare DDP only on the same split.
     compare_ddp = (
-        not scenario.model.has_batch_statistics() or ddp.shard.parts == sharded.shard.parts
+        not scenario.model.has_batch_statistics() or ddp.data_split.parts == sharded.data_split.parts
     )
     others = ("ddp", "reference") if compare_ddp else ("reference",)
     for other in others:

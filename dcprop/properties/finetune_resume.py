@@ -68,7 +68,7 @@ def finetune_resume(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
     second.restore("finetune", ignore_frozen_params=True)
     loaded = second.state(ignore_frozen_params=True)
     second.check_keys(loaded, "after load", ignore_frozen_params=True)
-    second.steps_taken = steps
+    second.resume_at(steps)
     resumed = [second.train_step() for _ in range(steps)]
     if resumed != uninterrupted:
         raise PropertyFailure(

@@ -80,12 +80,12 @@ def reshard(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dic
     b.check_keys(after, "after load", **FULL_STATE)
     if skipped:  # the step compares functions: frozen weights come from A, as in fine-tuning
         _set_full(b, {k: v for k, v in reference["state"].items() if k in own_initial})
-    b.steps_taken = scenario.training.steps
+    b.resume_at(scenario.training.steps)
     loss = b.train_step()
     # Batch statistics depend on the split of rows; an expert layout on either side
     # changes which experts each rank applies: neither is the checkpoint's doing.
     same_function = all(t.plan_kind != "submesh" for t in (scenario.save, b.topology))
-    same_split = not scenario.model.has_batch_statistics() or scenario.save.dp_size == b.shard.parts
+    same_split = not scenario.model.has_batch_statistics() or scenario.save.dp_size == b.data_split.parts
     if same_function and same_split:
         expected_loss = reference["loss"]
         if abs(loss - expected_loss) > STEP_RTOL * max(abs(expected_loss), 1e-6):

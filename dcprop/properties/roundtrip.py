@@ -76,7 +76,7 @@ def check_roundtrip(
     assert_same(saved, after, what="state after load", rank=job.rank)
     job.check_keys(loaded, "after load")
 
-    job.steps_taken -= 1  # the perturbing step is undone by the load: replay it
+    job.resume_at(job.steps_taken - 1)  # the load undid the perturbing step: replay it
     resumed = job.next_step()
     expected = uninterrupted()
     if resumed != expected:
