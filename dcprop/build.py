@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dcprop import specs as S
+from dcprop.specs.model import RUNNING_VAR
 
 __all__ = [
     "DataSplit",
@@ -168,10 +169,10 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 def _initial_value(seed: int, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     if not dtype.is_floating_point:
-        return torch.zeros(shape, dtype=dtype)  # num_batches_tracked
+        return torch.zeros(shape, dtype=dtype)  # a batch norm's step count
     noise = torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32)
     leaf = name.rsplit(".", 1)[-1]
-    if leaf == "running_var" or (len(shape) == 1 and leaf == "weight"):
+    if leaf == RUNNING_VAR or (len(shape) == 1 and leaf == "weight"):
         value = 1.0 + 0.1 * noise.abs()  # norm scales and variances stay positive
     elif len(shape) >= 2:
         value = noise / math.sqrt(shape[-1])

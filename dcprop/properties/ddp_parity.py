@@ -74,6 +74,7 @@ from dcprop import specs as S
 from dcprop.compare import assert_same, full_values
 from dcprop.errors import PropertyFailure
 from dcprop.properties._harness import DEFAULT_HOOKS, FULL_STATE, Hooks, Job, batch_rows, setup
+from dcprop.specs.model import RUNNING_MEAN, RUNNING_VAR
 
 __all__ = [
     "ATOL",
@@ -164,7 +165,8 @@ def ddp_parity(ctx: Any, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> 
 
     # Batch statistics depend on how rows are split: compare DDP only on the same split.
     compare_ddp = (
-        not scenario.model.has_batch_statistics() or ddp.data_split.parts == sharded.data_split.parts
+        not scenario.model.has_batch_statistics()
+        or ddp.data_split.parts == sharded.data_split.parts
     )
     others = ("ddp", "reference") if compare_ddp else ("reference",)
     for other in others:
@@ -384,8 +386,7 @@ def _undecided_buffers(scenario: S.Scenario, allowance: dict[str, torch.Tensor])
     out = set()
     for path, layer in scenario.model.modules():
         if isinstance(layer, S.BatchNorm) and scenario.model.feeding(path) & free:
-            out |= {f"{path}.running_mean" if path else "running_mean"}
-            out |= {f"{path}.running_var" if path else "running_var"}
+            out |= {S.join(path, name) for name in (RUNNING_MEAN, RUNNING_VAR)}
     return out
 
 

@@ -202,11 +202,15 @@ def own_parameters(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return ()
 
 
+#: The running statistics torch's BatchNorm keeps; the variance must stay positive.
+RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
+
+
 def own_buffers(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     if isinstance(layer, BatchNorm):
         return (
-            ("running_mean", (layer.dim,)),
-            ("running_var", (layer.dim,)),
+            (RUNNING_MEAN, (layer.dim,)),
+            (RUNNING_VAR, (layer.dim,)),
             ("num_batches_tracked", ()),
         )
     return ()
