@@ -101,16 +101,8 @@ def render(
         subsequent_indent="    ",
         break_on_hyphens=False,
     )
-    carried_checkpointer, paths = carry(checkpointer, "checkpointer")
-    carried_factory, factory_paths = carry(model_factory, "model factory")
-    paths += [p for p in factory_paths if p not in paths]
-    hooks = f"\nCHECKPOINTER = {carried_checkpointer!r}\nMODEL_FACTORY = {carried_factory!r}"
-    if paths:
-        hooks += f"\nIMPORT_PATHS = {paths!r}  # where their modules were imported from"
+    hooks, call = _carried_hooks(checkpointer, model_factory)
     whose = f"\nWhose bug: {blame}\n" if blame else ""
-    call = "checkpointer=CHECKPOINTER, model_factory=MODEL_FACTORY" + (
-        ", import_paths=IMPORT_PATHS" if paths else ""
-    )
     return f'''"""dcprop reproducer: property {property!r} fails.
 
 Found with dcprop {__version__} on torch {torch.__version__}.  The failure:
@@ -132,6 +124,21 @@ if __name__ == "__main__":
 
     main(PROPERTY, SCENARIO, {call})
 '''
+
+
+def _carried_hooks(checkpointer: Any, model_factory: Any) -> tuple[str, str]:
+    """The reproducer's lines that carry the hooks, and the arguments that hand them to
+    :func:`main`."""
+    carried_checkpointer, paths = carry(checkpointer, "checkpointer")
+    carried_factory, factory_paths = carry(model_factory, "model factory")
+    paths += [p for p in factory_paths if p not in paths]
+    hooks = f"\nCHECKPOINTER = {carried_checkpointer!r}\nMODEL_FACTORY = {carried_factory!r}"
+    if paths:
+        hooks += f"\nIMPORT_PATHS = {paths!r}  # where their modules were imported from"
+    call = "checkpointer=CHECKPOINTER, model_factory=MODEL_FACTORY" + (
+        ", import_paths=IMPORT_PATHS" if paths else ""
+    )
+    return hooks, call
 
 
 def carry(obj: Any, what: str) -> tuple[Any, list[str]]:

@@ -150,16 +150,21 @@ def property_test(
                 exclude=excluded,
             )
 
-        for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
-            setattr(test, attr, getattr(fn, attr))
-        # Hypothesis derives a test's derandomized seed and database key from its source,
-        # the same `test` above for every property test: tell each apart by what it checks
-        test._hypothesis_internal_add_digest = (  # type: ignore[attr-defined]
-            f"{property} {fn.__module__}.{fn.__qualname__}".encode()
-        )
+        _name_after(test, fn, property)
         return _distributed(given(scenario=strategy)(test), prepare=hooks)
 
     return decorate
+
+
+def _name_after(test: Callable[..., Any], fn: Callable[..., Any], property: str) -> None:
+    """Give ``test`` the user's ``fn``'s name, and a Hypothesis digest of its own."""
+    for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+        setattr(test, attr, getattr(fn, attr))
+    # Hypothesis derives a test's derandomized seed and database key from its source,
+    # the same for every property test: tell each apart by what it checks
+    test._hypothesis_internal_add_digest = (  # type: ignore[attr-defined]
+        f"{property} {fn.__module__}.{fn.__qualname__}".encode()
+    )
 
 
 def _distributed(given_test: Any, prepare: Callable[[], Any]) -> Any:

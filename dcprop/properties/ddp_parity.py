@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -233,22 +234,18 @@ def reference_run(
     losses = []
     for step in range(steps):
         twin = _float64_twin(module) if normalising else None
-        total, width, kept = 0.0, 1, None
-        for index in range(parts):
-            x, _ = batch_rows(scenario.model, scenario.training, step, index, parts, rows, device)
-            part_sum, width = _backward(module, x, rows)
-            total += float(part_sum.detach().to(torch.float64).item())
-            if twin is not None:
-                _backward(twin, x.double() if x.is_floating_point() else x, rows)
-            if index == 0:
-                kept = copy.deepcopy(dict(module.named_buffers()))
+        batches = (
+            batch_rows(scenario.model, scenario.training, step, index, parts, rows, device)[0]
+            for index in range(parts)
+        )
+        total, width, kept = _backward_parts(module, twin, batches, rows)
         if twin is not None:
             _mark_free(module, twin, scenario.optimizer, tol, step, free_since)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for name, buf in module.named_buffers():
-                buf.copy_(kept[name])  # type: ignore[index]
+                buf.copy_(kept[name])
         if scheduler is not None:
             scheduler.step()
         losses.append(total / (rows * width))
@@ -259,6 +256,23 @@ def reference_run(
     state = full_values(trained)
     state = {k: v for k, v in state.items() if not _is_param_groups(k)}
     return Reference(losses, initial, state, free_since)
+
+
+def _backward_parts(
+    module: Any, twin: Any, batches: Iterator[torch.Tensor], rows: int
+) -> tuple[float, int, dict[str, torch.Tensor]]:
+    """Forward and backward each part's rows through ``module`` (and its float64
+    ``twin``, if any), as that many data-parallel ranks would: the summed square loss,
+    the output width, and the buffers as the first part's forward left them."""
+    total, width, kept = 0.0, 1, {}
+    for index, x in enumerate(batches):
+        part_sum, width = _backward(module, x, rows)
+        total += float(part_sum.detach().to(torch.float64).item())
+        if twin is not None:
+            _backward(twin, x.double() if x.is_floating_point() else x, rows)
+        if index == 0:
+            kept = copy.deepcopy(dict(module.named_buffers()))
+    return total, width, kept
 
 
 def _state_options() -> Any:
