@@ -43,7 +43,8 @@ def _call(child: nn.Module, x: torch.Tensor, aux: torch.Tensor | None) -> torch.
 
 
 class LinearUnusedInput(nn.Linear):
-    """Seed 003's ``LinearUnusedInput``: receives the model input and ignores it."""
+    """Receives the model input and ignores it: ``LinearUnusedInput`` of PyTorch's
+    ``test/distributed/fsdp/test_fsdp_fine_tune.py``."""
 
     takes_aux = True
 
@@ -112,7 +113,8 @@ class Repeat(nn.Module):
 
 
 class AbsentExpert(nn.Module):
-    """Placeholder for an expert that lives on other ranks (seed 004's ``Dummymodel``)."""
+    """Placeholder for an expert that lives on other ranks (``Dummymodel`` in PyTorch's
+    ``test/distributed/checkpoint/e2e/test_fsdp_ep.py``)."""
 
 
 class ExpertList(nn.ModuleList):

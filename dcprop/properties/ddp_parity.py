@@ -1,5 +1,5 @@
-"""ddp_parity (seed 003): sharded training with a frozen subset matches DDP and a
-single-process reference.
+"""ddp_parity: sharded training with a frozen subset matches DDP and a single-process
+reference (generalizes PyTorch's ``test/distributed/fsdp/test_fsdp_fine_tune.py``).
 
 The same global batches train three models for several steps: the scenario's
 sharded plan, DDP over the same ranks, and a single process that replays every

@@ -1,4 +1,5 @@
-"""reshard (seed 002's HSDP -> FSDP conversion, generalized): save on topology A,
+"""reshard (generalizes the HSDP -> FSDP conversion of PyTorch's
+``test/distributed/checkpoint/test_hsdp_checkpoint.py``): save on topology A,
 load on topology B.
 
 A and B may differ in world size (4 -> 2, 2 -> 4, 3 -> 2, ...), mesh, plan (FSDP2,

@@ -1,4 +1,5 @@
-"""roundtrip (seed 002): save, perturb, load; the state is exactly what was saved.
+"""roundtrip: save, perturb, load; the state is exactly what was saved (generalizes
+PyTorch's ``test/distributed/checkpoint/test_hsdp_checkpoint.py``).
 
 Build and wrap per the scenario's save topology, train, take the state dict with
 its options and save it; perturb every entry (a training step, then a shift of
