@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypothesis import HealthCheck, event, given, reject, settings
 
@@ -23,6 +23,9 @@ from dcprop.campaign import blame, is_final_replay, record_events, signature_err
 from dcprop.errors import ExampleFailure, ExampleSkipped, carry_runner_errors, reraise_carried
 from dcprop.properties import make_hooks, property_ref, run_and_match
 from dcprop.specs import Scenario
+
+if TYPE_CHECKING:
+    from dcprop.properties._harness import Hooks
 
 __all__ = ["check", "property_test", "reproducers"]
 
@@ -36,7 +39,7 @@ def check(
     property: str,
     scenario: Scenario,
     *,
-    hooks: Any = None,
+    hooks: Hooks | None = None,
     test_id: str | None = None,
     checkpointer_ref: str | None = None,
     strict: bool = False,
@@ -86,7 +89,7 @@ def _write_reproducer(
     property: str,
     scenario: Scenario,
     failure: ExampleFailure,
-    hooks: Any,
+    hooks: Hooks | None,
     checkpointer_ref: str | None,
     blame: str,
 ) -> str:

@@ -39,7 +39,12 @@ def property_ref(name: str) -> str:
 
 
 def run_property(
-    runner: Any, name: str, scenario: Scenario, *, hooks: Any = None, timeout: float | None = None
+    runner: Any,
+    name: str,
+    scenario: Scenario,
+    *,
+    hooks: Hooks | None = None,
+    timeout: float | None = None,
 ) -> dict[int, Any]:
     """Run property ``name`` over ``scenario`` on ``runner`` (Pools, a Pool or an
     SPMDRunner), in a job of ``scenario.job_world`` ranks."""
@@ -69,7 +74,12 @@ class Failed(NamedTuple):
 
 
 def run_and_match(
-    runner: Any, name: str, scenario: Scenario, *, hooks: Any = None, timeout: float | None = None
+    runner: Any,
+    name: str,
+    scenario: Scenario,
+    *,
+    hooks: Hooks | None = None,
+    timeout: float | None = None,
 ) -> Failed | None:
     """:func:`run_property`, then :func:`~dcprop.known_bugs.match_known` on its failure:
     None if the property held.  Errors that are not the example's failure (a skipped

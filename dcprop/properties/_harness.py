@@ -20,7 +20,7 @@ from torch import nn
 
 from dcprop import build
 from dcprop import specs as S
-from dcprop.checkpointer import Checkpointer, DCPCheckpointer, StatefulCheckpointer, live
+from dcprop.checkpointer import AnyCheckpointer, DCPCheckpointer, StatefulCheckpointer, live
 from dcprop.contract import Contract
 from dcprop.errors import PropertyFailure
 from dcprop.runner.execute import PeerFailed
@@ -43,7 +43,7 @@ class Hooks:
     Both must be importable by reference (they travel to the rank processes).
     """
 
-    checkpointer: Checkpointer | StatefulCheckpointer = attrs.field(factory=DCPCheckpointer)
+    checkpointer: AnyCheckpointer = attrs.field(factory=DCPCheckpointer)
     model_factory: ModelFactory = attrs.field(default=default_model_factory)
 
 
