@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -63,22 +63,24 @@ class Chain(nn.Module):
         return x
 
 
-class ChainSequential(nn.Sequential):
+class _InOrder:
+    """A container's entries applied in order, each as often as it is listed (where
+    ``children()`` would name a repeated module once)."""
+
     takes_aux = True
 
     def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
-        for child in self:
+        for child in cast("Iterable[nn.Module]", self):  # an nn.Sequential or nn.ModuleList
             x = _call(child, x, aux)
         return x
 
 
-class ChainList(nn.ModuleList):
-    takes_aux = True
+class ChainSequential(_InOrder, nn.Sequential):
+    pass
 
-    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
-        for child in self:
-            x = _call(child, x, aux)
-        return x
+
+class ChainList(_InOrder, nn.ModuleList):
+    pass
 
 
 class Branches(nn.ModuleList):

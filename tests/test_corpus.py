@@ -105,7 +105,7 @@ def test_add_to_corpus_stores_the_signature(tmp_path):
         signature=entry.signature,
     )
     failure = failure_from_outcomes({0: outcome})
-    _add_to_corpus(str(tmp_path), entry.property, entry.scenario, failure)
+    _add_to_corpus(str(tmp_path), entry.property, entry.scenario, failure, entry.checkpointer)
     [written] = load_entries(str(tmp_path))
     assert written.signature == entry.signature and written.expect == entry.expect
 
