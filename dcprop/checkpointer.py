@@ -110,7 +110,7 @@ class DCPCheckpointer:
         return "DCPCheckpointer()"
 
 
-def project_of(checkpointer: Any) -> str | None:
+def project_of(checkpointer: AnyCheckpointer | None) -> str | None:
     """The project whose known bugs may explain a failure met with ``checkpointer``
     (None: DCP's): ``"torch"`` for DCP, the library for a built-in adapter (its
     ``project``), None for your own."""
