@@ -10,18 +10,19 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
 
 from dcprop import specs as S
+from dcprop.specs.model import RUNNING_VAR
 
 __all__ = [
-    "DataShard",
+    "DataSplit",
     "build_model",
-    "data_shard",
+    "data_split",
     "optimizer_for",
     "scheduler_for",
     "wrap",
@@ -42,7 +43,8 @@ def _call(child: nn.Module, x: torch.Tensor, aux: torch.Tensor | None) -> torch.
 
 
 class LinearUnusedInput(nn.Linear):
-    """Seed 003's ``LinearUnusedInput``: receives the model input and ignores it."""
+    """Receives the model input and ignores it: ``LinearUnusedInput`` of PyTorch's
+    ``test/distributed/fsdp/test_fsdp_fine_tune.py``."""
 
     takes_aux = True
 
@@ -61,22 +63,24 @@ class Chain(nn.Module):
         return x
 
 
-class ChainSequential(nn.Sequential):
+class _InOrder:
+    """A container's entries applied in order, each as often as it is listed (where
+    ``children()`` would name a repeated module once)."""
+
     takes_aux = True
 
     def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
-        for child in self:
+        for child in cast("Iterable[nn.Module]", self):  # an nn.Sequential or nn.ModuleList
             x = _call(child, x, aux)
         return x
 
 
-class ChainList(nn.ModuleList):
-    takes_aux = True
+class ChainSequential(_InOrder, nn.Sequential):
+    pass
 
-    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
-        for child in self:
-            x = _call(child, x, aux)
-        return x
+
+class ChainList(_InOrder, nn.ModuleList):
+    pass
 
 
 class Branches(nn.ModuleList):
@@ -111,7 +115,8 @@ class Repeat(nn.Module):
 
 
 class AbsentExpert(nn.Module):
-    """Placeholder for an expert that lives on other ranks (seed 004's ``Dummymodel``)."""
+    """Placeholder for an expert that lives on other ranks (``Dummymodel`` in PyTorch's
+    ``test/distributed/checkpoint/e2e/test_fsdp_ep.py``)."""
 
 
 class ExpertList(nn.ModuleList):
@@ -168,10 +173,10 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 def _initial_value(seed: int, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     if not dtype.is_floating_point:
-        return torch.zeros(shape, dtype=dtype)  # num_batches_tracked
+        return torch.zeros(shape, dtype=dtype)  # a batch norm's step count
     noise = torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32)
     leaf = name.rsplit(".", 1)[-1]
-    if leaf == "running_var" or (len(shape) == 1 and leaf == "weight"):
+    if leaf == RUNNING_VAR or (len(shape) == 1 and leaf == "weight"):
         value = 1.0 + 0.1 * noise.abs()  # norm scales and variances stay positive
     elif len(shape) >= 2:
         value = noise / math.sqrt(shape[-1])
@@ -218,7 +223,7 @@ def _state_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 # ------------------------------------------------------------------- wrapping
 
 
-def data_shard(topology: S.Topology, mesh: Any) -> DataShard:
+def data_split(topology: S.Topology, mesh: Any) -> DataSplit:
     """Which slice of the global batch this rank trains on."""
     plan = topology.plan
     if isinstance(plan, S.FSDP2Plan) and plan.tp is not None:
@@ -227,11 +232,11 @@ def data_shard(topology: S.Topology, mesh: Any) -> DataShard:
         for d in dims:
             index = index * mesh.size(topology.mesh.dim_names.index(d)) + mesh.get_local_rank(d)
             size *= topology.mesh.dim_size(d)
-        return DataShard(index, size)
-    return DataShard(mesh_rank(mesh), topology.world_size)
+        return DataSplit(index, size)
+    return DataSplit(mesh_rank(mesh), topology.world_size)
 
 
-class DataShard(NamedTuple):
+class DataSplit(NamedTuple):
     """This rank's position ``part`` among ``parts`` data-parallel ranks (different rows)."""
 
     part: int

@@ -146,7 +146,7 @@ def known_totals(reports: list[PropertyReport]) -> list[dict[str, Any]]:
     totals: dict[str, dict[str, Any]] = {}
     for r in reports:
         for k in r.known:
-            bug = {f: k[f] for f in ("id", "title", "upstream", "related")}
+            bug = {f: k[f] for f in ("id", "title", "related")}
             total = totals.setdefault(k["id"], {**bug, "examples": 0, "properties": {}})
             total["examples"] += k["examples"]
             total["properties"][r.name] = k["examples"]
@@ -328,22 +328,24 @@ class _Campaign:
         report = self.report
         try:
             with carry_runner_errors():  # the pool or the harness failed: not the example
-                run_property(self.runner, self.property, scenario, hooks=self.hooks)
-            report.ended["held"] += 1
+                failed = run_and_match(self.runner, self.property, scenario, hooks=self.hooks)
         except ExampleSkipped:
             report.ended["skipped"] += 1
-        except ExampleFailure as failure:
-            known = match_known(failure, scenario)
-            report.ended[ending(failure, known)] += 1
-            if known is not None and not self.strict:
-                report.count_known(known, failure, scenario)
-                self.confirmed.add(known.id)
-                return
-            if self.found_at is None:
-                self.found_at = time.perf_counter()
-                report.first_failure_at = report.examples
-                report.first_failure_seconds = round(self.found_at - self.started, 3)
-            raise signature_error(failure) from None
+            return
+        if failed is None:
+            report.ended["held"] += 1
+            return
+        failure, known = failed
+        report.ended[ending(failure, known)] += 1
+        if known is not None and not self.strict:
+            report.count_known(known, failure, scenario)
+            self.confirmed.add(known.id)
+            return
+        if self.found_at is None:
+            self.found_at = time.perf_counter()
+            report.first_failure_at = report.examples
+            report.first_failure_seconds = round(self.found_at - self.started, 3)
+        raise signature_error(failure) from None
 
     def record(self, scenario: S.Scenario, failure: ExampleFailure) -> None:
         whose = blame(self.runner, self.property, scenario, failure, self.hooks)

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECKPOINTERS",
+    "AnyCheckpointer",
     "Checkpointer",
     "DCPCheckpointer",
     "StatefulCheckpointer",
@@ -78,6 +79,10 @@ class StatefulCheckpointer(Protocol):
         takes what was loaded, as ``dcp.load`` does."""
 
 
+#: what a property saves and loads with: a state-dict checkpointer or an app-state one
+AnyCheckpointer = Checkpointer | StatefulCheckpointer
+
+
 class DCPCheckpointer:
     """``torch.distributed.checkpoint`` save/load (or ``async_save``) on a file system."""
 
@@ -108,7 +113,7 @@ class DCPCheckpointer:
         return "DCPCheckpointer()"
 
 
-def project_of(checkpointer: Any) -> str | None:
+def project_of(checkpointer: AnyCheckpointer | None) -> str | None:
     """The project whose known bugs may explain a failure met with ``checkpointer``
     (None: DCP's): ``"torch"`` for DCP, the library for a built-in adapter (its
     ``project``), None for your own."""
@@ -117,7 +122,7 @@ def project_of(checkpointer: Any) -> str | None:
     return getattr(checkpointer, "project", None)
 
 
-def load_checkpointer(ref: str) -> Any:
+def load_checkpointer(ref: str) -> AnyCheckpointer:
     """Resolve a short name (:data:`CHECKPOINTERS`) or ``"module:attr"`` to a checkpointer
     (an instance, or a class to instantiate)."""
     ref = CHECKPOINTERS.get(ref, ref)
@@ -143,10 +148,10 @@ def load_checkpointer(ref: str) -> Any:
 
 # This rank's checkpointers that have been set up, by their pickled form: each example
 # unpickles its own copy of the hooks, and the copy that was set up must serve them all.
-_LIVE: dict[bytes, Any] = {}
+_LIVE: dict[bytes, AnyCheckpointer] = {}
 
 
-def live(checkpointer: Any, ctx: RankContext) -> Any:
+def live(checkpointer: AnyCheckpointer, ctx: RankContext) -> AnyCheckpointer:
     """The object that serves ``checkpointer`` on this rank: the first one seen, after its
     ``setup(ctx)`` (if it has one) ran once; later examples get that same object."""
     if not hasattr(checkpointer, "setup") or any(checkpointer is c for c in _LIVE.values()):

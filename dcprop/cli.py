@@ -357,10 +357,11 @@ def _explicit(recipe: dict[str, Any], prop: str, world: int) -> tuple[Any, ...]:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from dcprop.properties import make_hooks
     from dcprop.runner import make_runner, under_torchrun
 
     cfg = _settings(args)
-    hooks = _hooks(args.checkpointer)
+    hooks = make_hooks(args.checkpointer)
     explicit = {p: _explicit(cfg["recipe"], p, args.world_size) for p in cfg["properties"]}
     for prop in cfg["properties"]:
         _strategy(prop, cfg)  # bad arguments are refused before the ranks start
@@ -381,15 +382,6 @@ def _check(args: argparse.Namespace) -> int:
         runner.close(exit_code)
     _print_results(args, cfg, reports, time.perf_counter() - started)
     return exit_code
-
-
-def _hooks(checkpointer: str | None) -> Any:
-    if not checkpointer:
-        return None
-    from dcprop.checkpointer import load_checkpointer
-    from dcprop.properties._harness import Hooks
-
-    return Hooks(checkpointer=load_checkpointer(checkpointer))
 
 
 def _campaign(

@@ -59,7 +59,7 @@ def _always(_: Any) -> bool:
 class KnownBug:
     """One upstream bug: what it is, and how to recognise a failure as this bug.
 
-    A sighting is this bug when its signature matches ``signature``, its scenario is
+    A sighting is this bug when its signature matches ``pattern``, its scenario is
     one the bug can occur in (``occurs_in``), and it shows what the diagnosis
     predicts (``shows``: for example, which keys differ).  A narrow match, so that a
     new bug with a similar message in an unrelated scenario is still reported as new.
@@ -67,14 +67,13 @@ class KnownBug:
 
     id: str
     title: str
-    signature: str  # a regular expression searched in the failure signature
+    pattern: str  # a regular expression searched in the failure signature
     # whose bug: "torch" (met with any checkpointer: DCP and the state-dict API under
     # it are what every property runs), or a checkpoint library's, met only when the
     # example ran with that library's adapter (``ExampleFailure.checkpointer_project``)
     project: str = "torch"
     occurs_in: Callable[[S.Scenario], bool] = _always
     shows: Callable[[Sighting], bool] = _always
-    upstream: str | None = None  # the upstream issue, where one exists
     related: tuple[str, ...] = ()
     explanation: str = ""
     # scenarios that always end in this bug: once a campaign has confirmed the bug, it
@@ -84,7 +83,7 @@ class KnownBug:
     def explains(self, sighting: Sighting) -> bool:
         return (
             self.project in ("torch", sighting.failure.checkpointer_project)
-            and re.search(self.signature, sighting.signature) is not None
+            and re.search(self.pattern, sighting.signature) is not None
             and self.occurs_in(sighting.scenario)
             and self.shows(sighting)
         )
@@ -298,7 +297,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dsd-full-osd-stateless-optimizer",
         title="set_state_dict(full_state_dict=True) asserts for an optimizer without state "
         "tensors (SGD without momentum)",
-        signature=r"^AssertionError: Expected device to be set @ _load_optim_state_dict$",
+        pattern=r"^AssertionError: Expected device to be set @ _load_optim_state_dict$",
         occurs_in=_all(_on_a_topology(_options(full_state_dict=True)), _stateless_optimizer),
         explanation="_load_optim_state_dict takes the device from optimizer state tensors with "
         "dim() > 0; a stateless optimizer has none, so loading a full optimizer "
@@ -308,7 +307,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dsd-flatten-full-osd",
         title="set_state_dict rejects its own full, flattened optimizer state dict "
         "(full_state_dict=True, flatten_optimizer_state_dict=True)",
-        signature=r"^KeyError: '(state|param_groups\.N\.params\.N)' @ "
+        pattern=r"^KeyError: '(state|param_groups\.N\.params\.N)' @ "
         r"(_unflatten_state_dict|load_state_dict)$"
         r"|^KeyError: 'param_groups' @ _load_optim_state_dict$",
         occurs_in=_on_a_topology(_options(full_state_dict=True, flatten_optimizer_state_dict=True)),
@@ -330,7 +329,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dtensor-view-size1-shard",
         title="DTensor backward of a colwise-parallel Linear with one output feature: "
         "view of a Shard(1) [N, 1] tensor is refused",
-        signature=r"This operation would remove or reshape sharded dimension N",
+        pattern=r"This operation would remove or reshape sharded dimension N",
         occurs_in=_colwise_single_output,
         related=(
             "https://github.com/pytorch/pytorch/issues/143372",
@@ -343,7 +342,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dcp-per-rank-param-groups",
         title="DCP keeps one copy of each rank's optimizer param_groups FQN list, so under "
         "expert parallelism a rank loads another rank's list",
-        signature=r"^ValueError: loaded state dict contains a parameter group that doesn't "
+        pattern=r"^ValueError: loaded state dict contains a parameter group that doesn't "
         r"match the size of optimizer's group @ load_state_dict$",
         occurs_in=_param_group_sizes_differ,
         explanation="Non-tensor values are saved as if replicated; with sub-mesh experts, ranks "
@@ -356,7 +355,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dsd-broadcast-default-group",
         title="set_*_state_dict(broadcast_from_rank0=True) broadcasts over the default process "
         "group, so a model on a sub-world deadlocks",
-        signature=r"^RankTimeout: .*waiting in _broadcast_state_dict",
+        pattern=r"^RankTimeout: .*waiting in _broadcast_state_dict",
         shows=_broadcast_off_the_model,
         certain_in=_broadcasts_off_the_model,
         explanation="_broadcast_state_dict calls broadcast_object_list with no group; ranks of "
@@ -366,7 +365,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dsd-broadcast-submesh-params",
         title="set_state_dict(broadcast_from_rank0=True) assumes rank 0 holds every parameter: "
         "parameters on a sub-mesh without rank 0 (experts) are not loaded",
-        signature=r"^RuntimeError: Error\(s\) in loading state_dict for \w+: Missing key\(s\)"
+        pattern=r"^RuntimeError: Error\(s\) in loading state_dict for \w+: Missing key\(s\)"
         r"|^PropertyFailure: state after load on rank N: differences in N of N entries"
         r"|^KeyError: '[\w.]+' @ _broadcast_state_dict$",
         occurs_in=_on_a_topology(_experts_with(broadcast_from_rank0=True)),
@@ -386,7 +385,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="get_state_dict(full_state_dict=True, cpu_offload=True) keeps the full state "
         "dict on global rank 0 only, so parameters on a sub-mesh without rank 0 "
         "(experts) are in no rank's state dict",
-        signature=r"^RuntimeError: Missing key in checkpoint state_dict: (model|optim)\.",
+        pattern=r"^RuntimeError: Missing key in checkpoint state_dict: (model|optim)\.",
         # the checkpoint's writer: get_state_dict ignores broadcast_from_rank0
         occurs_in=lambda scenario: _experts_with(full_state_dict=True, cpu_offload=True)(
             scenario.save
@@ -402,7 +401,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         id="dsd-ignore-frozen-tied-alias",
         title="get_state_dict(ignore_frozen_params=True) keeps a frozen tied weight under its "
         "second name",
-        signature=r"^PropertyFailure: ignore_frozen_params=True but the model state dict on "
+        pattern=r"^PropertyFailure: ignore_frozen_params=True but the model state dict on "
         r"rank N holds frozen parameters",
         occurs_in=_frozen_tied_weight_skipped,
         shows=_only_second_names_kept,
@@ -417,7 +416,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="torch_checkpointing's local file-system storage opens files with O_DIRECT and "
         "writes through a buffered file object: where the file system accepts O_DIRECT "
         "(ext4, xfs) the unaligned write fails with EINVAL, so no save completes",
-        signature=r"^OSError: (\[Errno N\] Invalid argument @ close|Unexpected response from "
+        pattern=r"^OSError: (\[Errno N\] Invalid argument @ close|Unexpected response from "
         r"worker process: .* in _write_key @ _recv)$",
         # a multi-rank save fails earlier, in tc-metadata-gather-cuda (on CPU)
         occurs_in=lambda scenario: scenario.job_world == 1,
@@ -437,7 +436,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         project="torch_checkpointing",
         title="torch_checkpointing's DefaultMetadataManager all-gathers sharding metadata "
         "through CUDA tensors, so a multi-rank save with a resharder fails on a CPU-only host",
-        signature=r"^AssertionError: Torch not compiled with CUDA enabled @ _lazy_init$",
+        pattern=r"^AssertionError: Torch not compiled with CUDA enabled @ _lazy_init$",
         occurs_in=lambda scenario: scenario.job_world > 1 and scenario.device == "cpu",
         certain_in=lambda scenario: scenario.job_world > 1 and scenario.device == "cpu",
         explanation="metadata_manager.py, DefaultMetadataManager._all_gather_pickled_data "
@@ -454,7 +453,7 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="torch_checkpointing's resharding load reads only the tensors of an item: its "
         "other leaves (an optimizer's learning rate) keep the values of the template, "
         "silently, even with strict=True",
-        signature=r"^PropertyFailure: full state after resharding .*: differences in N of N "
+        pattern=r"^PropertyFailure: full state after resharding .*: differences in N of N "
         r"entries \(bitwise\): @ assert_same$",
         # a scheduler moves the saved lr away from the fresh template's; resharding runs
         # for an item with tensors (optimizer state) whose layout changed
@@ -489,6 +488,5 @@ def describe(bug: KnownBug) -> dict[str, Any]:
     return {
         "id": bug.id,
         "title": bug.title,
-        "upstream": bug.upstream,
         "related": list(bug.related),
     }

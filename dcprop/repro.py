@@ -25,12 +25,15 @@ import site
 import sys
 import sysconfig
 import textwrap
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from dcprop import specs as S
 from dcprop.errors import headline
+
+if TYPE_CHECKING:
+    from dcprop.properties._harness import Hooks
 
 __all__ = ["Missing", "Pickled", "hooks_for", "main", "pretty", "render", "write_reproducer"]
 
@@ -98,16 +101,8 @@ def render(
         subsequent_indent="    ",
         break_on_hyphens=False,
     )
-    carried_checkpointer, paths = carry(checkpointer, "checkpointer")
-    carried_factory, factory_paths = carry(model_factory, "model factory")
-    paths += [p for p in factory_paths if p not in paths]
-    hooks = f"\nCHECKPOINTER = {carried_checkpointer!r}\nMODEL_FACTORY = {carried_factory!r}"
-    if paths:
-        hooks += f"\nIMPORT_PATHS = {paths!r}  # where their modules were imported from"
+    hooks, call = _carried_hooks(checkpointer, model_factory)
     whose = f"\nWhose bug: {blame}\n" if blame else ""
-    call = "checkpointer=CHECKPOINTER, model_factory=MODEL_FACTORY" + (
-        ", import_paths=IMPORT_PATHS" if paths else ""
-    )
     return f'''"""dcprop reproducer: property {property!r} fails.
 
 Found with dcprop {__version__} on torch {torch.__version__}.  The failure:
@@ -129,6 +124,21 @@ if __name__ == "__main__":
 
     main(PROPERTY, SCENARIO, {call})
 '''
+
+
+def _carried_hooks(checkpointer: Any, model_factory: Any) -> tuple[str, str]:
+    """The reproducer's lines that carry the hooks, and the arguments that hand them to
+    :func:`main`."""
+    carried_checkpointer, paths = carry(checkpointer, "checkpointer")
+    carried_factory, factory_paths = carry(model_factory, "model factory")
+    paths += [p for p in factory_paths if p not in paths]
+    hooks = f"\nCHECKPOINTER = {carried_checkpointer!r}\nMODEL_FACTORY = {carried_factory!r}"
+    if paths:
+        hooks += f"\nIMPORT_PATHS = {paths!r}  # where their modules were imported from"
+    call = "checkpointer=CHECKPOINTER, model_factory=MODEL_FACTORY" + (
+        ", import_paths=IMPORT_PATHS" if paths else ""
+    )
+    return hooks, call
 
 
 def carry(obj: Any, what: str) -> tuple[Any, list[str]]:
@@ -259,9 +269,7 @@ def main(
     ``checkpointer``, ``model_factory``: as :func:`carry` wrote them; ``import_paths``
     are tried last when importing them.
     """
-    from dcprop.errors import ExampleFailure
-    from dcprop.known_bugs import match_known
-    from dcprop.properties import run_property
+    from dcprop.properties import run_and_match
     from dcprop.runner import DEFAULT_TIMEOUT, make_runner, under_torchrun
 
     for path in import_paths:
@@ -277,48 +285,34 @@ def main(
     )
     if under_torchrun() and not runner.is_driver:
         sys.exit(runner.follow())
-    try:
-        run_property(runner, property, scenario, hooks=hooks)
-    except ExampleFailure as e:
-        known = match_known(e, scenario)
-        print(f"FAIL: {property}\n{e}")
-        if known:
-            links = [known.upstream] if known.upstream else list(known.related)
-            print(
-                f"\nThis is a known upstream bug: {known.id}: {known.title}"
-                + (f" (see {', '.join(links)})" if links else "")
-            )
-        runner.close(1)
-        sys.exit(1)
-    runner.close()
-    print(f"PASS: {property} holds for this scenario")
-    sys.exit(0)
+    failed = run_and_match(runner, property, scenario, hooks=hooks)
+    if failed is None:
+        runner.close()
+        print(f"PASS: {property} holds for this scenario")
+        sys.exit(0)
+    print(f"FAIL: {property}\n{failed.failure}")
+    if failed.known:
+        links = ", ".join(failed.known.related)
+        print(
+            f"\nThis is a known upstream bug: {failed.known.id}: {failed.known.title}"
+            + (f" (see {links})" if links else "")
+        )
+    runner.close(1)
+    sys.exit(1)
 
 
-def hooks_for(checkpointer: Any, model_factory: Any) -> Any:
-    """The :class:`~dcprop.properties._harness.Hooks` for a checkpointer and a model
-    factory, each an object, a ``"module:attr"`` reference, :class:`Pickled` or None
-    (dcprop's default); None if both are defaults.  Raises for :class:`Missing`."""
-    if checkpointer is None and model_factory is None:
-        return None
-    from dcprop.checkpointer import DCPCheckpointer, load_checkpointer
+def hooks_for(checkpointer: Any, model_factory: Any) -> Hooks | None:
+    """:func:`~dcprop.properties.make_hooks` for the hooks as :func:`carry` wrote them:
+    :class:`Pickled` ones unpickled; raises for :class:`Missing`."""
     from dcprop.errors import UsageError
-    from dcprop.properties._harness import Hooks, default_model_factory
-    from dcprop.runner.execute import resolve
+    from dcprop.properties import make_hooks
 
     missing = [x.why for x in (checkpointer, model_factory) if isinstance(x, Missing)]
     if missing:
         raise UsageError(
             "this reproducer lacks what the failure depended on: " + "; ".join(missing)
         )
-    if isinstance(checkpointer, str):
-        checkpointer = load_checkpointer(checkpointer)
-    if isinstance(model_factory, str):
-        model_factory = resolve(model_factory)
     checkpointer, model_factory = (
         x.load() if isinstance(x, Pickled) else x for x in (checkpointer, model_factory)
     )
-    return Hooks(
-        checkpointer=checkpointer or DCPCheckpointer(),
-        model_factory=model_factory or default_model_factory,
-    )
+    return make_hooks(checkpointer, model_factory)

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypothesis import HealthCheck, event, given, reject, settings
 
 from dcprop.campaign import blame, is_final_replay, record_events, signature_error
 from dcprop.errors import ExampleFailure, ExampleSkipped, carry_runner_errors, reraise_carried
-from dcprop.known_bugs import match_known
-from dcprop.properties import property_ref, run_property
+from dcprop.properties import make_hooks, property_ref, run_and_match
 from dcprop.runner import Runner
 from dcprop.specs import Scenario
+
+if TYPE_CHECKING:
+    from dcprop.properties._harness import Hooks
 
 __all__ = ["check", "property_test", "reproducers"]
 
@@ -33,18 +35,12 @@ __all__ = ["check", "property_test", "reproducers"]
 reproducers: dict[str, list[str]] = {}
 
 
-def _hooks(checkpointer: Any, model_factory: Any) -> Any:
-    from dcprop.repro import hooks_for
-
-    return hooks_for(checkpointer, model_factory)
-
-
 def check(
     runner: Runner,
     property: str,
     scenario: Scenario,
     *,
-    hooks: Any = None,
+    hooks: Hooks | None = None,
     test_id: str | None = None,
     checkpointer_ref: str | None = None,
     strict: bool = False,
@@ -66,39 +62,51 @@ def check(
         event(f"excluded (never drawn): {word}")
     try:
         with carry_runner_errors():  # the pool or the harness failed: not the example
-            run_property(runner, property, scenario, hooks=hooks)
+            failed = run_and_match(runner, property, scenario, hooks=hooks)
     except ExampleSkipped as e:
         event(f"skipped: {e}")
         reject()  # not a failure: this runner cannot run the example as drawn
-    except ExampleFailure as failure:
-        known = match_known(failure, scenario)
-        if known is not None and not strict:
-            event(f"known upstream bug: {known.id}")  # reported, as dcprop check does
-            return
-        if not is_final_replay():
-            raise signature_error(failure) from None
-        from dcprop.pytest_plugin import repro_dir
-        from dcprop.repro import write_reproducer
+    if failed is None:
+        return
+    if failed.known is not None and not strict:
+        event(f"known upstream bug: {failed.known.id}")  # reported, as dcprop check does
+        return
+    if not is_final_replay():
+        raise signature_error(failed.failure) from None
+    with carry_runner_errors():
+        whose = blame(runner, property, scenario, failed.failure, hooks)
+    note = whose.sentence() if whose else ""
+    path = _write_reproducer(property, scenario, failed.failure, hooks, checkpointer_ref, note)
+    found = reproducers.setdefault(test_id or property, [])
+    if path not in found:
+        found.append(path)
+    notes = [f"Whose bug: {note}"] if note else []
+    if exclude:
+        notes.append(f"Excluded (never drawn): {', '.join(exclude)}")
+    raise signature_error(failed.failure, note="\n".join(notes)) from None
 
-        with carry_runner_errors():
-            whose = blame(runner, property, scenario, failure, hooks)
-        note = whose.sentence() if whose else ""
-        path = write_reproducer(
-            repro_dir,
-            property,
-            scenario,
-            error=str(failure),
-            checkpointer=checkpointer_ref or getattr(hooks, "checkpointer", None),
-            model_factory=getattr(hooks, "model_factory", None),
-            blame=note,
-        )
-        found = reproducers.setdefault(test_id or property, [])
-        if path not in found:
-            found.append(path)
-        notes = [f"Whose bug: {note}"] if note else []
-        if exclude:
-            notes.append(f"Excluded (never drawn): {', '.join(exclude)}")
-        raise signature_error(failure, note="\n".join(notes)) from None
+
+def _write_reproducer(
+    property: str,
+    scenario: Scenario,
+    failure: ExampleFailure,
+    hooks: Hooks | None,
+    checkpointer_ref: str | None,
+    blame: str,
+) -> str:
+    """The shrunk example's reproducer, in the plugin's directory: its path."""
+    from dcprop.pytest_plugin import repro_dir
+    from dcprop.repro import write_reproducer
+
+    return write_reproducer(
+        repro_dir,
+        property,
+        scenario,
+        error=str(failure),
+        checkpointer=checkpointer_ref or getattr(hooks, "checkpointer", None),
+        model_factory=getattr(hooks, "model_factory", None),
+        blame=blame,
+    )
 
 
 def property_test(
@@ -130,7 +138,7 @@ def property_test(
 
     # built once, before the search: a checkpointer that does not import is bad input
     # (UsageError), which must not be shrunk as if it were a failing example
-    hooks = functools.cache(lambda: _hooks(checkpointer, model_factory))
+    hooks = functools.cache(lambda: make_hooks(checkpointer, model_factory))
 
     def decorate(fn: Callable[..., Any]) -> Any:
         def test(dcprop_runner: Runner, scenario: Scenario) -> None:
@@ -146,16 +154,21 @@ def property_test(
                 exclude=excluded,
             )
 
-        for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
-            setattr(test, attr, getattr(fn, attr))
-        # Hypothesis derives a test's derandomized seed and database key from its source,
-        # the same `test` above for every property test: tell each apart by what it checks
-        test._hypothesis_internal_add_digest = (  # type: ignore[attr-defined]
-            f"{property} {fn.__module__}.{fn.__qualname__}".encode()
-        )
+        _name_after(test, fn, property)
         return _distributed(given(scenario=strategy)(test), prepare=hooks)
 
     return decorate
+
+
+def _name_after(test: Callable[..., Any], fn: Callable[..., Any], property: str) -> None:
+    """Give ``test`` the user's ``fn``'s name, and a Hypothesis digest of its own."""
+    for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+        setattr(test, attr, getattr(fn, attr))
+    # Hypothesis derives a test's derandomized seed and database key from its source,
+    # the same for every property test: tell each apart by what it checks
+    test._hypothesis_internal_add_digest = (  # type: ignore[attr-defined]
+        f"{property} {fn.__module__}.{fn.__qualname__}".encode()
+    )
 
 
 def _distributed(given_test: Any, prepare: Callable[[], Any]) -> Any:

@@ -98,6 +98,19 @@ def take(ctx, obj):
     return None
 
 
+class OnlyCheckpointsBeside(DCPCheckpointer):
+    """DCP that refuses to load where the example's directory holds anything but
+    checkpoints (directories): across hosts, what one rank wrote there is no message to
+    another."""
+
+    def load(self, state_dict, path, *, group):
+        where = os.path.dirname(path)
+        files = sorted(n for n in os.listdir(where) if not os.path.isdir(os.path.join(where, n)))
+        if files:
+            raise AssertionError(f"files beside the checkpoint: {files}")
+        super().load(state_dict, path, group=group)
+
+
 def _import_only_the_controller_has():
     raise ModuleNotFoundError("No module named 'only_on_the_controller'")
 

@@ -197,6 +197,18 @@ def test_reshard_builds_b_from_its_own_seed(dcprop_runner):
         run_property(dcprop_runner, "reshard", scenario, hooks=drop_key)
 
 
+def test_reshard_passes_its_reference_by_collective_not_by_files(dcprop_runner):
+    """B's ranks learn what A saved from A's ranks by a collective: files in the example's
+    directory would be node-local under torchrun across hosts."""
+    scenario = S.Scenario(
+        S.ModelSpec(S.Block((("fc0", S.Linear(2, 2)),))),
+        S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan()),
+        load=S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
+    )
+    hooks = Hooks(checkpointer=helpers.OnlyCheckpointsBeside())
+    assert run_property(dcprop_runner, "reshard", scenario, hooks=hooks)
+
+
 def test_reshard_expects_a_ranks_own_expert_from_the_mesh():
     """An expert key lost on both sides is missing: ownership comes from the rank's
     coordinate on the expert dim, not from what the load produced."""

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from dcprop import pytest_plugin
 from dcprop import specs as S
+from dcprop.properties import make_hooks
 from dcprop.repro import Missing, Pickled, carry, write_reproducer
-from dcprop.testing import _hooks, check, reproducers
+from dcprop.testing import check, reproducers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_LINEAR = S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),)))
@@ -37,7 +38,7 @@ def write_failing(runner, tmp_path, monkeypatch, property, scenario, **hooks):
     @settings(max_examples=1, database=None, deadline=None)
     @given(st.just(scenario))
     def test(scenario):
-        check(runner, property, scenario, hooks=_hooks(**hooks), test_id=test_id)
+        check(runner, property, scenario, hooks=make_hooks(**hooks), test_id=test_id)
 
     with pytest.raises(AssertionError):
         test()

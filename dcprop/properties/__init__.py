@@ -11,14 +11,18 @@ name a property without importing torch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from dcprop.checkpointer import project_of
+from dcprop.checkpointer import load_checkpointer, project_of
 from dcprop.errors import ExampleFailure, UsageError
+from dcprop.known_bugs import KnownBug, match_known
 from dcprop.runner import Runner
 from dcprop.specs import Scenario
 
-__all__ = ["PROPERTIES", "property_ref", "run_property"]
+if TYPE_CHECKING:
+    from dcprop.properties._harness import Hooks
+
+__all__ = ["PROPERTIES", "Failed", "make_hooks", "property_ref", "run_and_match", "run_property"]
 
 PROPERTIES: dict[str, str] = {
     "roundtrip": "dcprop.properties.roundtrip:roundtrip",
@@ -40,7 +44,7 @@ def run_property(
     name: str,
     scenario: Scenario,
     *,
-    hooks: Any = None,
+    hooks: Hooks | None = None,
     timeout: float | None = None,
 ) -> dict[int, Any]:
     """Run property ``name`` over ``scenario`` on ``runner`` (Pools, a Pool or an
@@ -60,3 +64,49 @@ def run_property(
         # a checkpoint library's known bugs explain only failures met with it
         failure.checkpointer_project = project_of(hooks.checkpointer if hooks else None)
         raise
+
+
+class Failed(NamedTuple):
+    """An example that failed: the failure, and the known upstream bug that explains it
+    (None for a new failure)."""
+
+    failure: ExampleFailure
+    known: KnownBug | None
+
+
+def run_and_match(
+    runner: Any,
+    name: str,
+    scenario: Scenario,
+    *,
+    hooks: Hooks | None = None,
+    timeout: float | None = None,
+) -> Failed | None:
+    """:func:`run_property`, then :func:`~dcprop.known_bugs.match_known` on its failure:
+    None if the property held.  Errors that are not the example's failure (a skipped
+    example, the runner's own) propagate."""
+    try:
+        run_property(runner, name, scenario, hooks=hooks, timeout=timeout)
+    except ExampleFailure as failure:
+        return Failed(failure, match_known(failure, scenario))
+    return None
+
+
+def make_hooks(checkpointer: Any = None, model_factory: Any = None) -> Hooks | None:
+    """The :class:`~dcprop.properties._harness.Hooks` for a checkpointer (an object, a
+    short name or ``"module:attr"``) and a model factory (an object or ``"module:attr"``);
+    None stands for dcprop's default, and both defaults give None."""
+    if checkpointer is None and model_factory is None:
+        return None
+    from dcprop.checkpointer import DCPCheckpointer
+    from dcprop.properties._harness import Hooks, default_model_factory
+    from dcprop.runner.execute import resolve
+
+    if isinstance(checkpointer, str):
+        checkpointer = load_checkpointer(checkpointer)
+    if isinstance(model_factory, str):
+        model_factory = resolve(model_factory)
+    return Hooks(
+        checkpointer=checkpointer or DCPCheckpointer(),
+        model_factory=model_factory or default_model_factory,
+    )

@@ -20,7 +20,7 @@ from torch import nn
 
 from dcprop import build
 from dcprop import specs as S
-from dcprop.checkpointer import Checkpointer, DCPCheckpointer, StatefulCheckpointer, live
+from dcprop.checkpointer import AnyCheckpointer, DCPCheckpointer, StatefulCheckpointer, live
 from dcprop.contract import Contract
 from dcprop.errors import PropertyFailure
 from dcprop.runner.execute import PeerFailed, RankContext
@@ -43,7 +43,7 @@ class Hooks:
     Both must be importable by reference (they travel to the rank processes).
     """
 
-    checkpointer: Checkpointer | StatefulCheckpointer = attrs.field(factory=DCPCheckpointer)
+    checkpointer: AnyCheckpointer = attrs.field(factory=DCPCheckpointer)
     model_factory: ModelFactory = attrs.field(default=default_model_factory)
 
 
@@ -90,13 +90,13 @@ class Job:
         self.ctx = ctx
         self.scenario = scenario
         self.topology = topology
-        self.spec = model or scenario.model
+        self.model_spec = model or scenario.model
         self.hooks = hooks
         self.frozen = scenario.frozen if frozen is None else frozen
         self.mesh = ctx.mesh(topology.mesh)
         self.group = ctx.group(topology.world_size)
         module = hooks.model_factory(
-            self.spec,
+            self.model_spec,
             scenario.seed if seed is None else seed,
             ctx.device,
             self.frozen,
@@ -110,9 +110,15 @@ class Job:
         )
         self.optimizer = build.optimizer_for(self.model.parameters(), scenario.optimizer)
         self.scheduler = build.scheduler_for(self.optimizer, scenario.optimizer)
-        self.shard = build.data_shard(topology, self.mesh)
+        self.data_split = build.data_split(topology, self.mesh)
         self.rows = global_rows(scenario)
         self.steps_taken = 0
+
+    def resume_at(self, step: int) -> None:
+        """Continue as a run that has taken ``step`` training steps: the next
+        :meth:`train_step` trains on that step's batch (after a load that restored the
+        state of step ``step``)."""
+        self.steps_taken = step
 
     @property
     def rank(self) -> int:
@@ -121,11 +127,11 @@ class Job:
     def batch(self, step: int) -> tuple[torch.Tensor, int]:
         """This rank's rows of the global batch for ``step``, and their count."""
         return batch_rows(
-            self.spec,
+            self.model_spec,
             self.scenario.training,
             step,
-            self.shard.part,
-            self.shard.parts,
+            self.data_split.part,
+            self.data_split.parts,
             self.rows,
             self.ctx.device,
         )
@@ -138,7 +144,7 @@ class Job:
         width = local_sum.shape[-1] if local_sum.dim() else 1
         total = local_sum.sum()
         # scaled so that averaging gradients over dp ranks gives the global-mean gradient
-        loss = total * (self.shard.parts / (self.rows * width))
+        loss = total * (self.data_split.parts / (self.rows * width))
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -148,7 +154,7 @@ class Job:
         self.sync_buffers()
         summed = total.detach().reshape(1).to(torch.float64).cpu()
         dist.all_reduce(summed, group=self.group)
-        replicas = self.topology.world_size // self.shard.parts  # tensor-parallel copies
+        replicas = self.topology.world_size // self.data_split.parts  # tensor-parallel copies
         return float(summed.item() / replicas / (self.rows * width))
 
     def lrs(self) -> list[float]:
@@ -192,7 +198,7 @@ class Job:
         contract: the entries the spec says this rank's state dict holds."""
         spec = attrs.evolve(options or self.topology.state_dict, **overrides)
         contract = Contract(
-            self.spec, self.frozen, self.scenario.optimizer, self.topology, spec, self.rank
+            self.model_spec, self.frozen, self.scenario.optimizer, self.topology, spec, self.rank
         )
         try:
             contract.check(state, when)

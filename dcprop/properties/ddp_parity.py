@@ -1,5 +1,5 @@
-"""ddp_parity (seed 003): sharded training with a frozen subset matches DDP and a
-single-process reference.
+"""ddp_parity: sharded training with a frozen subset matches DDP and a single-process
+reference (generalizes PyTorch's ``test/distributed/fsdp/test_fsdp_fine_tune.py``).
 
 The same global batches train three models for several steps: the scenario's
 sharded plan, DDP over the same ranks, and a single process that replays every
@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import attrs
@@ -75,6 +76,7 @@ from dcprop.compare import assert_same, full_values
 from dcprop.errors import PropertyFailure
 from dcprop.properties._harness import DEFAULT_HOOKS, FULL_STATE, Hooks, Job, batch_rows, setup
 from dcprop.runner.execute import RankContext
+from dcprop.specs.model import RUNNING_MEAN, RUNNING_VAR
 
 __all__ = [
     "ATOL",
@@ -161,13 +163,14 @@ def ddp_parity(
         runs["sharded"].append(sharded.train_step())
         runs["ddp"].append(ddp.train_step())
     reference = reference_run(
-        scenario, sharded.shard.parts, sharded.rows, ctx.device, hooks, tol=tol
+        scenario, sharded.data_split.parts, sharded.rows, ctx.device, hooks, tol=tol
     )
     runs["reference"] = reference.losses
 
     # Batch statistics depend on how rows are split: compare DDP only on the same split.
     compare_ddp = (
-        not scenario.model.has_batch_statistics() or ddp.shard.parts == sharded.shard.parts
+        not scenario.model.has_batch_statistics()
+        or ddp.data_split.parts == sharded.data_split.parts
     )
     others = ("ddp", "reference") if compare_ddp else ("reference",)
     for other in others:
@@ -234,22 +237,18 @@ def reference_run(
     losses = []
     for step in range(steps):
         twin = _float64_twin(module) if normalising else None
-        total, width, kept = 0.0, 1, None
-        for index in range(parts):
-            x, _ = batch_rows(scenario.model, scenario.training, step, index, parts, rows, device)
-            part_sum, width = _backward(module, x, rows)
-            total += float(part_sum.detach().to(torch.float64).item())
-            if twin is not None:
-                _backward(twin, x.double() if x.is_floating_point() else x, rows)
-            if index == 0:
-                kept = copy.deepcopy(dict(module.named_buffers()))
+        batches = (
+            batch_rows(scenario.model, scenario.training, step, index, parts, rows, device)[0]
+            for index in range(parts)
+        )
+        total, width, kept = _backward_parts(module, twin, batches, rows)
         if twin is not None:
             _mark_free(module, twin, scenario.optimizer, tol, step, free_since)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for name, buf in module.named_buffers():
-                buf.copy_(kept[name])  # type: ignore[index]
+                buf.copy_(kept[name])
         if scheduler is not None:
             scheduler.step()
         losses.append(total / (rows * width))
@@ -260,6 +259,23 @@ def reference_run(
     state = full_values(trained)
     state = {k: v for k, v in state.items() if not _is_param_groups(k)}
     return Reference(losses, initial, state, free_since)
+
+
+def _backward_parts(
+    module: Any, twin: Any, batches: Iterator[torch.Tensor], rows: int
+) -> tuple[float, int, dict[str, torch.Tensor]]:
+    """Forward and backward each part's rows through ``module`` (and its float64
+    ``twin``, if any), as that many data-parallel ranks would: the summed square loss,
+    the output width, and the buffers as the first part's forward left them."""
+    total, width, kept = 0.0, 1, {}
+    for index, x in enumerate(batches):
+        part_sum, width = _backward(module, x, rows)
+        total += float(part_sum.detach().to(torch.float64).item())
+        if twin is not None:
+            _backward(twin, x.double() if x.is_floating_point() else x, rows)
+        if index == 0:
+            kept = copy.deepcopy(dict(module.named_buffers()))
+    return total, width, kept
 
 
 def _state_options() -> Any:
@@ -387,8 +403,7 @@ def _undecided_buffers(scenario: S.Scenario, allowance: dict[str, torch.Tensor])
     out = set()
     for path, layer in scenario.model.modules():
         if isinstance(layer, S.BatchNorm) and scenario.model.feeding(path) & free:
-            out |= {f"{path}.running_mean" if path else "running_mean"}
-            out |= {f"{path}.running_var" if path else "running_var"}
+            out |= {S.join(path, name) for name in (RUNNING_MEAN, RUNNING_VAR)}
     return out
 
 

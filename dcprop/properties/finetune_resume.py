@@ -1,5 +1,6 @@
-"""finetune_resume (seeds 000/001): pretrain, fine-tune on top of the frozen
-pretrained submodule, save only trainable state, restart, resume.
+"""finetune_resume: pretrain, fine-tune on top of the frozen pretrained submodule, save
+only trainable state, restart, resume (generalizes PyTorch's
+``test/distributed/checkpoint/e2e/test_fine_tuning.py``).
 
 1. A random pretrain model (the scenario's ``pretrained`` submodule on its own) is
    trained and saved with DCP.
@@ -71,7 +72,7 @@ def finetune_resume(
     second.restore("finetune", ignore_frozen_params=True)
     loaded = second.state(ignore_frozen_params=True)
     second.check_keys(loaded, "after load", ignore_frozen_params=True)
-    second.steps_taken = steps
+    second.resume_at(steps)
     resumed = [second.train_step() for _ in range(steps)]
     if resumed != uninterrupted:
         raise PropertyFailure(
@@ -85,7 +86,8 @@ def finetune_resume(
 def _finetune_job(
     ctx: Any, scenario: S.Scenario, frozen: tuple[str, ...], seed: int, hooks: Hooks
 ) -> Job:
-    """A fresh fine-tuning job whose pretrained submodule is loaded the way seed 000 does."""
+    """A fresh fine-tuning job whose pretrained submodule is loaded the way PyTorch's
+    ``test/distributed/checkpoint/e2e/test_fine_tuning.py`` loads it."""
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         set_model_state_dict,
@@ -109,7 +111,7 @@ def _finetune_job(
     write = state_dict_options(options, strict=False, ignore_frozen_params=False)
     if write.broadcast_from_rank0 and ctx.rank != 0:
         partial = {}
-    # keyed by module, as seed 000 does
+    # keyed by module, as test_fine_tuning.py does
     set_model_state_dict(job.model, cast(Any, {sub: partial}), options=write)
     return job
 

@@ -1,4 +1,5 @@
-"""reshard (seed 002's HSDP -> FSDP conversion, generalized): save on topology A,
+"""reshard (generalizes the HSDP -> FSDP conversion of PyTorch's
+``test/distributed/checkpoint/test_hsdp_checkpoint.py``): save on topology A,
 load on topology B.
 
 A and B may differ in world size (4 -> 2, 2 -> 4, 3 -> 2, ...), mesh, plan (FSDP2,
@@ -10,11 +11,10 @@ tolerance (the two shard the sums differently).
 
 from __future__ import annotations
 
-import os
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
-import torch
+import torch.distributed as dist
 
 from dcprop import specs as S
 from dcprop.compare import assert_same, full_values
@@ -31,33 +31,11 @@ STEP_RTOL = 1e-4
 
 
 def reshard(ctx: RankContext, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS) -> dict[str, Any]:
-    a = setup(ctx, scenario, scenario.save, hooks=hooks)
-    failed = None
-    if a is not None:
-        try:
-            for _ in range(scenario.training.steps):
-                a.train_step()
-            state = a.state()
-            a.check_keys(state, "before save")
-            a.save(state, "ckpt")
-            expected = full_values(a.state(**FULL_STATE))
-            next_loss = a.train_step()
-            torch.save({"state": expected, "loss": next_loss}, _expected_file(ctx, ctx.rank))
-        except BaseException as e:
-            failed = e
-    ctx.agree(failed is None, "saving under topology A")
-    if failed is not None:
-        raise failed
-
+    reference = _save_under_a(ctx, scenario, hooks)
     # A seed of its own: a value the load never wrote cannot pass for one it did.
     b = setup(ctx, scenario, scenario.load_topology, seed=scenario.seed + 1, hooks=hooks)
     if b is None:
         return {}
-    reference: dict[str, Any] = {}
-    for r in range(scenario.save.world_size):
-        part = torch.load(_expected_file(ctx, r), weights_only=False)
-        reference.setdefault("loss", part["loss"])
-        reference.setdefault("state", {}).update(part["state"])
     # B's own state dict meets the contract too (under ignore_frozen_params a kept frozen
     # name would be loaded and named as a wrong value, not as the bug it is)
     b.check_keys(b.state(), "before load")
@@ -67,44 +45,98 @@ def reshard(ctx: RankContext, scenario: S.Scenario, hooks: Hooks = DEFAULT_HOOKS
         b.restore("ckpt", ignore_frozen_params=True)
     else:
         b.restore("ckpt")
-    after = b.state(**FULL_STATE)
-    loaded = full_values(after)
     # what is deliberately not in the checkpoint keeps B's own initial values
-    expected = {**_comparable(reference["state"]), **own_initial}
+    _check_loaded(b, scenario, {**_comparable(reference.state), **own_initial})
+    if skipped:  # the step compares functions: frozen weights come from A, as in fine-tuning
+        _set_full(b, {k: v for k, v in reference.state.items() if k in own_initial})
+    b.resume_at(scenario.training.steps)
+    loss = b.train_step()
+    _check_step(b, scenario, loss, reference.loss)
+    return {"loss": loss}
+
+
+class _Reference(NamedTuple):
+    """What topology A saved, as full values under flattened keys, and the loss of the
+    training step that followed the save."""
+
+    state: dict[str, Any]
+    loss: float
+
+
+def _save_under_a(ctx: RankContext, scenario: S.Scenario, hooks: Hooks) -> _Reference:
+    """Train and save under topology A; A's reference, on every rank of the example."""
+    a = setup(ctx, scenario, scenario.save, hooks=hooks)
+    mine, failed = None, None
+    if a is not None:
+        try:
+            mine = _train_and_save(a, scenario)
+        except BaseException as e:
+            failed = e
+    ctx.agree(failed is None, "saving under topology A")
+    if failed is not None:
+        raise failed
+    return _gather(ctx, mine)
+
+
+def _train_and_save(a: Job, scenario: S.Scenario) -> _Reference:
+    for _ in range(scenario.training.steps):
+        a.train_step()
+    state = a.state()
+    a.check_keys(state, "before save")
+    a.save(state, "ckpt")
+    expected = full_values(a.state(**FULL_STATE))
+    return _Reference(expected, a.train_step())
+
+
+def _gather(ctx: RankContext, mine: _Reference | None) -> _Reference:
+    """The union of A's ranks' references (under an expert layout each holds only its
+    own experts), sent over the example's process group: its ranks may be on other
+    hosts, where no file of this one can be read.  Ranks outside A send None."""
+    group = ctx.group()
+    parts: list[_Reference | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, mine, group=group)
+    held = [part for part in parts if part is not None]
+    state: dict[str, Any] = {}
+    for part in held:
+        state.update(part.state)
+    return _Reference(state, held[0].loss)
+
+
+def _check_loaded(b: Job, scenario: S.Scenario, expected: dict[str, Any]) -> None:
+    """B's full state after the load is ``expected``, bitwise, and meets the contract."""
+    after = b.state(**FULL_STATE)
     assert_same(
         _owned(expected, b.topology.plan, expert_coordinate(b.topology, b.rank)),
-        _comparable(loaded),
+        _comparable(full_values(after)),
         what=f"full state after resharding {_describe(scenario.save)} -> "
         f"{_describe(scenario.load_topology)}",
-        rank=ctx.rank,
+        rank=b.ctx.rank,
     )
     b.check_keys(after, "after load", **FULL_STATE)
-    if skipped:  # the step compares functions: frozen weights come from A, as in fine-tuning
-        _set_full(b, {k: v for k, v in reference["state"].items() if k in own_initial})
-    b.steps_taken = scenario.training.steps
-    loss = b.train_step()
+
+
+def _check_step(b: Job, scenario: S.Scenario, loss: float, expected_loss: float) -> None:
+    """B's first step after the load matches A's after the save, where the two compute
+    the same function on the same split of rows."""
     # Batch statistics depend on the split of rows; an expert layout on either side
     # changes which experts each rank applies: neither is the checkpoint's doing.
     same_function = all(t.plan_kind != "submesh" for t in (scenario.save, b.topology))
-    same_split = not scenario.model.has_batch_statistics() or scenario.save.dp_size == b.shard.parts
-    if same_function and same_split:
-        expected_loss = reference["loss"]
-        if abs(loss - expected_loss) > STEP_RTOL * max(abs(expected_loss), 1e-6):
-            raise PropertyFailure(
-                f"training step after resharding: loss {loss!r} under "
-                f"{_describe(b.topology)} != {expected_loss!r} under "
-                f"{_describe(scenario.save)} (rtol {STEP_RTOL:g}, rank "
-                f"{ctx.rank})"
-            )
-    return {"loss": loss}
+    same_split = (
+        not scenario.model.has_batch_statistics() or scenario.save.dp_size == b.data_split.parts
+    )
+    if not (same_function and same_split):
+        return
+    if abs(loss - expected_loss) > STEP_RTOL * max(abs(expected_loss), 1e-6):
+        raise PropertyFailure(
+            f"training step after resharding: loss {loss!r} under "
+            f"{_describe(b.topology)} != {expected_loss!r} under "
+            f"{_describe(scenario.save)} (rtol {STEP_RTOL:g}, rank "
+            f"{b.ctx.rank})"
+        )
 
 
 # Which FQNs a param group lists is layout (a rank lists only its own experts), not state.
 _PARAM_LIST = re.compile(r"^optim/param_groups\[\d+\]/params\[\d+\]$")
-
-
-def _expected_file(ctx: RankContext, rank: int) -> str:
-    return os.path.join(ctx.tmpdir, f"expected-rank{rank}.pt")
 
 
 def _skipped(scenario: S.Scenario) -> frozenset[str]:

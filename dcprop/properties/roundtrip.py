@@ -1,4 +1,5 @@
-"""roundtrip (seed 002): save, perturb, load; the state is exactly what was saved.
+"""roundtrip: save, perturb, load; the state is exactly what was saved (generalizes
+PyTorch's ``test/distributed/checkpoint/test_hsdp_checkpoint.py``).
 
 Build and wrap per the scenario's save topology, train, take the state dict with
 its options and save it; perturb every entry (a training step, then a shift of
@@ -79,7 +80,7 @@ def check_roundtrip(
     assert_same(saved, after, what="state after load", rank=job.rank)
     job.check_keys(loaded, "after load")
 
-    job.steps_taken -= 1  # the perturbing step is undone by the load: replay it
+    job.resume_at(job.steps_taken - 1)  # the load undid the perturbing step: replay it
     resumed = job.next_step()
     expected = uninterrupted()
     if resumed != expected:

@@ -1,4 +1,5 @@
-"""submesh_layout (seed 004): experts sharded on sub-meshes, the rest on the whole mesh.
+"""submesh_layout: experts sharded on sub-meshes, the rest on the whole mesh (generalizes
+PyTorch's ``test/distributed/checkpoint/e2e/test_fsdp_ep.py``).
 
 The model and optimizer state dicts hold exactly the keys this rank owns (its own
 expert's, not the others'), each parameter a DTensor on the expected ranks (the

@@ -99,7 +99,8 @@ class Sequential(Spec):
 
 @attrs.frozen(repr=False)
 class ModuleList(Spec):
-    """``nn.ModuleList`` whose entries are applied in order (like seed 000's ``module_list``)."""
+    """``nn.ModuleList`` whose entries are applied in order (like ``module_list`` in PyTorch's
+    ``test/distributed/checkpoint/e2e/test_fine_tuning.py``)."""
 
     layers: tuple[Layer, ...] = attrs.field(converter=as_tuple, validator=[_layers, non_empty])
 
@@ -118,7 +119,8 @@ class Branches(Spec):
     """Children applied to the same input; outputs concatenated on the last dim.
 
     With ``concat_input`` the input itself is concatenated too, so a model input
-    that requires grad reaches the loss even when no branch uses it (seed 003).
+    that requires grad reaches the loss even when no branch uses it (PyTorch's
+    ``test/distributed/fsdp/test_fsdp_fine_tune.py``).
     """
 
     layers: tuple[Layer, ...] = attrs.field(converter=as_tuple, validator=[_layers, non_empty])
@@ -127,7 +129,8 @@ class Branches(Spec):
 
 @attrs.frozen(repr=False)
 class Repeat(Spec):
-    """One module applied ``times`` times in one forward (seed 003's multi-traversal).
+    """One module applied ``times`` times in one forward (the multi-traversal of PyTorch's
+    ``test/distributed/fsdp/test_fsdp_fine_tune.py``).
 
     With ``no_grad_residual`` each pass also adds ``body(x)`` computed under
     ``torch.no_grad()``: the same parameters used with and without autograd.
@@ -202,11 +205,15 @@ def own_parameters(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return ()
 
 
+#: The running statistics torch's BatchNorm keeps; the variance must stay positive.
+RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
+
+
 def own_buffers(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
     if isinstance(layer, BatchNorm):
         return (
-            ("running_mean", (layer.dim,)),
-            ("running_var", (layer.dim,)),
+            (RUNNING_MEAN, (layer.dim,)),
+            (RUNNING_VAR, (layer.dim,)),
             ("num_batches_tracked", ()),
         )
     return ()

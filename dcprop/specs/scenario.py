@@ -192,7 +192,9 @@ class Scenario(Spec):
 
     ``load`` is the topology the checkpoint is loaded on (``None``: the same as
     ``save``).  ``pretrained`` names the submodule that a fine-tuning run loads from
-    a pretraining checkpoint (seeds 000/001).  ``seed`` fixes model initialisation.
+    a pretraining checkpoint (as PyTorch's
+    ``test/distributed/checkpoint/e2e/test_fine_tuning.py`` does).  ``seed`` fixes model
+    initialisation.
     ``job_world_size`` is the size of the job (the default process group) the model
     runs in: ``None``, the model's own world; larger, the model lives on the first
     ranks of a bigger job, and the ranks beyond its world hold no model.

@@ -86,10 +86,11 @@ class TensorParallel(Spec):
 
 @attrs.frozen(repr=False)
 class ExpertParallel(Spec):
-    """Seed 004's layout: the experts of the :class:`Experts` module at ``module`` are
-    spread over mesh dim ``dim`` (expert ``e`` lives on the ranks whose coordinate on
-    ``dim`` is ``e``) and each is sharded on the sub-mesh of the remaining dim; every
-    other module is sharded on the whole mesh, flattened."""
+    """The layout of PyTorch's ``test/distributed/checkpoint/e2e/test_fsdp_ep.py``: the
+    experts of the :class:`Experts` module at ``module`` are spread over mesh dim ``dim``
+    (expert ``e`` lives on the ranks whose coordinate on ``dim`` is ``e``) and each is
+    sharded on the sub-mesh of the remaining dim; every other module is sharded on the
+    whole mesh, flattened."""
 
     module: str = attrs.field(validator=instance_of(str))
     dim: str = attrs.field(default="ep", validator=identifier)
