@@ -38,7 +38,7 @@ from dcprop.errors import (
     reraise_carried,
 )
 from dcprop.known_bugs import KNOWN_BUGS, KnownBug, describe, match_known
-from dcprop.properties import run_property
+from dcprop.properties import run_and_match, run_property
 from dcprop.strategies._scenarios import uneven_layout
 
 __all__ = [
