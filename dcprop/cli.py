@@ -242,13 +242,15 @@ def _strategy(prop: str, cfg: dict[str, Any], job_world_size: int | None = None)
     if job_world_size is not None:
         kwargs.setdefault("job_world_size", job_world_size)
     try:
-        return dst.scenarios(
+        strategy = dst.scenarios(
             prop,
             world_sizes=cfg["world_sizes"],
             device=cfg["device"],
             exclude=cfg["exclude"],
             **kwargs,
         )
+        strategy.validate()
+        return strategy
     except InvalidArgument as e:
         fix = f"; change the exclusions, or leave {prop} out with --properties"
         raise UsageError(f"{e}{fix if cfg['exclude'] else ''}") from None

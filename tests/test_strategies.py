@@ -50,10 +50,36 @@ BAD_ARGUMENTS = [
 
 
 @pytest.mark.parametrize(("strategy", "kwargs", "message"), BAD_ARGUMENTS)
-def test_invalid_arguments_raise_when_built(strategy, kwargs, message):
+@pytest.mark.parametrize("first_use", ["validate", "example"])
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+def test_invalid_arguments_raise_at_first_use(strategy, kwargs, message, first_use):
+    """As Hypothesis' own strategies: building one checks nothing, its first use does."""
+    built = strategy(**kwargs)
     with pytest.raises(InvalidArgument) as info:
-        strategy(**kwargs)
+        getattr(built, first_use)()
     assert message in str(info.value)
+
+
+REPRS = [
+    "dims(4, uneven=1.0)",
+    "models(max_layers=2, layers=('linear',))",
+    "frozen_subsets(ModelSpec(Block((('fc', Linear(4, 4)),))), granularity='module')",
+    "meshes(4, max_dims=2)",
+    "parallel_plans(ModelSpec(Block((('fc', Linear(4, 4)),))), MeshSpec((2,), ('shard',)))",
+    "topologies(ModelSpec(Block((('fc', Linear(4, 4)),))), 2, kinds=('ddp',))",
+    "optimizers(('sgd',))",
+    "state_dict_options(full_state_dict=True)",
+    "storage_options()",
+    "trainings(max_steps=2)",
+    "scenarios('roundtrip', world_sizes=(1, 2))",
+    "scenarios('reshard', exclude=('plan=ddp',))",
+    "scenarios(property='nope')",
+]
+
+
+@pytest.mark.parametrize("call", REPRS)
+def test_a_strategy_s_repr_is_the_call_that_made_it(call):
+    assert repr(eval(call, {**vars(S), **vars(dst)})) == call
 
 
 @pytest.mark.parametrize("prop", dst.PROPERTY_NAMES)
@@ -222,7 +248,7 @@ def test_excluded_regions_are_never_drawn(prop, exclude, holds):
 )
 def test_an_unknown_exclusion_names_the_argument_and_the_valid_words(word):
     with pytest.raises(InvalidArgument) as e:
-        dst.scenarios("roundtrip", exclude=[word])
+        dst.scenarios("roundtrip", exclude=[word]).validate()
     message = str(e.value)
     assert f"exclude={word!r} is not a region dcprop can exclude" in message
     assert "plan=fsdp2|ddp|" in message and "broadcast_from_rank0=true|false" in message
@@ -249,7 +275,7 @@ def test_an_unknown_exclusion_names_the_argument_and_the_valid_words(word):
 )
 def test_exclusions_that_leave_nothing_to_draw_are_refused(prop, kwargs, message):
     with pytest.raises(InvalidArgument, match="exclude=") as e:
-        dst.scenarios(prop, **kwargs)
+        dst.scenarios(prop, **kwargs).validate()
     assert message in str(e.value)
 
 

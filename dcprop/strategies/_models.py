@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
+from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._validation import (
     check_choices,
     check_fraction,
@@ -61,6 +62,7 @@ def _dims(draw: Any, shards: int, min_value: int, max_value: int, uneven: float)
     return draw(st.sampled_from(evens))
 
 
+@defines_strategy
 def dims(
     shards: int = 1, *, min_value: int = 1, max_value: int = 16, uneven: float = 0.5
 ) -> st.SearchStrategy[int]:
@@ -203,6 +205,7 @@ def _models(
     return S.ModelSpec(root, tuple(tied))
 
 
+@defines_strategy
 def models(
     *,
     max_layers: int = 3,
@@ -268,6 +271,7 @@ def _frozen(
     return tuple(sorted(chosen))
 
 
+@defines_strategy
 def frozen_subsets(
     model: S.ModelSpec,
     *,

@@ -19,6 +19,7 @@ from hypothesis.errors import InvalidArgument
 from dcprop import specs as S
 from dcprop.errors import SpecError
 from dcprop.properties import PROPERTIES
+from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._models import LAYER_KINDS, frozen_subsets, models
 from dcprop.strategies._options import (
     optimizers,
@@ -302,6 +303,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         return S.Scenario(**{**fields, "frozen": ()})  # FSDP1 flat-parameter rule
 
 
+@defines_strategy
 def scenarios(
     property: str = "roundtrip",
     *,
@@ -380,14 +382,14 @@ def scenarios(
             f"property={property!r} (it uses {PLAN_KINDS_BY_PROPERTY[property]})"
         )
     cfg = _check_satisfiable(cfg)
-    # argument checks of models() run now, not at the first draw
+    # models()' argument checks, before a draw needs a model
     models(
         max_layers=max_layers,
         max_depth=max_depth,
         max_dim=max_dim,
         uneven=uneven,
         layers=cfg.layers,
-    )
+    ).validate()
     strategy = _scenarios(cfg)
     if not exclude:
         return strategy

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
+from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._options import state_dict_options
 from dcprop.strategies._validation import check_choices, check_int, check_interval, check_type
 
@@ -36,6 +37,7 @@ def factorizations(n: int, ndim: int) -> list[tuple[int, ...]]:
     ]
 
 
+@defines_strategy
 def meshes(
     world_size: int,
     *,
@@ -203,6 +205,7 @@ def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
     )
 
 
+@defines_strategy
 def parallel_plans(
     model: S.ModelSpec, mesh: S.MeshSpec, *, device: str = "cpu", kinds: Any = PLAN_KINDS
 ) -> st.SearchStrategy[Any]:
@@ -262,6 +265,7 @@ def _topology(
     return S.Topology(world_size, mesh, draw(_plan(model, mesh, kind)), draw(options))
 
 
+@defines_strategy
 def topologies(
     model: S.ModelSpec,
     world_size: int,
