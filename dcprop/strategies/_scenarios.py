@@ -29,9 +29,9 @@ from dcprop.strategies._options import (
 )
 from dcprop.strategies._topology import (
     PLAN_KINDS,
-    _plan,
     names_for,
     plan_kinds_for,
+    plans_of_kind,
     shapes_for,
 )
 from dcprop.strategies._validation import (
@@ -227,7 +227,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
     kind, shape = draw(st.sampled_from(fits))
     mesh = S.MeshSpec(shape, names_for(kind, shape))
     model = draw(_model_for(cfg, kind, shape))
-    plan = draw(_plan(model, mesh, kind))
+    plan = draw(plans_of_kind(model, mesh, kind))
 
     pretrained = "pretrain" if cfg.property == "finetune_resume" else None
     if pretrained:
@@ -268,7 +268,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
             flatten_optimizer_state_dict=options.flatten_optimizer_state_dict,
         )
         load = S.Topology(
-            load_world, load_mesh, draw(_plan(model, load_mesh, load_kind)), load_options
+            load_world, load_mesh, draw(plans_of_kind(model, load_mesh, load_kind)), load_options
         )
 
     min_batch = 2 if model.has_batch_statistics() else 1

@@ -152,7 +152,9 @@ def _wrap_candidates(model: S.ModelSpec, avoid: str | None) -> list[str]:
 
 
 @st.composite
-def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
+def plans_of_kind(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> S.Plan:
+    """Plans of ``kind`` (one of ``plan_kinds_for(model, mesh)``) on the role-named
+    ``mesh`` (:func:`names_for`), unchecked: :func:`parallel_plans` checks its arguments."""
     names = mesh.dim_names
     experts = _experts_count(model) if kind == "submesh" else None
     candidates = _wrap_candidates(model, experts[0] if experts else None)
@@ -226,7 +228,7 @@ def parallel_plans(
             f"on device={device!r} (fitting kinds: "
             f"{plan_kinds_for(model, mesh, device)})"
         )
-    return st.sampled_from(fits).flatmap(lambda k: _plan(model, mesh, k))
+    return st.sampled_from(fits).flatmap(lambda k: plans_of_kind(model, mesh, k))
 
 
 def shapes_for(kind: str, world_size: int) -> list[tuple[int, ...]]:
@@ -262,7 +264,7 @@ def _topology(
         )
     kind, shape = draw(st.sampled_from(fits))
     mesh = S.MeshSpec(shape, names_for(kind, shape))
-    return S.Topology(world_size, mesh, draw(_plan(model, mesh, kind)), draw(options))
+    return S.Topology(world_size, mesh, draw(plans_of_kind(model, mesh, kind)), draw(options))
 
 
 @defines_strategy
