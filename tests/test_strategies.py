@@ -288,3 +288,27 @@ def test_excluding_sub_worlds_under_a_fixed_job_keeps_the_job_s_own_world():
         assert scenario.world_size == 2 and scenario.job_world_size is None
 
     test()
+
+
+def test_fsdp1_flat_parameters_freeze_whole_units():
+    """FSDP1 without use_orig_params flattens each wrapped unit into one tensor: the
+    frozen set is drawn as whole units, several modules at once where a unit has them."""
+
+    def units_frozen_whole(s):
+        plan = s.save.plan
+        if not isinstance(plan, S.FSDP1Plan) or plan.use_orig_params or not s.frozen:
+            return False
+        owners = {name.rsplit(".", 1)[0] for name in s.frozen}
+        return len({S.flat_unit(n, plan.wrap) for n in s.frozen}) < len(owners)
+
+    found = find(
+        dst.scenarios("roundtrip", device="cuda", kinds=("fsdp1",), max_depth=1),
+        units_frozen_whole,
+        settings=SHRINK,
+    )
+    for name in found.model.parameter_names():
+        unit = S.flat_unit(name, found.save.plan.wrap)
+        same = [
+            n for n in found.model.parameter_names() if S.flat_unit(n, found.save.plan.wrap) == unit
+        ]
+        assert (name in found.frozen) == (same[0] in found.frozen)

@@ -17,10 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
-from dcprop.errors import SpecError
 from dcprop.properties import PROPERTIES
 from dcprop.strategies._lazy import defines_strategy
-from dcprop.strategies._models import LAYER_KINDS, frozen_subsets, models
+from dcprop.strategies._models import LAYER_KINDS, frozen_groups, models
 from dcprop.strategies._options import (
     optimizers,
     state_dict_options,
@@ -42,6 +41,7 @@ from dcprop.strategies._validation import (
 )
 
 PROPERTY_NAMES = tuple(PROPERTIES)
+_PRETRAINED = "pretrain"  # the module a fine-tuning scenario freezes and saves apart
 PLAN_KINDS_BY_PROPERTY = {
     "roundtrip": PLAN_KINDS,
     "reshard": PLAN_KINDS,
@@ -195,10 +195,10 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
     if cfg.property != "finetune_resume":
         return model
     head_out = draw(st.integers(1, cfg.max_dim))
-    ties = tuple((f"pretrain.{s}", f"pretrain.{d}") for s, d in model.ties)
+    ties = tuple((f"{_PRETRAINED}.{s}", f"{_PRETRAINED}.{d}") for s, d in model.ties)
     root = S.Block(
         (
-            ("pretrain", model.root),
+            (_PRETRAINED, model.root),
             ("act", S.Activation()),
             ("head", S.Linear(model.out_features, head_out)),
         )
@@ -222,85 +222,123 @@ def _job(cfg: _Config, world: int) -> st.SearchStrategy[int | None]:
 @st.composite
 def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
     world = draw(st.sampled_from(cfg.world_sizes))
-    kinds = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[cfg.property])
-    fits = [(k, shape) for k in kinds for shape in shapes_for(k, world)]
-    kind, shape = draw(st.sampled_from(fits))
-    mesh = S.MeshSpec(shape, names_for(kind, shape))
-    model = draw(_model_for(cfg, kind, shape))
-    plan = draw(plans_of_kind(model, mesh, kind))
-
-    pretrained = "pretrain" if cfg.property == "finetune_resume" else None
-    if pretrained:
-        frozen = tuple(n for n in model.parameter_names() if n.startswith("pretrain."))
-    elif cfg.frozen:
-        module_level = isinstance(plan, S.FSDP1Plan) and not plan.use_orig_params
-        frozen = draw(frozen_subsets(model, granularity="module" if module_level else "parameter"))
-    else:
-        frozen = ()
-    if isinstance(plan, S.FSDP2Plan) and plan.experts is not None:
-        shared = [n for n in model.parameter_names() if not S.is_within(n, plan.experts.module)]
-        frozen = tuple(n for n in frozen if n != shared[0])  # every rank trains something
-
-    options = _allowed_options(draw(state_dict_options()), cfg.exclude)
-    if pretrained:
-        options = attrs.evolve(
-            options,
-            submodules=("pretrain",),
-            keep_submodule_prefixes=False,
-            ignore_frozen_params=True,
-        )
-    save = S.Topology(world, mesh, plan, options)
-
-    load = None
-    if cfg.property == "reshard":
-        load_world = draw(st.sampled_from(cfg.world_sizes))
-        load_fits = [
-            (k, s)
-            for k in _kinds(cfg, PLAN_KINDS)
-            for s in shapes_for(k, load_world)
-            if k in plan_kinds_for(model, S.MeshSpec(s, names_for(k, s)), cfg.device)
-        ]
-        load_kind, load_shape = draw(st.sampled_from(load_fits))
-        load_mesh = S.MeshSpec(load_shape, names_for(load_kind, load_shape))
-        # the optimizer layout is the checkpoint's key format: both sides must share it
-        load_options = attrs.evolve(
-            _allowed_options(draw(state_dict_options()), cfg.exclude),
-            flatten_optimizer_state_dict=options.flatten_optimizer_state_dict,
-        )
-        load = S.Topology(
-            load_world, load_mesh, draw(plans_of_kind(model, load_mesh, load_kind)), load_options
-        )
-
-    min_batch = 2 if model.has_batch_statistics() else 1
-    min_steps = 2 if cfg.property == "ddp_parity" else 1
-    training = draw(
-        trainings(
-            min_steps=min_steps,
-            max_steps=max(min_steps, cfg.max_steps),
-            min_batch=min_batch,
-            max_batch=max(min_batch, 3),
-            input_requires_grad=not model.takes_tokens,
-        )
-    )
-    fields = dict(
+    kind, mesh = draw(_meshes(cfg, PLAN_KINDS_BY_PROPERTY[cfg.property], world))
+    model = draw(_model_for(cfg, kind, mesh.shape))
+    save = draw(_save_topology(cfg, model, kind, mesh))
+    load = draw(_load_topology(cfg, model, save)) if cfg.property == "reshard" else None
+    frozen = draw(_frozen(cfg, model, save, load))
+    return S.Scenario(
         model=model,
         save=save,
         load=load,
         frozen=frozen,
         optimizer=draw(optimizers()),
-        training=training,
+        training=draw(_training(cfg, model)),
         storage=draw(storage_options()),
-        pretrained=pretrained,
+        pretrained=_PRETRAINED if cfg.property == "finetune_resume" else None,
         seed=draw(st.integers(0, 2**16)),
         device=cfg.device,
         job_world_size=draw(_job(cfg, max(world, load.world_size if load else world))),
     )
-    try:
-        return S.Scenario(**fields)
-    except SpecError as e:
-        if "mixes frozen and trainable" not in str(e):
-            raise
-        return S.Scenario(**{**fields, "frozen": ()})  # FSDP1 flat-parameter rule
+
+
+@st.composite
+def _meshes(
+    draw: Any, cfg: _Config, allowed: tuple[str, ...], world: int, model: S.ModelSpec | None = None
+) -> tuple[str, S.MeshSpec]:
+    """A plan kind and its role-named mesh of ``world`` ranks; with ``model``, only
+    kinds that fit it."""
+    fits = [
+        (kind, S.MeshSpec(shape, names_for(kind, shape)))
+        for kind in _kinds(cfg, allowed)
+        for shape in shapes_for(kind, world)
+    ]
+    if model is not None:
+        fits = [(k, m) for k, m in fits if k in plan_kinds_for(model, m, cfg.device)]
+    return draw(st.sampled_from(fits))
+
+
+@st.composite
+def _save_topology(
+    draw: Any, cfg: _Config, model: S.ModelSpec, kind: str, mesh: S.MeshSpec
+) -> S.Topology:
+    plan = draw(plans_of_kind(model, mesh, kind))
+    options = draw(_state_dicts(cfg))
+    if cfg.property == "finetune_resume":  # save the pretrained part alone, unprefixed
+        options = attrs.evolve(
+            options,
+            submodules=(_PRETRAINED,),
+            keep_submodule_prefixes=False,
+            ignore_frozen_params=True,
+        )
+    return S.Topology(mesh.size, mesh, plan, options)
+
+
+@st.composite
+def _load_topology(draw: Any, cfg: _Config, model: S.ModelSpec, save: S.Topology) -> S.Topology:
+    world = draw(st.sampled_from(cfg.world_sizes))
+    kind, mesh = draw(_meshes(cfg, PLAN_KINDS, world, model))
+    plan = draw(plans_of_kind(model, mesh, kind))
+    # the optimizer layout is the checkpoint's key format: both sides must share it
+    options = attrs.evolve(
+        draw(_state_dicts(cfg)),
+        flatten_optimizer_state_dict=save.state_dict.flatten_optimizer_state_dict,
+    )
+    return S.Topology(world, mesh, plan, options)
+
+
+def _state_dicts(cfg: _Config) -> st.SearchStrategy[S.StateDictSpec]:
+    return state_dict_options().map(lambda options: _allowed_options(options, cfg.exclude))
+
+
+def _frozen(
+    cfg: _Config, model: S.ModelSpec, save: S.Topology, load: S.Topology | None
+) -> st.SearchStrategy[tuple[str, ...]]:
+    names = model.parameter_names()
+    units = _flat_units(model, (save, load))
+    if cfg.property == "finetune_resume":
+        pretrained = {n for n in names if S.is_within(n, _PRETRAINED)}
+        # a flat parameter cannot mix frozen and trainable: then nothing is frozen
+        whole = all(set(unit) <= pretrained or not pretrained & set(unit) for unit in units)
+        return st.just(tuple(sorted(pretrained)) if whole else ())
+    if not cfg.frozen:
+        return st.just(())
+    frozen = frozen_groups(units, len(names), min_trainable=1)
+    experts = save.plan.experts if isinstance(save.plan, S.FSDP2Plan) else None
+    if experts is None:
+        return frozen
+    shared = next(n for n in names if not S.is_within(n, experts.module))
+    return frozen.map(lambda f: tuple(n for n in f if n != shared))  # every rank trains
+
+
+def _flat_units(
+    model: S.ModelSpec, topologies: tuple[S.Topology | None, ...]
+) -> tuple[tuple[str, ...], ...]:
+    """The groups of parameters that must be frozen together: the common refinement
+    of the units of every FSDP1 plan without use_orig_params (each unit's parameters
+    are one flat tensor), else each parameter alone."""
+    flat = [
+        t.plan.wrap
+        for t in topologies
+        if t and isinstance(t.plan, S.FSDP1Plan) and not t.plan.use_orig_params
+    ]
+    units: dict[tuple[str, ...], list[str]] = {}
+    for name in model.parameter_names():
+        key = tuple(S.flat_unit(name, wrap) for wrap in flat) if flat else (name,)
+        units.setdefault(key, []).append(name)
+    return tuple(map(tuple, units.values()))
+
+
+def _training(cfg: _Config, model: S.ModelSpec) -> st.SearchStrategy[S.TrainingSpec]:
+    min_batch = 2 if model.has_batch_statistics() else 1  # BatchNorm needs two rows
+    min_steps = 2 if cfg.property == "ddp_parity" else 1
+    return trainings(
+        min_steps=min_steps,
+        max_steps=max(min_steps, cfg.max_steps),
+        min_batch=min_batch,
+        max_batch=max(min_batch, 3),
+        input_requires_grad=not model.takes_tokens,
+    )
 
 
 @defines_strategy
