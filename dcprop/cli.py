@@ -19,12 +19,11 @@ from typing import Any
 from dcprop import __version__, recipes
 from dcprop.checkpointer import CHECKPOINTERS
 from dcprop.errors import DcpropError, UsageError, headline
-from dcprop.properties import PROPERTIES
+from dcprop.properties import PROPERTY_NAMES
 from dcprop.runner import resolve_device
 
 __all__ = ["main"]
 
-PROPERTY_NAMES = tuple(PROPERTIES)
 DEFAULT_WORLD_SIZE = 4
 #: ranks per CPU core beyond which `dcprop check` asks for --oversubscribe
 RANKS_PER_CORE = 2

@@ -8,6 +8,7 @@ from hypothesis.errors import InvalidArgument
 import dcprop.specs as S
 from dcprop import serialization
 from dcprop import strategies as dst
+from dcprop.strategies._scenarios import uneven_layout
 
 M = S.ModelSpec(S.Block((("fc", S.Linear(4, 4)),)))
 MESH = S.MeshSpec((2,), ("shard",))
@@ -92,11 +93,6 @@ def test_every_scenario_validates_pickles_and_round_trips(prop, data):
     assert scenario.save.world_size <= 4
 
 
-def _uneven(scenario):
-    n = scenario.save.shard_count
-    return n > 1 and any(s[0] % n for s in scenario.model.parameters().values())
-
-
 SHRINK = settings(max_examples=2000, deadline=None, database=None, derandomize=True)
 
 
@@ -110,7 +106,7 @@ def test_minimal_model_with_a_frozen_parameter():
 
 
 def test_minimal_uneven_layout_has_empty_shards():
-    found = find(dst.scenarios(world_sizes=(2, 3, 4)), _uneven, settings=SHRINK)
+    found = find(dst.scenarios(world_sizes=(2, 3, 4)), uneven_layout, settings=SHRINK)
     assert found.save.world_size == 2 and found.save.mesh.shape == (2,)
     # weight (1, 2): one row over two ranks, so one rank holds an empty shard; the
     # unsharded input width stays an even multiple
@@ -312,3 +308,15 @@ def test_fsdp1_flat_parameters_freeze_whole_units():
             n for n in found.model.parameter_names() if S.flat_unit(n, found.save.plan.wrap) == unit
         ]
         assert (name in found.frozen) == (same[0] in found.frozen)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dst.scenarios("reshard", device="cuda"))
+def test_the_shard_count_a_model_is_drawn_for_is_the_topology_s(scenario):
+    for topology in (scenario.save, scenario.load):
+        plan = topology.plan
+        if isinstance(plan, S.FSDP1Plan) and plan.sharding_strategy == "NO_SHARD":
+            assert topology.shard_count == 1
+        else:
+            expected = dst._topology.shard_count(topology.plan_kind, topology.mesh.shape)
+            assert topology.shard_count == expected

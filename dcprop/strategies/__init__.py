@@ -13,6 +13,7 @@ toward the simplest case: fewest layers, smallest dims and world size, a 1D mesh
 nothing frozen, default options.
 """
 
+from dcprop.properties import PROPERTY_NAMES
 from dcprop.strategies._models import LAYER_KINDS, dims, frozen_subsets, models
 from dcprop.strategies._options import (
     OPTIMIZER_KINDS,
@@ -24,7 +25,6 @@ from dcprop.strategies._options import (
 from dcprop.strategies._scenarios import (
     EXCLUSIONS,
     PLAN_KINDS_BY_PROPERTY,
-    PROPERTY_NAMES,
     parse_exclusions,
     scenarios,
 )

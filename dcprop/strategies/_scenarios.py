@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
-from dcprop.properties import PROPERTIES
+from dcprop.properties import PROPERTY_NAMES
 from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._models import LAYER_KINDS, frozen_groups, models
 from dcprop.strategies._options import (
@@ -32,6 +32,7 @@ from dcprop.strategies._topology import (
     plan_kinds_for,
     plans_of_kind,
     shapes_for,
+    shard_count,
 )
 from dcprop.strategies._validation import (
     check_choices,
@@ -40,7 +41,6 @@ from dcprop.strategies._validation import (
     check_type,
 )
 
-PROPERTY_NAMES = tuple(PROPERTIES)
 _PRETRAINED = "pretrain"  # the module a fine-tuning scenario freezes and saves apart
 PLAN_KINDS_BY_PROPERTY = {
     "roundtrip": PLAN_KINDS,
@@ -164,18 +164,6 @@ class _Config:
     exclude: tuple[str, ...] = ()
 
 
-def _shard_count(kind: str, shape: tuple[int, ...]) -> int:
-    if kind in ("fsdp2", "fsdp1"):
-        return shape[-1]
-    if kind in ("hsdp", "hsdp+tp"):
-        return shape[1]
-    if kind == "submesh":
-        return shape[0] * shape[1]
-    if kind == "fsdp2+tp":
-        return shape[0]
-    return 1
-
-
 @st.composite
 def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.ModelSpec:
     tp_size = shape[-1] if kind.endswith("+tp") else 0
@@ -184,7 +172,7 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
         max_layers=cfg.max_layers,
         max_depth=cfg.max_depth,
         max_dim=cfg.max_dim,
-        shards=_shard_count(kind, shape),
+        shards=shard_count(kind, shape),
         uneven=cfg.uneven,
         layers=cfg.layers,
         tp_size=tp_size,

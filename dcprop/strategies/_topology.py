@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import strategies as st
@@ -241,6 +242,16 @@ def names_for(kind: str, shape: tuple[int, ...]) -> tuple[str, ...]:
     if kind == "fsdp1":
         return ("shard",) if len(shape) == 1 else ("replicate", "shard")
     return ROLE_NAMES[kind]
+
+
+def shard_count(kind: str, shape: tuple[int, ...]) -> int:
+    """How many ways a parameter's dim 0 is split on the mesh of ``shape`` named for
+    ``kind`` (:func:`names_for`), known before the plan is drawn: the product of its
+    shard and expert dims.  Equals the drawn topology's ``Topology.shard_count``
+    (FSDP1's NO_SHARD, which splits nothing, aside)."""
+    return math.prod(
+        size for size, role in zip(shape, names_for(kind, shape)) if role in ("shard", "ep")
+    )
 
 
 @st.composite
