@@ -364,7 +364,64 @@ def scenarios(
     >>> @given(scenarios("reshard", world_sizes=(2, 4)))             # doctest: +SKIP
     ... def test_my_checkpointer(scenario): ...
     """
+    cfg = _config(
+        property, world_sizes, device, kinds, max_layers, max_depth, max_dim, uneven,
+        layers, max_steps, frozen, job_world_size, exclude,
+    )  # fmt: skip
+    if not cfg.exclude:
+        return _scenarios(cfg)
+    # a safety net, and the only filter for an uneven layout, rare with uneven=0
+    return _scenarios(cfg).filter(lambda scenario: excluded_by(scenario, cfg.exclude) is None)
+
+
+def _config(
+    property: str,
+    world_sizes: Any,
+    device: str,
+    kinds: Any,
+    max_layers: int,
+    max_depth: int,
+    max_dim: int,
+    uneven: float,
+    layers: Any,
+    max_steps: int,
+    frozen: bool,
+    job_world_size: int | None,
+    exclude: Any,
+) -> _Config:
+    """The arguments of :func:`scenarios`, checked, with its exclusions applied."""
     check_choices("property", (property,), PROPERTY_NAMES)
+    sizes = _world_sizes(world_sizes, job_world_size)
+    check_choices("device", (device,), S.DEVICES)
+    kinds = check_choices("kinds", kinds, PLAN_KINDS)
+    check_int("max_steps", max_steps, min_value=1, max_value=64)
+    check_fraction("uneven", uneven)
+    check_type("frozen", frozen, bool)
+    layers = check_choices("layers", layers, LAYER_KINDS)
+    models(
+        max_layers=max_layers, max_depth=max_depth, max_dim=max_dim, uneven=uneven, layers=layers
+    ).validate()
+    words = parse_exclusions(exclude)
+    cfg = _Config(
+        property,
+        sizes,
+        device,
+        tuple(k for k in kinds if f"plan={k}" not in words),
+        max_layers,
+        max_depth,
+        max_dim,
+        0.0 if "layout=uneven" in words else uneven,
+        layers,
+        max_steps,
+        frozen and "frozen=some" not in words,
+        job_world_size,
+        words,
+    )
+    _check_some_plan(cfg, kinds)
+    return _check_satisfiable(cfg)
+
+
+def _world_sizes(world_sizes: Any, job_world_size: int | None) -> tuple[int, ...]:
     if isinstance(world_sizes, int):
         world_sizes = (world_sizes,)
     check_type("world_sizes", world_sizes, (tuple, list))
@@ -372,11 +429,6 @@ def scenarios(
         raise InvalidArgument("world_sizes=() must hold at least one world size")
     for w in world_sizes:
         check_int("world_sizes entry", w, min_value=1, max_value=4096)
-    check_choices("device", (device,), S.DEVICES)
-    kinds = check_choices("kinds", kinds, PLAN_KINDS)
-    check_int("max_steps", max_steps, min_value=1, max_value=64)
-    check_fraction("uneven", uneven)
-    check_type("frozen", frozen, bool)
     if job_world_size is not None:
         check_int("job_world_size", job_world_size, min_value=1, max_value=4096)
         if max(world_sizes) > job_world_size:
@@ -384,43 +436,16 @@ def scenarios(
                 f"world_sizes={tuple(world_sizes)!r} holds sizes above "
                 f"job_world_size={job_world_size}: a job must hold the model's world"
             )
-    exclude = parse_exclusions(exclude)
-    cfg = _Config(
-        property,
-        tuple(sorted(set(world_sizes))),
-        device,
-        tuple(k for k in kinds if f"plan={k}" not in exclude),
-        max_layers,
-        max_depth,
-        max_dim,
-        0.0 if "layout=uneven" in exclude else uneven,
-        check_choices("layers", layers, LAYER_KINDS),
-        max_steps,
-        frozen and "frozen=some" not in exclude,
-        job_world_size,
-        exclude,
-    )
-    usable = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[property])
-    if not usable:
-        excluded = f" and exclude={exclude!r}" if exclude else ""
+    return tuple(sorted(set(world_sizes)))
+
+
+def _check_some_plan(cfg: _Config, kinds: tuple[str, ...]) -> None:
+    if not _kinds(cfg, PLAN_KINDS_BY_PROPERTY[cfg.property]):
+        excluded = f" and exclude={cfg.exclude!r}" if cfg.exclude else ""
         raise InvalidArgument(
-            f"kinds={kinds!r}{excluded} on device={device!r} leaves no plan for "
-            f"property={property!r} (it uses {PLAN_KINDS_BY_PROPERTY[property]})"
+            f"kinds={kinds!r}{excluded} on device={cfg.device!r} leaves no plan for "
+            f"property={cfg.property!r} (it uses {PLAN_KINDS_BY_PROPERTY[cfg.property]})"
         )
-    cfg = _check_satisfiable(cfg)
-    # models()' argument checks, before a draw needs a model
-    models(
-        max_layers=max_layers,
-        max_depth=max_depth,
-        max_dim=max_dim,
-        uneven=uneven,
-        layers=cfg.layers,
-    ).validate()
-    strategy = _scenarios(cfg)
-    if not exclude:
-        return strategy
-    # a safety net, and the only filter for an uneven layout, rare with uneven=0
-    return strategy.filter(lambda scenario: excluded_by(scenario, exclude) is None)
 
 
 def _check_satisfiable(cfg: _Config) -> _Config:

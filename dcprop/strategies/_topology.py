@@ -194,18 +194,23 @@ def plans_of_kind(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) ->
             reshard_after_forward=reshard,
             experts=S.ExpertParallel(experts[0], dim=names[1]),
         )
+    tp = draw(_tensor_parallel(model, mesh))
+    if kind == "fsdp2+tp":
+        return S.FSDP2Plan(shard_dim=names[0], wrap=wrap, reshard_after_forward=reshard, tp=tp)
+    return S.FSDP2Plan(
+        replicate_dim=names[0], shard_dim=names[1], wrap=wrap, reshard_after_forward=reshard, tp=tp
+    )
+
+
+@st.composite
+def _tensor_parallel(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec) -> S.TensorParallel:
     pairs = tp_pairs(model, mesh.shape[-1])
     picked = draw(st.lists(st.sampled_from(pairs), unique=True, min_size=1))
     chosen: list[tuple[str, str]] = []
     for pair in picked:  # a Linear belongs to one pair at most
         if not {m for p in chosen for m in p} & set(pair):
             chosen.append(pair)
-    tp = S.TensorParallel(names[-1], tuple(chosen))
-    if kind == "fsdp2+tp":
-        return S.FSDP2Plan(shard_dim=names[0], wrap=wrap, reshard_after_forward=reshard, tp=tp)
-    return S.FSDP2Plan(
-        replicate_dim=names[0], shard_dim=names[1], wrap=wrap, reshard_after_forward=reshard, tp=tp
-    )
+    return S.TensorParallel(mesh.dim_names[-1], tuple(chosen))
 
 
 @defines_strategy
