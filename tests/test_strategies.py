@@ -320,3 +320,18 @@ def test_the_shard_count_a_model_is_drawn_for_is_the_topology_s(scenario):
         else:
             expected = dst._topology.shard_count(topology.plan_kind, topology.mesh.shape)
             assert topology.shard_count == expected
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(dst.scenarios("reshard", device="cuda", kinds=("fsdp1", "fsdp2")))
+def test_frozen_sets_fit_the_flat_units_of_both_fsdp1_plans_of_a_reshard(scenario):
+    """Drawn whole for the save plan's units and the load plan's at once (the
+    scenario validates: nothing is retried)."""
+    for topology in (scenario.save, scenario.load):
+        plan = topology.plan
+        if isinstance(plan, S.FSDP1Plan) and not plan.use_orig_params:
+            frozen_by_unit = {}
+            for name in scenario.model.parameter_names():
+                unit = S.flat_unit(name, plan.wrap)
+                frozen_by_unit.setdefault(unit, set()).add(name in scenario.frozen)
+            assert all(len(flags) == 1 for flags in frozen_by_unit.values())

@@ -302,19 +302,21 @@ def _frozen(
 def _flat_units(
     model: S.ModelSpec, topologies: tuple[S.Topology | None, ...]
 ) -> tuple[tuple[str, ...], ...]:
-    """The groups of parameters that must be frozen together: the common refinement
-    of the units of every FSDP1 plan without use_orig_params (each unit's parameters
-    are one flat tensor), else each parameter alone."""
-    flat = [
-        t.plan.wrap
-        for t in topologies
-        if t and isinstance(t.plan, S.FSDP1Plan) and not t.plan.use_orig_params
-    ]
-    units: dict[tuple[str, ...], list[str]] = {}
-    for name in model.parameter_names():
-        key = tuple(S.flat_unit(name, wrap) for wrap in flat) if flat else (name,)
-        units.setdefault(key, []).append(name)
-    return tuple(map(tuple, units.values()))
+    """The groups of parameters that must be frozen together: each unit of an FSDP1
+    plan without use_orig_params is one flat tensor, so two parameters sharing a unit
+    in either plan share a group (each parameter alone where no such plan is)."""
+    names = model.parameter_names()
+    group = {name: frozenset((name,)) for name in names}
+    for t in topologies:
+        if t and isinstance(t.plan, S.FSDP1Plan) and not t.plan.use_orig_params:
+            units: dict[str, list[str]] = {}
+            for name in names:
+                units.setdefault(S.flat_unit(name, t.plan.wrap), []).append(name)
+            for unit in units.values():
+                merged = frozenset().union(*(group[name] for name in unit))
+                group.update(dict.fromkeys(merged, merged))
+    ordered = dict.fromkeys(group[name] for name in names)
+    return tuple(tuple(n for n in names if n in members) for members in ordered)
 
 
 def _training(cfg: _Config, model: S.ModelSpec) -> st.SearchStrategy[S.TrainingSpec]:
