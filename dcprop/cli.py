@@ -17,12 +17,11 @@ from typing import Any
 
 from dcprop import __version__, recipes
 from dcprop.errors import DcpropError, UsageError
-from dcprop.properties import PROPERTIES
+from dcprop.properties import PROPERTY_NAMES
 from dcprop.runner import resolve_device
 
 __all__ = ["main"]
 
-PROPERTY_NAMES = tuple(PROPERTIES)
 DEFAULT_WORLD_SIZE = 4
 #: ranks per CPU core beyond which `dcprop check` asks for --oversubscribe
 RANKS_PER_CORE = 2
@@ -252,13 +251,15 @@ def _strategy(prop: str, cfg: dict[str, Any], job_world_size: int | None = None)
     if job_world_size is not None:
         kwargs.setdefault("job_world_size", job_world_size)
     try:
-        return dst.scenarios(
+        strategy = dst.scenarios(
             prop,
             world_sizes=cfg["world_sizes"],
             device=cfg["device"],
             exclude=cfg["exclude"],
             **kwargs,
         )
+        strategy.validate()
+        return strategy
     except InvalidArgument as e:
         fix = f"; change the exclusions, or leave {prop} out with --properties"
         raise UsageError(f"{e}{fix if cfg['exclude'] else ''}") from None

@@ -133,6 +133,7 @@ def property_test(
 
     property_ref(property)
     strategy = scenarios(property, exclude=exclude, **scenario_kwargs)
+    strategy.validate()  # bad arguments are refused here, not in the search
     excluded = parse_exclusions(exclude)
     ref = checkpointer if isinstance(checkpointer, str) else None
 

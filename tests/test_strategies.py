@@ -8,6 +8,7 @@ from hypothesis.errors import InvalidArgument
 import dcprop.specs as S
 from dcprop import serialization
 from dcprop import strategies as dst
+from dcprop.strategies._scenarios import uneven_layout
 
 M = S.ModelSpec(S.Block((("fc", S.Linear(4, 4)),)))
 MESH = S.MeshSpec((2,), ("shard",))
@@ -50,10 +51,36 @@ BAD_ARGUMENTS = [
 
 
 @pytest.mark.parametrize(("strategy", "kwargs", "message"), BAD_ARGUMENTS)
-def test_invalid_arguments_raise_when_built(strategy, kwargs, message):
+@pytest.mark.parametrize("first_use", ["validate", "example"])
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
+def test_invalid_arguments_raise_at_first_use(strategy, kwargs, message, first_use):
+    """As Hypothesis' own strategies: building one checks nothing, its first use does."""
+    built = strategy(**kwargs)
     with pytest.raises(InvalidArgument) as info:
-        strategy(**kwargs)
+        getattr(built, first_use)()
     assert message in str(info.value)
+
+
+REPRS = [
+    "dims(4, uneven=1.0)",
+    "models(max_layers=2, layers=('linear',))",
+    "frozen_subsets(ModelSpec(Block((('fc', Linear(4, 4)),))), granularity='module')",
+    "meshes(4, max_dims=2)",
+    "parallel_plans(ModelSpec(Block((('fc', Linear(4, 4)),))), MeshSpec((2,), ('shard',)))",
+    "topologies(ModelSpec(Block((('fc', Linear(4, 4)),))), 2, kinds=('ddp',))",
+    "optimizers(('sgd',))",
+    "state_dict_options(full_state_dict=True)",
+    "storage_options()",
+    "trainings(max_steps=2)",
+    "scenarios('roundtrip', world_sizes=(1, 2))",
+    "scenarios('reshard', exclude=('plan=ddp',))",
+    "scenarios(property='nope')",
+]
+
+
+@pytest.mark.parametrize("call", REPRS)
+def test_a_strategy_s_repr_is_the_call_that_made_it(call):
+    assert repr(eval(call, {**vars(S), **vars(dst)})) == call
 
 
 @pytest.mark.parametrize("prop", dst.PROPERTY_NAMES)
@@ -64,11 +91,6 @@ def test_every_scenario_validates_pickles_and_round_trips(prop, data):
     assert eval(repr(scenario), vars(S)) == scenario
     assert serialization.loads(serialization.dumps(scenario)) == scenario
     assert scenario.save.world_size <= 4
-
-
-def _uneven(scenario):
-    n = scenario.save.shard_count
-    return n > 1 and any(s[0] % n for s in scenario.model.parameters().values())
 
 
 SHRINK = settings(max_examples=2000, deadline=None, database=None, derandomize=True)
@@ -84,7 +106,7 @@ def test_minimal_model_with_a_frozen_parameter():
 
 
 def test_minimal_uneven_layout_has_empty_shards():
-    found = find(dst.scenarios(world_sizes=(2, 3, 4)), _uneven, settings=SHRINK)
+    found = find(dst.scenarios(world_sizes=(2, 3, 4)), uneven_layout, settings=SHRINK)
     assert found.save.world_size == 2 and found.save.mesh.shape == (2,)
     # weight (1, 2): one row over two ranks, so one rank holds an empty shard; the
     # unsharded input width stays an even multiple
@@ -222,7 +244,7 @@ def test_excluded_regions_are_never_drawn(prop, exclude, holds):
 )
 def test_an_unknown_exclusion_names_the_argument_and_the_valid_words(word):
     with pytest.raises(InvalidArgument) as e:
-        dst.scenarios("roundtrip", exclude=[word])
+        dst.scenarios("roundtrip", exclude=[word]).validate()
     message = str(e.value)
     assert f"exclude={word!r} is not a region dcprop can exclude" in message
     assert "plan=fsdp2|ddp|" in message and "broadcast_from_rank0=true|false" in message
@@ -249,7 +271,7 @@ def test_an_unknown_exclusion_names_the_argument_and_the_valid_words(word):
 )
 def test_exclusions_that_leave_nothing_to_draw_are_refused(prop, kwargs, message):
     with pytest.raises(InvalidArgument, match="exclude=") as e:
-        dst.scenarios(prop, **kwargs)
+        dst.scenarios(prop, **kwargs).validate()
     assert message in str(e.value)
 
 
@@ -262,3 +284,54 @@ def test_excluding_sub_worlds_under_a_fixed_job_keeps_the_job_s_own_world():
         assert scenario.world_size == 2 and scenario.job_world_size is None
 
     test()
+
+
+def test_fsdp1_flat_parameters_freeze_whole_units():
+    """FSDP1 without use_orig_params flattens each wrapped unit into one tensor: the
+    frozen set is drawn as whole units, several modules at once where a unit has them."""
+
+    def units_frozen_whole(s):
+        plan = s.save.plan
+        if not isinstance(plan, S.FSDP1Plan) or plan.use_orig_params or not s.frozen:
+            return False
+        owners = {name.rsplit(".", 1)[0] for name in s.frozen}
+        return len({S.flat_unit(n, plan.wrap) for n in s.frozen}) < len(owners)
+
+    found = find(
+        dst.scenarios("roundtrip", device="cuda", kinds=("fsdp1",), max_depth=1),
+        units_frozen_whole,
+        settings=SHRINK,
+    )
+    for name in found.model.parameter_names():
+        unit = S.flat_unit(name, found.save.plan.wrap)
+        same = [
+            n for n in found.model.parameter_names() if S.flat_unit(n, found.save.plan.wrap) == unit
+        ]
+        assert (name in found.frozen) == (same[0] in found.frozen)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dst.scenarios("reshard", device="cuda"))
+def test_the_shard_count_a_model_is_drawn_for_is_the_topology_s(scenario):
+    for topology in (scenario.save, scenario.load):
+        plan = topology.plan
+        if isinstance(plan, S.FSDP1Plan) and plan.sharding_strategy == "NO_SHARD":
+            assert topology.shard_count == 1
+        else:
+            expected = dst._topology.shard_count(topology.plan_kind, topology.mesh.shape)
+            assert topology.shard_count == expected
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(dst.scenarios("reshard", device="cuda", kinds=("fsdp1", "fsdp2")))
+def test_frozen_sets_fit_the_flat_units_of_both_fsdp1_plans_of_a_reshard(scenario):
+    """Drawn whole for the save plan's units and the load plan's at once (the
+    scenario validates: nothing is retried)."""
+    for topology in (scenario.save, scenario.load):
+        plan = topology.plan
+        if isinstance(plan, S.FSDP1Plan) and not plan.use_orig_params:
+            frozen_by_unit = {}
+            for name in scenario.model.parameter_names():
+                unit = S.flat_unit(name, plan.wrap)
+                frozen_by_unit.setdefault(unit, set()).add(name in scenario.frozen)
+            assert all(len(flags) == 1 for flags in frozen_by_unit.values())

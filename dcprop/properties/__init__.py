@@ -31,6 +31,7 @@ PROPERTIES: dict[str, str] = {
     "finetune_resume": "dcprop.properties.finetune_resume:finetune_resume",
     "submesh_layout": "dcprop.properties.submesh_layout:submesh_layout",
 }
+PROPERTY_NAMES = tuple(PROPERTIES)
 
 
 def property_ref(name: str) -> str:

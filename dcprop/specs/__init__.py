@@ -38,7 +38,7 @@ from dcprop.specs.model import (
     own_parameters,
     walk,
 )
-from dcprop.specs.scenario import DEVICES, Scenario
+from dcprop.specs.scenario import DEVICES, Scenario, flat_unit
 from dcprop.specs.topology import (
     FSDP1_SHARDING_STRATEGIES,
     DDPPlan,
@@ -90,6 +90,7 @@ __all__ = [
     "children_of",
     "expert_index",
     "explicit_fields",
+    "flat_unit",
     "is_within",
     "join",
     "output_width",

@@ -162,6 +162,13 @@ def _check_every_rank_trains(
         )
 
 
+def flat_unit(name: str, wrap: tuple[str, ...]) -> str:
+    """The FSDP1 unit whose flat parameter holds parameter ``name``: the innermost of
+    the ``wrap``ped modules around it, or ``""`` (the root)."""
+    owners = [w for w in wrap if is_within(name, w)]
+    return max(owners, key=len) if owners else ""
+
+
 def _check_uniform_frozen(
     model: ModelSpec, wrap: tuple[str, ...], frozen: tuple[str, ...], which: str
 ) -> None:
@@ -169,9 +176,7 @@ def _check_uniform_frozen(
     which cannot mix requires_grad values."""
     units: dict[str, set[bool]] = {}
     for name in model.parameter_names():
-        owners = [w for w in wrap if is_within(name, w)]
-        unit = max(owners, key=len) if owners else ""
-        units.setdefault(unit, set()).add(name in frozen)
+        units.setdefault(flat_unit(name, wrap), set()).add(name in frozen)
     for unit, flags in units.items():
         if len(flags) > 1:
             raise SpecError(

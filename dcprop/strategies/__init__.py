@@ -5,12 +5,15 @@
 >>> @given(dst.scenarios("roundtrip", world_sizes=(2,)))
 ... def test_roundtrip(scenario): ...
 
-Each strategy checks its arguments when it is built (``InvalidArgument`` names
-the argument and value), generates valid specs by construction, and shrinks
+Each strategy is lazy, like Hypothesis' own: its repr is the call that made it,
+and its arguments are checked on first use (``.validate()`` or a draw;
+``InvalidArgument`` names the argument and value).  It generates valid specs by
+construction, and shrinks
 toward the simplest case: fewest layers, smallest dims and world size, a 1D mesh,
 nothing frozen, default options.
 """
 
+from dcprop.properties import PROPERTY_NAMES
 from dcprop.strategies._models import LAYER_KINDS, dims, frozen_subsets, models
 from dcprop.strategies._options import (
     OPTIMIZER_KINDS,
@@ -22,7 +25,6 @@ from dcprop.strategies._options import (
 from dcprop.strategies._scenarios import (
     EXCLUSIONS,
     PLAN_KINDS_BY_PROPERTY,
-    PROPERTY_NAMES,
     parse_exclusions,
     scenarios,
 )

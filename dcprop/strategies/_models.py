@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
+from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._validation import (
     check_choices,
     check_fraction,
@@ -61,6 +62,7 @@ def _dims(draw: Any, shards: int, min_value: int, max_value: int, uneven: float)
     return draw(st.sampled_from(evens))
 
 
+@defines_strategy
 def dims(
     shards: int = 1, *, min_value: int = 1, max_value: int = 16, uneven: float = 0.5
 ) -> st.SearchStrategy[int]:
@@ -203,6 +205,7 @@ def _models(
     return S.ModelSpec(root, tuple(tied))
 
 
+@defines_strategy
 def models(
     *,
     max_layers: int = 3,
@@ -248,26 +251,23 @@ def models(
 
 
 @st.composite
-def _frozen(
-    draw: Any, model: S.ModelSpec, granularity: str, min_trainable: int, exclude: tuple[str, ...]
+def frozen_groups(
+    draw: Any, groups: tuple[tuple[str, ...], ...], parameter_count: int, min_trainable: int
 ) -> tuple[str, ...]:
-    names = (
-        [n for n in model.parameter_names() if not n.startswith(exclude)]
-        if exclude
-        else list(model.parameter_names())
-    )
-    if granularity == "module":
-        owners = sorted({n.rsplit(".", 1)[0] for n in names})
-        picked = draw(st.lists(st.sampled_from(owners), unique=True)) if owners else []
-        chosen = [n for n in names if n.rsplit(".", 1)[0] in picked]
-    else:
-        chosen = draw(st.lists(st.sampled_from(names), unique=True)) if names else []
-    trainable = [n for n in model.parameter_names() if n not in chosen]
-    while len(trainable) < min_trainable and chosen:
-        trainable.append(chosen.pop())  # keep something to train (shrinks toward none frozen)
-    return tuple(sorted(chosen))
+    """Unions of ``groups`` (parameter names frozen together) that leave at least
+    ``min_trainable`` of a model's ``parameter_count`` parameters trainable.  Shrinks
+    toward nothing frozen.  Unchecked: :func:`frozen_subsets` checks its arguments."""
+    picked = draw(st.lists(st.sampled_from(groups), unique=True)) if groups else []
+    while picked and parameter_count - sum(map(len, picked)) < min_trainable:
+        picked.pop()  # keep something to train (shrinks toward none frozen)
+    return tuple(sorted(name for group in picked for name in group))
 
 
+def _owner(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+@defines_strategy
 def frozen_subsets(
     model: S.ModelSpec,
     *,
@@ -290,4 +290,10 @@ def frozen_subsets(
             f"min_trainable={min_trainable} but the model has only "
             f"{len(model.parameter_names())} parameters"
         )
-    return _frozen(model, granularity, min_trainable, tuple(exclude))
+    names = [n for n in model.parameter_names() if not n.startswith(tuple(exclude))]
+    if granularity == "module":
+        owners = sorted({_owner(n) for n in names})
+        groups = tuple(tuple(n for n in names if _owner(n) == o) for o in owners)
+    else:
+        groups = tuple((n,) for n in names)
+    return frozen_groups(groups, len(model.parameter_names()), min_trainable)

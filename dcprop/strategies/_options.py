@@ -7,6 +7,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from dcprop import specs as S
+from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._validation import check_choices, check_int, check_type
 
 OPTIMIZER_KINDS = ("sgd", "adam", "adamw")
@@ -39,6 +40,7 @@ _SCHEDULERS = (
 )
 
 
+@defines_strategy
 def optimizers(kinds: Any = OPTIMIZER_KINDS) -> st.SearchStrategy[S.OptimizerSpec]:
     """SGD (with and without momentum), Adam, AdamW with weight decay, each with or
     without an LR scheduler (StepLR, LinearLR).
@@ -60,6 +62,7 @@ def _state_dicts(draw: Any, full: bool | None) -> S.StateDictSpec:
     )
 
 
+@defines_strategy
 def state_dict_options(
     *,
     full_state_dict: bool | None = None,
@@ -81,6 +84,7 @@ def _storage(draw: Any) -> S.StorageSpec:
     )
 
 
+@defines_strategy
 def storage_options() -> st.SearchStrategy[S.StorageSpec]:
     """DCP FileSystemWriter options and sync/async save.  Shrinks toward the defaults."""
     return _storage()
@@ -98,6 +102,7 @@ def _trainings(
     )
 
 
+@defines_strategy
 def trainings(
     *,
     min_steps: int = 1,

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
-from dcprop.errors import SpecError
-from dcprop.properties import PROPERTIES
-from dcprop.strategies._models import LAYER_KINDS, frozen_subsets, models
+from dcprop.properties import PROPERTY_NAMES
+from dcprop.strategies._lazy import defines_strategy
+from dcprop.strategies._models import LAYER_KINDS, frozen_groups, models
 from dcprop.strategies._options import (
     optimizers,
     state_dict_options,
@@ -28,10 +28,11 @@ from dcprop.strategies._options import (
 )
 from dcprop.strategies._topology import (
     PLAN_KINDS,
-    _plan,
     names_for,
     plan_kinds_for,
+    plans_of_kind,
     shapes_for,
+    shard_count,
 )
 from dcprop.strategies._validation import (
     check_choices,
@@ -40,7 +41,7 @@ from dcprop.strategies._validation import (
     check_type,
 )
 
-PROPERTY_NAMES = tuple(PROPERTIES)
+_PRETRAINED = "pretrain"  # the module a fine-tuning scenario freezes and saves apart
 PLAN_KINDS_BY_PROPERTY = {
     "roundtrip": PLAN_KINDS,
     "reshard": PLAN_KINDS,
@@ -163,18 +164,6 @@ class _Config:
     exclude: tuple[str, ...] = ()
 
 
-def _shard_count(kind: str, shape: tuple[int, ...]) -> int:
-    if kind in ("fsdp2", "fsdp1"):
-        return shape[-1]
-    if kind in ("hsdp", "hsdp+tp"):
-        return shape[1]
-    if kind == "submesh":
-        return shape[0] * shape[1]
-    if kind == "fsdp2+tp":
-        return shape[0]
-    return 1
-
-
 @st.composite
 def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.ModelSpec:
     tp_size = shape[-1] if kind.endswith("+tp") else 0
@@ -183,7 +172,7 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
         max_layers=cfg.max_layers,
         max_depth=cfg.max_depth,
         max_dim=cfg.max_dim,
-        shards=_shard_count(kind, shape),
+        shards=shard_count(kind, shape),
         uneven=cfg.uneven,
         layers=cfg.layers,
         tp_size=tp_size,
@@ -194,10 +183,10 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
     if cfg.property != "finetune_resume":
         return model
     head_out = draw(st.integers(1, cfg.max_dim))
-    ties = tuple((f"pretrain.{s}", f"pretrain.{d}") for s, d in model.ties)
+    ties = tuple((f"{_PRETRAINED}.{s}", f"{_PRETRAINED}.{d}") for s, d in model.ties)
     root = S.Block(
         (
-            ("pretrain", model.root),
+            (_PRETRAINED, model.root),
             ("act", S.Activation()),
             ("head", S.Linear(model.out_features, head_out)),
         )
@@ -221,87 +210,128 @@ def _job(cfg: _Config, world: int) -> st.SearchStrategy[int | None]:
 @st.composite
 def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
     world = draw(st.sampled_from(cfg.world_sizes))
-    kinds = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[cfg.property])
-    fits = [(k, shape) for k in kinds for shape in shapes_for(k, world)]
-    kind, shape = draw(st.sampled_from(fits))
-    mesh = S.MeshSpec(shape, names_for(kind, shape))
-    model = draw(_model_for(cfg, kind, shape))
-    plan = draw(_plan(model, mesh, kind))
-
-    pretrained = "pretrain" if cfg.property == "finetune_resume" else None
-    if pretrained:
-        frozen = tuple(n for n in model.parameter_names() if n.startswith("pretrain."))
-    elif cfg.frozen:
-        module_level = isinstance(plan, S.FSDP1Plan) and not plan.use_orig_params
-        frozen = draw(frozen_subsets(model, granularity="module" if module_level else "parameter"))
-    else:
-        frozen = ()
-    if isinstance(plan, S.FSDP2Plan) and plan.experts is not None:
-        shared = [n for n in model.parameter_names() if not S.is_within(n, plan.experts.module)]
-        frozen = tuple(n for n in frozen if n != shared[0])  # every rank trains something
-
-    options = _allowed_options(draw(state_dict_options()), cfg.exclude)
-    if pretrained:
-        options = attrs.evolve(
-            options,
-            submodules=("pretrain",),
-            keep_submodule_prefixes=False,
-            ignore_frozen_params=True,
-        )
-    save = S.Topology(world, mesh, plan, options)
-
-    load = None
-    if cfg.property == "reshard":
-        load_world = draw(st.sampled_from(cfg.world_sizes))
-        load_fits = [
-            (k, s)
-            for k in _kinds(cfg, PLAN_KINDS)
-            for s in shapes_for(k, load_world)
-            if k in plan_kinds_for(model, S.MeshSpec(s, names_for(k, s)), cfg.device)
-        ]
-        load_kind, load_shape = draw(st.sampled_from(load_fits))
-        load_mesh = S.MeshSpec(load_shape, names_for(load_kind, load_shape))
-        # the optimizer layout is the checkpoint's key format: both sides must share it
-        load_options = attrs.evolve(
-            _allowed_options(draw(state_dict_options()), cfg.exclude),
-            flatten_optimizer_state_dict=options.flatten_optimizer_state_dict,
-        )
-        load = S.Topology(
-            load_world, load_mesh, draw(_plan(model, load_mesh, load_kind)), load_options
-        )
-
-    min_batch = 2 if model.has_batch_statistics() else 1
-    min_steps = 2 if cfg.property == "ddp_parity" else 1
-    training = draw(
-        trainings(
-            min_steps=min_steps,
-            max_steps=max(min_steps, cfg.max_steps),
-            min_batch=min_batch,
-            max_batch=max(min_batch, 3),
-            input_requires_grad=not model.takes_tokens,
-        )
-    )
-    fields = dict(
+    kind, mesh = draw(_meshes(cfg, PLAN_KINDS_BY_PROPERTY[cfg.property], world))
+    model = draw(_model_for(cfg, kind, mesh.shape))
+    save = draw(_save_topology(cfg, model, kind, mesh))
+    load = draw(_load_topology(cfg, model, save)) if cfg.property == "reshard" else None
+    frozen = draw(_frozen(cfg, model, save, load))
+    return S.Scenario(
         model=model,
         save=save,
         load=load,
         frozen=frozen,
         optimizer=draw(optimizers()),
-        training=training,
+        training=draw(_training(cfg, model)),
         storage=draw(storage_options()),
-        pretrained=pretrained,
+        pretrained=_PRETRAINED if cfg.property == "finetune_resume" else None,
         seed=draw(st.integers(0, 2**16)),
         device=cfg.device,
         job_world_size=draw(_job(cfg, max(world, load.world_size if load else world))),
     )
-    try:
-        return S.Scenario(**fields)
-    except SpecError as e:
-        if "mixes frozen and trainable" not in str(e):
-            raise
-        return S.Scenario(**{**fields, "frozen": ()})  # FSDP1 flat-parameter rule
 
 
+@st.composite
+def _meshes(
+    draw: Any, cfg: _Config, allowed: tuple[str, ...], world: int, model: S.ModelSpec | None = None
+) -> tuple[str, S.MeshSpec]:
+    """A plan kind and its role-named mesh of ``world`` ranks; with ``model``, only
+    kinds that fit it."""
+    fits = [
+        (kind, S.MeshSpec(shape, names_for(kind, shape)))
+        for kind in _kinds(cfg, allowed)
+        for shape in shapes_for(kind, world)
+    ]
+    if model is not None:
+        fits = [(k, m) for k, m in fits if k in plan_kinds_for(model, m, cfg.device)]
+    return draw(st.sampled_from(fits))
+
+
+@st.composite
+def _save_topology(
+    draw: Any, cfg: _Config, model: S.ModelSpec, kind: str, mesh: S.MeshSpec
+) -> S.Topology:
+    plan = draw(plans_of_kind(model, mesh, kind))
+    options = draw(_state_dicts(cfg))
+    if cfg.property == "finetune_resume":  # save the pretrained part alone, unprefixed
+        options = attrs.evolve(
+            options,
+            submodules=(_PRETRAINED,),
+            keep_submodule_prefixes=False,
+            ignore_frozen_params=True,
+        )
+    return S.Topology(mesh.size, mesh, plan, options)
+
+
+@st.composite
+def _load_topology(draw: Any, cfg: _Config, model: S.ModelSpec, save: S.Topology) -> S.Topology:
+    world = draw(st.sampled_from(cfg.world_sizes))
+    kind, mesh = draw(_meshes(cfg, PLAN_KINDS, world, model))
+    plan = draw(plans_of_kind(model, mesh, kind))
+    # the optimizer layout is the checkpoint's key format: both sides must share it
+    options = attrs.evolve(
+        draw(_state_dicts(cfg)),
+        flatten_optimizer_state_dict=save.state_dict.flatten_optimizer_state_dict,
+    )
+    return S.Topology(world, mesh, plan, options)
+
+
+def _state_dicts(cfg: _Config) -> st.SearchStrategy[S.StateDictSpec]:
+    return state_dict_options().map(lambda options: _allowed_options(options, cfg.exclude))
+
+
+def _frozen(
+    cfg: _Config, model: S.ModelSpec, save: S.Topology, load: S.Topology | None
+) -> st.SearchStrategy[tuple[str, ...]]:
+    names = model.parameter_names()
+    units = _flat_units(model, (save, load))
+    if cfg.property == "finetune_resume":
+        pretrained = {n for n in names if S.is_within(n, _PRETRAINED)}
+        # a flat parameter cannot mix frozen and trainable: then nothing is frozen
+        whole = all(set(unit) <= pretrained or not pretrained & set(unit) for unit in units)
+        return st.just(tuple(sorted(pretrained)) if whole else ())
+    if not cfg.frozen:
+        return st.just(())
+    frozen = frozen_groups(units, len(names), min_trainable=1)
+    experts = save.plan.experts if isinstance(save.plan, S.FSDP2Plan) else None
+    if experts is None:
+        return frozen
+    shared = next(n for n in names if not S.is_within(n, experts.module))
+    return frozen.map(lambda f: tuple(n for n in f if n != shared))  # every rank trains
+
+
+def _flat_units(
+    model: S.ModelSpec, topologies: tuple[S.Topology | None, ...]
+) -> tuple[tuple[str, ...], ...]:
+    """The groups of parameters that must be frozen together: each unit of an FSDP1
+    plan without use_orig_params is one flat tensor, so two parameters sharing a unit
+    in either plan share a group (each parameter alone where no such plan is)."""
+    names = model.parameter_names()
+    group = {name: frozenset((name,)) for name in names}
+    for t in topologies:
+        if t and isinstance(t.plan, S.FSDP1Plan) and not t.plan.use_orig_params:
+            units: dict[str, list[str]] = {}
+            for name in names:
+                units.setdefault(S.flat_unit(name, t.plan.wrap), []).append(name)
+            for unit in units.values():
+                merged = frozenset().union(*(group[name] for name in unit))
+                group.update(dict.fromkeys(merged, merged))
+    ordered = dict.fromkeys(group[name] for name in names)
+    return tuple(tuple(n for n in names if n in members) for members in ordered)
+
+
+def _training(cfg: _Config, model: S.ModelSpec) -> st.SearchStrategy[S.TrainingSpec]:
+    min_batch = 2 if model.has_batch_statistics() else 1  # BatchNorm needs two rows
+    min_steps = 2 if cfg.property == "ddp_parity" else 1
+    return trainings(
+        min_steps=min_steps,
+        max_steps=max(min_steps, cfg.max_steps),
+        min_batch=min_batch,
+        max_batch=max(min_batch, 3),
+        input_requires_grad=not model.takes_tokens,
+    )
+
+
+@defines_strategy
 def scenarios(
     property: str = "roundtrip",
     *,
@@ -336,7 +366,64 @@ def scenarios(
     >>> @given(scenarios("reshard", world_sizes=(2, 4)))             # doctest: +SKIP
     ... def test_my_checkpointer(scenario): ...
     """
+    cfg = _config(
+        property, world_sizes, device, kinds, max_layers, max_depth, max_dim, uneven,
+        layers, max_steps, frozen, job_world_size, exclude,
+    )  # fmt: skip
+    if not cfg.exclude:
+        return _scenarios(cfg)
+    # a safety net, and the only filter for an uneven layout, rare with uneven=0
+    return _scenarios(cfg).filter(lambda scenario: excluded_by(scenario, cfg.exclude) is None)
+
+
+def _config(
+    property: str,
+    world_sizes: Any,
+    device: str,
+    kinds: Any,
+    max_layers: int,
+    max_depth: int,
+    max_dim: int,
+    uneven: float,
+    layers: Any,
+    max_steps: int,
+    frozen: bool,
+    job_world_size: int | None,
+    exclude: Any,
+) -> _Config:
+    """The arguments of :func:`scenarios`, checked, with its exclusions applied."""
     check_choices("property", (property,), PROPERTY_NAMES)
+    sizes = _world_sizes(world_sizes, job_world_size)
+    check_choices("device", (device,), S.DEVICES)
+    kinds = check_choices("kinds", kinds, PLAN_KINDS)
+    check_int("max_steps", max_steps, min_value=1, max_value=64)
+    check_fraction("uneven", uneven)
+    check_type("frozen", frozen, bool)
+    layers = check_choices("layers", layers, LAYER_KINDS)
+    models(
+        max_layers=max_layers, max_depth=max_depth, max_dim=max_dim, uneven=uneven, layers=layers
+    ).validate()
+    words = parse_exclusions(exclude)
+    cfg = _Config(
+        property,
+        sizes,
+        device,
+        tuple(k for k in kinds if f"plan={k}" not in words),
+        max_layers,
+        max_depth,
+        max_dim,
+        0.0 if "layout=uneven" in words else uneven,
+        layers,
+        max_steps,
+        frozen and "frozen=some" not in words,
+        job_world_size,
+        words,
+    )
+    _check_some_plan(cfg, kinds)
+    return _check_satisfiable(cfg)
+
+
+def _world_sizes(world_sizes: Any, job_world_size: int | None) -> tuple[int, ...]:
     if isinstance(world_sizes, int):
         world_sizes = (world_sizes,)
     check_type("world_sizes", world_sizes, (tuple, list))
@@ -344,11 +431,6 @@ def scenarios(
         raise InvalidArgument("world_sizes=() must hold at least one world size")
     for w in world_sizes:
         check_int("world_sizes entry", w, min_value=1, max_value=4096)
-    check_choices("device", (device,), S.DEVICES)
-    kinds = check_choices("kinds", kinds, PLAN_KINDS)
-    check_int("max_steps", max_steps, min_value=1, max_value=64)
-    check_fraction("uneven", uneven)
-    check_type("frozen", frozen, bool)
     if job_world_size is not None:
         check_int("job_world_size", job_world_size, min_value=1, max_value=4096)
         if max(world_sizes) > job_world_size:
@@ -356,43 +438,16 @@ def scenarios(
                 f"world_sizes={tuple(world_sizes)!r} holds sizes above "
                 f"job_world_size={job_world_size}: a job must hold the model's world"
             )
-    exclude = parse_exclusions(exclude)
-    cfg = _Config(
-        property,
-        tuple(sorted(set(world_sizes))),
-        device,
-        tuple(k for k in kinds if f"plan={k}" not in exclude),
-        max_layers,
-        max_depth,
-        max_dim,
-        0.0 if "layout=uneven" in exclude else uneven,
-        check_choices("layers", layers, LAYER_KINDS),
-        max_steps,
-        frozen and "frozen=some" not in exclude,
-        job_world_size,
-        exclude,
-    )
-    usable = _kinds(cfg, PLAN_KINDS_BY_PROPERTY[property])
-    if not usable:
-        excluded = f" and exclude={exclude!r}" if exclude else ""
+    return tuple(sorted(set(world_sizes)))
+
+
+def _check_some_plan(cfg: _Config, kinds: tuple[str, ...]) -> None:
+    if not _kinds(cfg, PLAN_KINDS_BY_PROPERTY[cfg.property]):
+        excluded = f" and exclude={cfg.exclude!r}" if cfg.exclude else ""
         raise InvalidArgument(
-            f"kinds={kinds!r}{excluded} on device={device!r} leaves no plan for "
-            f"property={property!r} (it uses {PLAN_KINDS_BY_PROPERTY[property]})"
+            f"kinds={kinds!r}{excluded} on device={cfg.device!r} leaves no plan for "
+            f"property={cfg.property!r} (it uses {PLAN_KINDS_BY_PROPERTY[cfg.property]})"
         )
-    cfg = _check_satisfiable(cfg)
-    # argument checks of models() run now, not at the first draw
-    models(
-        max_layers=max_layers,
-        max_depth=max_depth,
-        max_dim=max_dim,
-        uneven=uneven,
-        layers=cfg.layers,
-    )
-    strategy = _scenarios(cfg)
-    if not exclude:
-        return strategy
-    # a safety net, and the only filter for an uneven layout, rare with uneven=0
-    return strategy.filter(lambda scenario: excluded_by(scenario, exclude) is None)
 
 
 def _check_satisfiable(cfg: _Config) -> _Config:

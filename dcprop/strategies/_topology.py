@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
+from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._options import state_dict_options
 from dcprop.strategies._validation import check_choices, check_int, check_interval, check_type
 
@@ -36,6 +38,7 @@ def factorizations(n: int, ndim: int) -> list[tuple[int, ...]]:
     ]
 
 
+@defines_strategy
 def meshes(
     world_size: int,
     *,
@@ -150,7 +153,9 @@ def _wrap_candidates(model: S.ModelSpec, avoid: str | None) -> list[str]:
 
 
 @st.composite
-def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
+def plans_of_kind(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> S.Plan:
+    """Plans of ``kind`` (one of ``plan_kinds_for(model, mesh)``) on the role-named
+    ``mesh`` (:func:`names_for`), unchecked: :func:`parallel_plans` checks its arguments."""
     names = mesh.dim_names
     experts = _experts_count(model) if kind == "submesh" else None
     candidates = _wrap_candidates(model, experts[0] if experts else None)
@@ -189,13 +194,7 @@ def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
             reshard_after_forward=reshard,
             experts=S.ExpertParallel(experts[0], dim=names[1]),
         )
-    pairs = tp_pairs(model, mesh.shape[-1])
-    picked = draw(st.lists(st.sampled_from(pairs), unique=True, min_size=1))
-    chosen: list[tuple[str, str]] = []
-    for pair in picked:  # a Linear belongs to one pair at most
-        if not {m for p in chosen for m in p} & set(pair):
-            chosen.append(pair)
-    tp = S.TensorParallel(names[-1], tuple(chosen))
+    tp = draw(_tensor_parallel(model, mesh))
     if kind == "fsdp2+tp":
         return S.FSDP2Plan(shard_dim=names[0], wrap=wrap, reshard_after_forward=reshard, tp=tp)
     return S.FSDP2Plan(
@@ -203,6 +202,18 @@ def _plan(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> Any:
     )
 
 
+@st.composite
+def _tensor_parallel(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec) -> S.TensorParallel:
+    pairs = tp_pairs(model, mesh.shape[-1])
+    picked = draw(st.lists(st.sampled_from(pairs), unique=True, min_size=1))
+    chosen: list[tuple[str, str]] = []
+    for pair in picked:  # a Linear belongs to one pair at most
+        if not {m for p in chosen for m in p} & set(pair):
+            chosen.append(pair)
+    return S.TensorParallel(mesh.dim_names[-1], tuple(chosen))
+
+
+@defines_strategy
 def parallel_plans(
     model: S.ModelSpec, mesh: S.MeshSpec, *, device: str = "cpu", kinds: Any = PLAN_KINDS
 ) -> st.SearchStrategy[Any]:
@@ -223,7 +234,7 @@ def parallel_plans(
             f"on device={device!r} (fitting kinds: "
             f"{plan_kinds_for(model, mesh, device)})"
         )
-    return st.sampled_from(fits).flatmap(lambda k: _plan(model, mesh, k))
+    return st.sampled_from(fits).flatmap(lambda k: plans_of_kind(model, mesh, k))
 
 
 def shapes_for(kind: str, world_size: int) -> list[tuple[int, ...]]:
@@ -236,6 +247,16 @@ def names_for(kind: str, shape: tuple[int, ...]) -> tuple[str, ...]:
     if kind == "fsdp1":
         return ("shard",) if len(shape) == 1 else ("replicate", "shard")
     return ROLE_NAMES[kind]
+
+
+def shard_count(kind: str, shape: tuple[int, ...]) -> int:
+    """How many ways a parameter's dim 0 is split on the mesh of ``shape`` named for
+    ``kind`` (:func:`names_for`), known before the plan is drawn: the product of its
+    shard and expert dims.  Equals the drawn topology's ``Topology.shard_count``
+    (FSDP1's NO_SHARD, which splits nothing, aside)."""
+    return math.prod(
+        size for size, role in zip(shape, names_for(kind, shape)) if role in ("shard", "ep")
+    )
 
 
 @st.composite
@@ -259,9 +280,10 @@ def _topology(
         )
     kind, shape = draw(st.sampled_from(fits))
     mesh = S.MeshSpec(shape, names_for(kind, shape))
-    return S.Topology(world_size, mesh, draw(_plan(model, mesh, kind)), draw(options))
+    return S.Topology(world_size, mesh, draw(plans_of_kind(model, mesh, kind)), draw(options))
 
 
+@defines_strategy
 def topologies(
     model: S.ModelSpec,
     world_size: int,

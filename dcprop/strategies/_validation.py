@@ -1,4 +1,4 @@
-"""Argument checks for the public strategies, raised when a strategy is built.
+"""Argument checks for the public strategies, raised on a strategy's first use.
 
 Every message names the argument and its value, as Hypothesis' own do.
 """
