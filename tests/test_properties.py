@@ -258,7 +258,7 @@ def _catches(runner, prop, hooks, want=None):
 
 
 SMALL = dict(world_sizes=(1, 2), max_layers=2, max_dim=6)
-FIND = settings(max_examples=40, deadline=None, database=None, derandomize=True)
+FIND = settings(max_examples=100, deadline=None, database=None, derandomize=True)
 
 
 def _has_bn(s):
