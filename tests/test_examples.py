@@ -14,6 +14,24 @@ def _run(*args):
     )
 
 
+def _pytest_example(test_file, *options):
+    """An example test file under pytest, as a user runs it: two ranks, the CI profile."""
+    return _run(
+        "-m",
+        "pytest",
+        os.path.join(EXAMPLES, test_file),
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--hypothesis-profile=dcprop-ci",
+        "--dcprop-world-size",
+        "2",
+        "--rootdir",
+        EXAMPLES,
+        *options,
+    )
+
+
 def test_strategies_in_your_own_suite():
     result = _run(os.path.join(EXAMPLES, "my_suite_strategies.py"))
     assert result.returncode == 0 and "forward and backward" in result.stdout, result.stderr
@@ -26,22 +44,12 @@ def test_replay_reproducer(tmp_path):
 
 
 def test_checkpointer_example_catches_the_buggy_one(tmp_path):
-    result = _run(
-        "-m",
-        "pytest",
-        os.path.join(EXAMPLES, "test_my_checkpointer.py"),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--hypothesis-profile=dcprop-ci",
-        "--dcprop-world-size",
-        "2",
+    result = _pytest_example(
+        "test_my_checkpointer.py",
         "--dcprop-timeout",
         "10",  # known upstream deadlocks cost a timeout each: keep it short here
         "--dcprop-repro-dir",
         str(tmp_path),
-        "--rootdir",
-        EXAMPLES,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
@@ -73,18 +81,6 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_test_one():
 
 
 def test_trainer_checkpoint_manager_example():
-    result = _run(
-        "-m",
-        "pytest",
-        os.path.join(EXAMPLES, "test_my_trainer.py"),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--hypothesis-profile=dcprop-ci",
-        "--dcprop-world-size",
-        "2",
-        "--rootdir",
-        EXAMPLES,
-    )
+    result = _pytest_example("test_my_trainer.py")
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "2 passed" in out, out[-3000:]
