@@ -20,12 +20,27 @@ Either kind may also have ``setup(ctx)`` and ``close()`` (a manager object, a
 writer process): :func:`live` calls ``setup`` once per rank on first use and keeps
 the object for the rest of the rank's life; :func:`close_live` calls ``close``
 when the rank stops.
+
+Three more optional methods let the lifecycle and crash-consistency properties see
+what a checkpoint manager does beyond save and load (each has DCP's behaviour as
+its default, through the module functions named after it):
+
+* ``async_save(...)`` / ``async_save_app_state(...)``: start a save and return at
+  once with a *pending* save (anything with ``result()``, as ``dcp.async_save``'s
+  future); :func:`start_save` calls it, or saves synchronously and returns a
+  finished pending save for a checkpointer without one;
+* ``complete(root)``: the checkpoints under directory ``root`` that are complete
+  and safe to load, oldest first (:func:`complete_checkpoints`; DCP's default: the
+  directories that hold a ``.metadata`` file, which DCP writes last);
+* ``latest(root)``: the checkpoint the checkpointer would resume from, or None
+  (:func:`latest_checkpoint`; DCP has no notion of it: None).
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib
+import os
 import pickle
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -40,11 +55,15 @@ __all__ = [
     "AnyCheckpointer",
     "Checkpointer",
     "DCPCheckpointer",
+    "Pending",
     "StatefulCheckpointer",
     "close_live",
+    "complete_checkpoints",
+    "latest_checkpoint",
     "live",
     "load_checkpointer",
     "project_of",
+    "start_save",
 ]
 
 #: short names accepted wherever a checkpointer is named (``--checkpointer NAME``)
@@ -83,6 +102,62 @@ class StatefulCheckpointer(Protocol):
 AnyCheckpointer = Checkpointer | StatefulCheckpointer
 
 
+@runtime_checkable
+class Pending(Protocol):
+    """A save in flight: ``result()`` blocks until it is durable (or raises)."""
+
+    def result(self) -> Any: ...
+
+
+class Done:
+    """The pending save of a checkpointer that only saves synchronously: already done."""
+
+    def result(self) -> None:
+        return None
+
+
+def start_save(
+    checkpointer: AnyCheckpointer,
+    state: dict[str, Any],
+    path: str,
+    *,
+    storage: StorageSpec,
+    group: Any,
+) -> Pending:
+    """Start saving ``state`` (a state dict, or an app state for a
+    :class:`StatefulCheckpointer`) at ``path`` and return the pending save: the
+    checkpointer's own ``async_save``/``async_save_app_state`` where it has one, else a
+    synchronous save and :class:`Done`."""
+    if isinstance(checkpointer, StatefulCheckpointer):
+        start = getattr(checkpointer, "async_save_app_state", None)
+        if start is None:
+            checkpointer.save_app_state(state, path, storage=storage, group=group)
+            return Done()
+    else:
+        start = getattr(checkpointer, "async_save", None)
+        if start is None:
+            checkpointer.save(state, path, storage=storage, group=group)
+            return Done()
+    pending: Pending = start(state, path, storage=storage, group=group)
+    return pending
+
+
+def complete_checkpoints(checkpointer: AnyCheckpointer, root: str) -> list[str]:
+    """The complete checkpoints under ``root``, oldest first: the checkpointer's own
+    ``complete(root)``, or DCP's rule (a directory with a ``.metadata`` file)."""
+    own = getattr(checkpointer, "complete", None)
+    if own is not None:
+        return list(own(root))
+    return DCPCheckpointer().complete(root)
+
+
+def latest_checkpoint(checkpointer: AnyCheckpointer, root: str) -> str | None:
+    """The checkpoint under ``root`` the checkpointer would resume from: its own
+    ``latest(root)``, or None where it has no such notion (DCP)."""
+    own = getattr(checkpointer, "latest", None)
+    return None if own is None else own(root)
+
+
 class DCPCheckpointer:
     """``torch.distributed.checkpoint`` save/load (or ``async_save``) on a file system."""
 
@@ -93,16 +168,37 @@ class DCPCheckpointer:
     ) -> None:
         import torch.distributed.checkpoint as dcp
 
-        writer = dcp.FileSystemWriter(
-            path,
-            single_file_per_rank=storage.single_file_per_rank,
-            thread_count=storage.thread_count,
-        )
         if storage.async_save:
-            pending: Any = dcp.async_save(state_dict, storage_writer=writer, process_group=group)
-            pending.result()
+            self.async_save(state_dict, path, storage=storage, group=group).result()
         else:
-            dcp.save(state_dict, storage_writer=writer, process_group=group)
+            dcp.save(state_dict, storage_writer=_writer(path, storage), process_group=group)
+
+    def async_save(
+        self, state_dict: dict[str, Any], path: str, *, storage: StorageSpec, group: Any
+    ) -> Pending:
+        """``dcp.async_save``: returns once the state is staged (copied), the write goes on
+        in the background until ``result()``."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+        pending = dcp.async_save(
+            state_dict, storage_writer=_writer(path, storage), process_group=group
+        )
+        if isinstance(pending, AsyncSaveResponse):  # staging and upload as two futures
+            return pending.upload_completion
+        return pending
+
+    def complete(self, root: str) -> list[str]:
+        """The directories under ``root`` holding a ``.metadata`` file (DCP writes it
+        last, after every rank's data), oldest first."""
+        if not os.path.isdir(root):
+            return []
+        found = [
+            os.path.join(root, name)
+            for name in os.listdir(root)
+            if os.path.isfile(os.path.join(root, name, ".metadata"))
+        ]
+        return sorted(found, key=lambda path: os.stat(os.path.join(path, ".metadata")).st_mtime_ns)
 
     def load(self, state_dict: dict[str, Any], path: str, *, group: Any) -> None:
         import torch.distributed.checkpoint as dcp
@@ -111,6 +207,16 @@ class DCPCheckpointer:
 
     def __repr__(self) -> str:
         return "DCPCheckpointer()"
+
+
+def _writer(path: str, storage: StorageSpec) -> Any:
+    import torch.distributed.checkpoint as dcp
+
+    return dcp.FileSystemWriter(
+        path,
+        single_file_per_rank=storage.single_file_per_rank,
+        thread_count=storage.thread_count,
+    )
 
 
 def project_of(checkpointer: AnyCheckpointer | None) -> str | None:

@@ -54,7 +54,7 @@ def leave_state_behind(ctx):
     os.environ["DCPROP_LEAK"] = "1"
     dist.new_group([0])  # a group the example never cleans up
     torch.manual_seed(1234)
-    return ctx.tmpdir
+    return ctx.example_dir
 
 
 def observe_state(ctx):
@@ -67,7 +67,7 @@ def observe_state(ctx):
         "env": os.environ.get("DCPROP_LEAK"),
         "groups": len(dist.distributed_c10d._world.pg_map),
         "random": torch.rand(1).item(),
-        "tmpdir_exists": os.path.isdir(ctx.tmpdir),
+        "example_dir_exists": os.path.isdir(ctx.example_dir),
     }
 
 
@@ -75,18 +75,18 @@ def load_missing_key_on(ctx, rank):
     """A real DCP load in which one rank asks for a key the checkpoint lacks."""
     import torch.distributed.checkpoint as dcp
 
-    path = os.path.join(ctx.tmpdir, "ckpt")
+    path = os.path.join(ctx.example_dir, "ckpt")
     dcp.save({"a": torch.zeros(2)}, checkpoint_id=path, process_group=ctx.group())
     wanted = {"b" if ctx.rank == rank else "a": torch.ones(2)}
     dcp.load(wanted, checkpoint_id=path, process_group=ctx.group())
 
 
 def write_file(ctx):
-    path = os.path.join(ctx.tmpdir, f"rank{ctx.rank}.txt")
+    path = os.path.join(ctx.example_dir, f"rank{ctx.rank}.txt")
     with open(path, "w") as f:
         f.write("x")
     dist.barrier(group=ctx.group())
-    return sorted(os.listdir(ctx.tmpdir))
+    return sorted(os.listdir(ctx.example_dir))
 
 
 def unmet_precondition(ctx):

@@ -92,7 +92,7 @@ def test_repeated_world_costs_no_new_groups(dcprop_runner):
 
 
 def test_examples_are_isolated(dcprop_runner):
-    tmpdirs = dcprop_runner.run(helpers.leave_state_behind, world_size=2)
+    example_dirs = dcprop_runner.run(helpers.leave_state_behind, world_size=2)
     seen = dcprop_runner.run(helpers.observe_state, world_size=2)
     fresh = dcprop_runner.run(helpers.observe_state, world_size=2)
     for rank in (0, 1):
@@ -100,7 +100,7 @@ def test_examples_are_isolated(dcprop_runner):
         assert not seen[rank]["deterministic"] and seen[rank]["hooks"] == 0
         assert seen[rank]["env"] is None
         assert seen[rank] == fresh[rank]  # same groups, same reseeded RNG draw
-        assert not os.path.exists(tmpdirs[rank])  # example dir removed
+        assert not os.path.exists(example_dirs[rank])  # example dir removed
 
 
 def test_example_dir_is_shared_and_removed(dcprop_runner):

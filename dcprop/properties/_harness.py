@@ -250,7 +250,7 @@ class Job:
         )
 
     def checkpoint_dir(self, name: str) -> str:
-        return os.path.join(self.ctx.tmpdir, name)
+        return os.path.join(self.ctx.example_dir, name)
 
     def save(self, state: dict[str, Any], name: str) -> str:
         """Save ``state`` (from :meth:`state`) as checkpoint ``name``: the one place a

@@ -95,8 +95,8 @@ class TaskRunner(Runner):
         self._check_job(job, job_world_size)
         timeout = self.timeout if timeout is None else timeout
         base = self._ready()
-        with example_dir(base) as tmpdir:
-            task = Task(next(self._ids), fn, tuple(args), k, meshes, tmpdir, seed, self.device)
+        with example_dir(base) as path:
+            task = Task(next(self._ids), fn, tuple(args), k, meshes, path, seed, self.device)
             outcomes, failure = self._run_task(task, timeout)
         self.examples += 1
         if failure is not None:

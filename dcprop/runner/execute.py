@@ -33,13 +33,13 @@ class RankContext:
 
     rank: int  #: this rank, in the default process group
     world_size: int  #: the example's world: ranks ``0..world_size-1`` run it
-    tmpdir: str  #: the example's directory, the same on every rank, removed after it
+    example_dir: str  #: the example's directory, the same on every rank, removed after it
     device: torch.device  #: where this rank's tensors go
 
     def __init__(self, task: Task, worlds: Worlds, device: torch.device) -> None:
         self.rank = dist.get_rank()
         self.world_size = task.world_size
-        self.tmpdir = task.tmpdir
+        self.example_dir = task.example_dir
         self.device = device
         self._worlds = worlds
 

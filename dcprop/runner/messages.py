@@ -34,7 +34,7 @@ class Task:
     args: tuple[Any, ...]
     world_size: int
     meshes: tuple[MeshSpec, ...]
-    tmpdir: str
+    example_dir: str
     seed: int
     device: str
 

@@ -285,6 +285,9 @@ class Scenario(Spec):
 
     @property
     def load_topology(self) -> Topology:
+        """The topology the checkpoint is loaded on.  ``load`` is the drawn change of
+        topology (None: no resharding, which known-bug conditions and the corpus read);
+        this is the topology either way."""
         return self.save if self.load is None else self.load
 
     @property

@@ -4,6 +4,7 @@ storage options, and the :class:`Topology` that binds them to a world size."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import attrs
 
@@ -68,10 +69,18 @@ class MeshSpec(Spec):
     def dim_size(self, name: str) -> int:
         return self.shape[self.dim_names.index(name)]
 
+    def size_of(self, names: Iterable[str]) -> int:
+        """The number of ranks spanned by the dims ``names`` (1 for none)."""
+        return math.prod(self.dim_size(n) for n in names)
+
 
 @attrs.frozen(repr=False)
 class DDPPlan(Spec):
     """``DistributedDataParallel`` over a 1D mesh."""
+
+    def split_dims(self, mesh: MeshSpec) -> tuple[str, ...]:
+        """The mesh dims a parameter's dim 0 is split over: none, DDP replicates."""
+        return ()
 
 
 @attrs.frozen(repr=False)
@@ -130,6 +139,12 @@ class FSDP2Plan(Spec):
             dims.append(self.experts.dim)
         return tuple(dims)
 
+    def split_dims(self, mesh: MeshSpec) -> tuple[str, ...]:
+        """The mesh dims a parameter's dim 0 is split over: the shard dim, or with
+        experts every dim (an expert is sharded on its sub-mesh, the rest on the
+        flattened mesh)."""
+        return mesh.dim_names if self.experts else (self.shard_dim,)
+
 
 @attrs.frozen(repr=False)
 class FSDP1Plan(Spec):
@@ -151,6 +166,11 @@ class FSDP1Plan(Spec):
     @property
     def hybrid(self) -> bool:
         return "HYBRID" in self.sharding_strategy
+
+    def split_dims(self, mesh: MeshSpec) -> tuple[str, ...]:
+        """The mesh dims a parameter's dim 0 is split over: the last (shard) dim,
+        none under ``NO_SHARD``."""
+        return () if self.sharding_strategy == "NO_SHARD" else mesh.dim_names[-1:]
 
 
 Plan = DDPPlan | FSDP2Plan | FSDP1Plan
@@ -252,16 +272,7 @@ class Topology(Spec):
     @property
     def shard_count(self) -> int:
         """How many ways a parameter's dim 0 is split by data-parallel sharding."""
-        p = self.plan
-        if isinstance(p, DDPPlan):
-            return 1
-        if isinstance(p, FSDP1Plan):
-            if p.sharding_strategy == "NO_SHARD":
-                return 1
-            return self.mesh.shape[-1]
-        if p.experts:
-            return self.world_size
-        return self.mesh.dim_size(p.shard_dim)
+        return self.mesh.size_of(self.plan.split_dims(self.mesh))
 
     @property
     def dp_size(self) -> int:

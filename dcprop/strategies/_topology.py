@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from hypothesis import strategies as st
@@ -23,6 +22,8 @@ ROLE_NAMES = {
     "hsdp+tp": ("replicate", "shard", "tp"),
     "submesh": ("shard", "ep"),
 }
+#: The roles whose dims the plans drawn here split a parameter's dim 0 over.
+SPLIT_ROLES = ("shard", "ep")
 _NDIM = {"fsdp2": 1, "ddp": 1, "hsdp": 2, "fsdp2+tp": 2, "submesh": 2, "hsdp+tp": 3}
 
 
@@ -251,12 +252,12 @@ def names_for(kind: str, shape: tuple[int, ...]) -> tuple[str, ...]:
 
 def shard_count(kind: str, shape: tuple[int, ...]) -> int:
     """How many ways a parameter's dim 0 is split on the mesh of ``shape`` named for
-    ``kind`` (:func:`names_for`), known before the plan is drawn: the product of its
-    shard and expert dims.  Equals the drawn topology's ``Topology.shard_count``
-    (FSDP1's NO_SHARD, which splits nothing, aside)."""
-    return math.prod(
-        size for size, role in zip(shape, names_for(kind, shape)) if role in ("shard", "ep")
-    )
+    ``kind`` (:func:`names_for`), known before the plan is drawn: the plans drawn here
+    split it over exactly the dims of the roles in ``SPLIT_ROLES``, so this equals the
+    drawn topology's ``Topology.shard_count`` (FSDP1's NO_SHARD, which splits nothing,
+    aside)."""
+    mesh = S.MeshSpec(shape, names_for(kind, shape))
+    return mesh.size_of(n for n in mesh.dim_names if n in SPLIT_ROLES)
 
 
 @st.composite
