@@ -209,6 +209,21 @@ def test_plan_kinds_and_counts():
     assert (t.plan_kind, t.shard_count, t.dp_size) == ("hsdp+tp", 2, 4)
 
 
+@pytest.mark.parametrize(
+    "mesh, plan, shards",
+    [
+        (S.MeshSpec((4,), ("dp",)), S.DDPPlan(), 1),
+        (S.MeshSpec((2, 2), ("replicate", "shard")), S.FSDP2Plan(replicate_dim="replicate"), 2),
+        (S.MeshSpec((2, 2), ("shard", "ep")), S.FSDP2Plan(experts=S.ExpertParallel("moe")), 4),
+        (S.MeshSpec((2, 2), ("r", "s")), S.FSDP1Plan("HYBRID_SHARD"), 2),
+        (S.MeshSpec((4,), ("shard",)), S.FSDP1Plan("NO_SHARD"), 1),
+    ],
+)
+def test_a_plan_names_the_mesh_dims_that_split_dim_0(mesh, plan, shards):
+    topology = S.Topology(mesh.size, mesh, plan)
+    assert topology.shard_count == mesh.size_of(plan.split_dims(mesh)) == shards
+
+
 def test_feeding_names_the_parameters_that_reach_a_module():
     model = S.ModelSpec(
         S.Block(
