@@ -3,9 +3,9 @@
 Build and train per the scenario's save topology, save, then damage the saved
 checkpoint as ``scenario.damage`` says (a file cut short or removed, a byte flipped
 in a tensor's data or in the metadata, a stale file of an older save of other
-values put in place: :mod:`dcprop.specs.damage`); perturb and load.  The load must
-raise (any exception from the checkpointer or from applying what it loaded), or give
-back exactly what was saved, bitwise.  Values that differ without an error fail.
+values put in place: :mod:`dcprop.specs.damage`); perturb and load.  The
+checkpointer's load must raise (any exception), or give back exactly what was saved,
+bitwise.  Values that differ without an error fail.
 
 A format that cannot see some damage at all (DCP keeps no checksums, so a flipped
 data byte loads as a different number) fails the same way; :mod:`dcprop.limitations`
@@ -101,12 +101,14 @@ def _damage_once(job: Job, spec: S.FileDamage, path: str, older: str | None) -> 
 
 def _load_or_error(job: Job) -> str | None:
     """Load checkpoint ``ckpt`` into a template and apply it; ``type: message`` of the
-    error that stopped it, on any rank (None: it loaded)."""
+    error the checkpointer's load raised, on any rank (None: it loaded).  Only the
+    load may detect the damage: an error from applying what it loaded (torch's
+    ``set_state_dict``) is the example's failure, as in every other property."""
     target = job.state(**load_template_overrides(job.topology.state_dict))
-    for step in (lambda: job.load(target, "ckpt"), lambda: job.apply(target)):
-        error = _raised(step)
-        if _anywhere(job, error is not None):
-            return error or "another rank's load raised"
+    error = _raised(lambda: job.load(target, "ckpt"))
+    if _anywhere(job, error is not None):
+        return error or "another rank's load raised"
+    job.apply(target)
     return None
 
 
