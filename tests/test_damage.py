@@ -2,6 +2,11 @@
 damage to real files, ``loud_failure`` and ``async_isolation`` on stock DCP, DCP's
 documented limitations, and two injected checkpointer bugs, each caught and shrunk."""
 
+import json
+import os
+import subprocess
+import sys
+
 import attrs
 import damage_injections
 import pytest
@@ -20,12 +25,19 @@ from dcprop.limitations import Limitation, match_limitation
 from dcprop.properties import run_and_match
 from dcprop.properties._harness import Hooks
 from dcprop.serialization import dumps, loads
+from dcprop.testing import property_test
 
 MODEL = S.ModelSpec(S.Block((("fc0", S.Linear(3, 4)),)))
 BASE = S.Scenario(
     MODEL,
     S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan()),
     optimizer=S.OptimizerSpec("adam"),
+)
+
+#: the smallest scenario: one rank, FSDP2, one Linear(1, 1)
+SMALLEST = S.Scenario(
+    S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),))),
+    S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
 )
 
 
@@ -212,6 +224,34 @@ def test_a_campaign_counts_limitations_apart(dcprop_runner):
     assert len(strict.failures) == 1 and strict.limitations == []
 
 
+def test_dcp_check_reports_limitations_apart_and_strict_fails_them(tmp_path):
+    """The command's summary and report count each limitation; --strict fails on it."""
+    scenario = attrs.evolve(SMALLEST, damage=S.FlipTensorByte())
+    example = {"property": "loud_failure", "scenario": json.loads(dumps(scenario))}
+    recipe = tmp_path / "limits.json"
+    recipe.write_text(json.dumps({"properties": ["loud_failure"], "examples": [example] * 2}))
+    report = tmp_path / "report.json"
+    args = ["--recipe", str(recipe), "--world-size", "1", "--max-examples", "0", "--no-database"]
+    args += ["--report", str(report), "--repro-dir", str(tmp_path / "repros")]
+    result = _dcprop_check(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "LIMITATION dcp-no-checksums: 2 examples (loud_failure 2) met damage" in result.stdout
+    assert "limitation 2" in result.stdout  # the summary's "stopped before the checks"
+    data = json.loads(report.read_text())
+    assert data["properties"]["loud_failure"]["limitation_examples"] == 2
+    assert [(k["id"], k["examples"]) for k in data["limitations"]] == [("dcp-no-checksums", 2)]
+    assert data["known"] == [] and data["failures"] == 0
+    strict = _dcprop_check(*args, "--strict", "--shrink-seconds", "0")
+    assert strict.returncode == 1, strict.stdout + strict.stderr
+
+
+def _dcprop_check(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    command = [sys.executable, "-m", "dcprop.cli", "check", *args]
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
 # --- injected bugs: caught by a search, and shrunk ----------------------------------------
 FIND = settings(max_examples=40, deadline=None, database=None, derandomize=True)
 SMALL = dict(world_sizes=(1, 2), max_layers=2, max_dim=6)
@@ -230,13 +270,6 @@ def _fails(runner, prop, hooks):
         )
 
     return predicate
-
-
-#: the smallest scenario: one rank, FSDP2, one Linear(1, 1)
-SMALLEST = S.Scenario(
-    S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),))),
-    S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
-)
 
 
 def test_an_async_save_that_does_not_stage_is_caught_and_shrunk(dcprop_runner):
@@ -262,3 +295,46 @@ def test_a_checkpointer_that_claims_integrity_but_does_not_check_is_caught_and_s
     print(f"ClaimsIntegrity / loud_failure shrunk to: {found!r}")
     # the first kind of damage that DCP cannot see, at the start of the first tensor
     assert found == attrs.evolve(SMALLEST, damage=S.FlipTensorByte())
+
+
+def test_known_bugs_on_different_ranks_are_known_together(dcprop_runner):
+    """Found by test_loud_failure: rank 0 strictly loads rank 0's experts only
+    (dsd-broadcast-submesh-params), rank 1 asserts on SGD's empty optimizer state
+    (dsd-full-osd-stateless-optimizer); plain roundtrip meets the same pair."""
+    experts = S.Experts(
+        tuple(S.Sequential((S.Linear(2, 2), S.Activation(), S.Linear(2, 2))) for _ in range(2))
+    )
+    scenario = S.Scenario(
+        S.ModelSpec(
+            S.Block((("embed", S.Embedding(2, 2)), ("fc0", S.Linear(2, 2)), ("experts", experts)))
+        ),
+        S.Topology(
+            2,
+            S.MeshSpec((1, 2), ("shard", "ep")),
+            S.FSDP2Plan(experts=S.ExpertParallel("experts")),
+            state_dict=S.StateDictSpec(full_state_dict=True, broadcast_from_rank0=True),
+        ),
+    )
+    failed = run_and_match(dcprop_runner, "roundtrip", scenario)
+    assert failed.known.id == "dsd-broadcast-submesh-params+dsd-full-osd-stateless-optimizer"
+    # with a fault the checkpointer's load detects first, loud_failure holds
+    assert _run(dcprop_runner, "loud_failure", S.RemoveFile(), scenario=scenario) is None
+    failed = _run(dcprop_runner, "loud_failure", S.FlipTensorByte(), scenario=scenario)
+    assert "+" in failed.known.id
+
+
+# --- both properties over generated scenarios: a few, derandomized (the fixed tests above
+# --- cover each fault kind; campaigns and the nightly profile search further) ------------
+FEW = settings(max_examples=8, derandomize=True, database=None)
+
+
+@FEW
+@property_test("loud_failure", world_sizes=(1, 2, 3, 4))
+def test_loud_failure(scenario):
+    pass
+
+
+@FEW
+@property_test("async_isolation", world_sizes=(1, 2, 3, 4))
+def test_async_isolation(scenario):
+    pass
