@@ -186,7 +186,18 @@ def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
         else f"sub-world of {scenario.job_world_size}",
         "options": _options(save.state_dict),
     }
+    if scenario.damage is not None:
+        out["damage"] = _damage_kind(scenario.damage)
     return out
+
+
+def _damage_kind(damage: S.Damage) -> str:
+    """The kind of fault, as the coverage table counts it (no positions or masks)."""
+    if isinstance(damage, S.Truncate):
+        return f"Truncate {damage.target}"
+    if isinstance(damage, S.MutateInFlight):
+        return f"MutateInFlight {damage.how}"
+    return type(damage).__name__
 
 
 def _options(options: S.StateDictSpec) -> str:

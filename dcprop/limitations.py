@@ -9,8 +9,10 @@ new failure; ``dcprop check`` counts it apart and exits 0 unless ``--strict``.
 A limitation is matched like a known bug (:class:`~dcprop.known_bugs.KnownBug`): the
 checkpointer's project, the failure's signature (``loud_failure``'s silent-load
 failure, never the one of a checkpointer that claims integrity checking) and the
-kind of damage.  A checkpointer of your own has no project, so no limitation
-excuses it: it must raise on damage, or be known not to.
+kind of damage.  As with torch's known bugs, a ``"torch"`` limitation explains the
+failure met with any checkpointer: one built on DCP (most trainers' checkpoint
+managers) inherits DCP's format.  A checkpointer that claims integrity checking
+(``verifies_integrity = True``) is never excused.
 """
 
 from __future__ import annotations

@@ -183,6 +183,11 @@ def test_a_checkpointer_that_claims_integrity_gets_no_limitation(dcprop_runner):
     # the same failure met with DCP's own project is still not excused: it claimed
     failed.failure.checkpointer_project = "torch"
     assert match_limitation(failed.failure, attrs.evolve(BASE, damage=S.FlipTensorByte())) is None
+    # a checkpointer of one's own that claims nothing inherits the limitation of DCP under it
+    hooks = Hooks(checkpointer=damage_injections.NoCopyAsync())
+    assert _run(dcprop_runner, "loud_failure", S.FlipTensorByte(), hooks).known.id == (
+        "dcp-no-checksums"
+    )
 
 
 @pytest.mark.parametrize("how", S.MUTATIONS)
@@ -210,6 +215,7 @@ def test_a_campaign_counts_limitations_apart(dcprop_runner):
     )
     assert report.failures == [] and report.known == []
     assert report.ended["limitation"] == 2 and report.limitation_examples == 2
+    assert report.coverage["damage"] == {"FlipTensorByte": 2}
     assert report.to_json()["limitations"][0]["id"] == "dcp-no-checksums"
     assert known_totals([report], "limitations")[0]["examples"] == 2
     strict = run_campaign(

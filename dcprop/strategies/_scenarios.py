@@ -364,7 +364,9 @@ def scenarios(
     ``exclude``: regions never drawn, such as ``("plan=submesh",
     "broadcast_from_rank0=true")`` (see :data:`EXCLUSIONS`), to step past a bug
     already known.  Shrinks toward the smallest world size, a 1D FSDP2 mesh, one small Linear,
-    nothing frozen, default options and a job of the model's own world.
+    nothing frozen, default options and a job of the model's own world; the fault of
+    ``loud_failure`` (:func:`damages`) toward ``RemoveFile()``, that of
+    ``async_isolation`` (:func:`mutations`) toward an optimizer step.
 
     >>> from hypothesis import given
     >>> @given(scenarios("reshard", world_sizes=(2, 4)))             # doctest: +SKIP
