@@ -230,8 +230,8 @@ def test_a_campaign_counts_limitations_apart(dcprop_runner):
     assert len(strict.failures) == 1 and strict.limitations == []
 
 
-def test_dcp_check_reports_limitations_apart_and_strict_fails_them(tmp_path):
-    """The command's summary and report count each limitation; --strict fails on it."""
+def test_dcp_check_reports_limitations_apart(tmp_path):
+    """The command's summary and report count each limitation, and it exits 0."""
     scenario = attrs.evolve(SMALLEST, damage=S.FlipTensorByte())
     example = {"property": "loud_failure", "scenario": json.loads(dumps(scenario))}
     recipe = tmp_path / "limits.json"
@@ -246,9 +246,7 @@ def test_dcp_check_reports_limitations_apart_and_strict_fails_them(tmp_path):
     data = json.loads(report.read_text())
     assert data["properties"]["loud_failure"]["limitation_examples"] == 2
     assert [(k["id"], k["examples"]) for k in data["limitations"]] == [("dcp-no-checksums", 2)]
-    assert data["known"] == [] and data["failures"] == 0
-    strict = _dcprop_check(*args, "--strict", "--shrink-seconds", "0")
-    assert strict.returncode == 1, strict.stdout + strict.stderr
+    assert data["known"] == [] and data["failures"] == 0  # --strict: see the campaign test
 
 
 def _dcprop_check(*args):
