@@ -47,13 +47,10 @@ def _pick(path: str, index: int) -> str:
 
 
 def _metadata(path: str) -> str:
+    """DCP's metadata file; in a layout without one (a checkpointer of its own), the
+    first data file, so that the damage still lands somewhere the load reads."""
     found = os.path.join(path, METADATA)
-    if not os.path.isfile(found):
-        raise DcpropError(
-            f"the checkpoint at {path} has no {METADATA} file: metadata damage needs "
-            "DCP's file layout"
-        )
-    return found
+    return found if os.path.isfile(found) else _pick(path, 0)
 
 
 def tensor_ranges(path: str) -> list[tuple[str, int, int]]:
@@ -133,7 +130,7 @@ def damage(spec: S.FileDamage, path: str, older: str | None = None) -> str:
         file = _metadata(path)
         offset = int(spec.at * os.path.getsize(file))
         _flip(file, offset, spec.mask)
-        return f"flipped byte {offset} of {METADATA} with {spec.mask:#04x}"
+        return f"flipped byte {offset} of {os.path.relpath(file, path)} with {spec.mask:#04x}"
     if isinstance(spec, S.StaleFile):
         if older is None:
             raise DcpropError("StaleFile damage needs the older checkpoint")

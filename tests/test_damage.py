@@ -144,6 +144,20 @@ def test_file_damage_makes_a_single_process_load_raise(tmp_path, spec, error):
     assert isinstance(info.value, error) or error.__name__ in str(info.value)
 
 
+def test_a_layout_without_dcp_metadata_is_damaged_in_its_data_files(tmp_path):
+    """A checkpointer of one's own: "the metadata" is data file 0, a tensor flip a byte."""
+    (tmp_path / "b.bin").write_bytes(bytes(16))
+    (tmp_path / "a.bin").write_bytes(bytes(100))
+    assert damage(S.Truncate("metadata", keep=0.5), str(tmp_path)) == "truncated a.bin to 50 bytes"
+    assert damage(S.FlipMetadataByte(0.5, 0xFF), str(tmp_path)).startswith(
+        "flipped byte 25 of a.bin"
+    )
+    assert damage(S.FlipTensorByte(1, 0.5, 3), str(tmp_path)) == "flipped byte 8 of b.bin with 0x03"
+    assert (tmp_path / "a.bin").read_bytes()[25] == 0xFF and (tmp_path / "b.bin").read_bytes()[
+        8
+    ] == 3
+
+
 @single_process
 def test_a_stale_file_is_copied_from_the_older_checkpoint(tmp_path):
     values, older = _saved(tmp_path / "old")

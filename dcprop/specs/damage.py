@@ -7,7 +7,8 @@ directory other than the metadata (DCP's ``.metadata``), sorted by path, and
 ``index`` picks one modulo their number (DCP names them ``__<rank>_<n>.distcp``:
 index 0 is rank 0's first file).  Fractions place a cut or a flip inside a file (or
 a tensor's bytes) whatever its size, so a spec shrinks to the same kind of damage on
-a smaller model.
+a smaller model.  In a layout without DCP's metadata file, damage to "the metadata"
+falls on data file 0, and a tensor-byte flip on a byte of a data file.
 
 >>> Truncate(target="metadata", keep=0.5)
 Truncate(target='metadata', keep=0.5)
