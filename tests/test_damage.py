@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import attrs
+import checkpointer_helpers
 import damage_injections
 import pytest
 import torch
@@ -188,6 +189,15 @@ def test_damage_dcp_cannot_see_is_its_documented_limitation(dcprop_runner, spec,
     failed = _run(dcprop_runner, "loud_failure", spec)
     assert isinstance(failed.known, Limitation) and failed.known.id == limitation
     assert "loaded without an error" in str(failed.failure)
+
+
+def test_an_app_state_loaded_stale_is_the_same_limitation(dcprop_runner):
+    """Through a trainer's manager on DCP, rank 1's stale file brings back an older train
+    state step: a silently wrong load like any other, not a failure of its own."""
+    hooks = Hooks(checkpointer=checkpointer_helpers.AppStateDCP())
+    failed = _run(dcprop_runner, "loud_failure", S.StaleFile(1), hooks)
+    assert failed.known.id == "dcp-stale-data-file" and "app state" in str(failed.failure)
+    assert _run(dcprop_runner, "loud_failure", S.RemoveFile(), hooks) is None
 
 
 def test_a_checkpointer_that_claims_integrity_gets_no_limitation(dcprop_runner):

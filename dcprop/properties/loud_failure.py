@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dcprop import specs as S
-from dcprop.compare import local_values, mismatches
+from dcprop.compare import Mismatch, local_values, mismatches
 from dcprop.damage import damage
 from dcprop.errors import DcpropError, PropertyFailure, UsageError
 from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, load_template_overrides, setup
@@ -65,10 +65,9 @@ def loud_failure(
     done = _damage_once(job, spec, path, older)
     job.train_step()
     job.perturb()
-    error = _load_or_error(job)
+    error, wrong = _load(job, saved)
     if error is not None:
         return {"damage": done, "raised": error}
-    wrong = mismatches(saved, local_values(job.state()))
     job.ctx.agree(not wrong, "state comparison")
     if wrong:
         claim = (
@@ -99,17 +98,24 @@ def _damage_once(job: Job, spec: S.FileDamage, path: str, older: str | None) -> 
     return str(box[0])
 
 
-def _load_or_error(job: Job) -> str | None:
-    """Load checkpoint ``ckpt`` into a template and apply it; ``type: message`` of the
-    error the checkpointer's load raised, on any rank (None: it loaded).  Only the
-    load may detect the damage: an error from applying what it loaded (torch's
-    ``set_state_dict``) is the example's failure, as in every other property."""
+def _load(job: Job, saved: dict[str, Any]) -> tuple[str | None, list[Mismatch]]:
+    """Load checkpoint ``ckpt`` into a template and apply it: ``type: message`` of the
+    error the checkpointer's load raised on any rank, else how what this rank loaded
+    differs from ``saved``.  Only the load may detect the damage: an error from applying
+    what it loaded (torch's ``set_state_dict``) is the example's failure, as in every
+    other property."""
     target = job.state(**load_template_overrides(job.topology.state_dict))
-    error = _raised(lambda: job.load(target, "ckpt"))
+    refused = None
+    try:
+        error = _raised(lambda: job.load(target, "ckpt"))
+    except PropertyFailure as failure:  # dcprop's check of what an app-state load gave
+        error, refused = None, Mismatch("app state", str(failure).splitlines()[0])
     if _anywhere(job, error is not None):
-        return error or "another rank's load raised"
+        return error or "another rank's load raised", []
+    if _anywhere(job, refused is not None):
+        return None, [refused] if refused else []  # ranks without one stop at the agree
     job.apply(target)
-    return None
+    return None, mismatches(saved, local_values(job.state()))
 
 
 def _raised(step: Any) -> str | None:
