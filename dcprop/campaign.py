@@ -38,6 +38,7 @@ from dcprop.errors import (
     reraise_carried,
 )
 from dcprop.known_bugs import KNOWN_BUGS, KnownBug, describe, match_known
+from dcprop.limitations import Limitation
 from dcprop.properties import run_and_match, run_property
 from dcprop.strategies._scenarios import uneven_layout
 
@@ -59,6 +60,7 @@ ENDINGS = (
     "held",  # every check of the property passed
     "check failed",  # a check of the property failed (a PropertyFailure): a new failure
     "known bug",  # a known upstream bug stopped it: it checked nothing past the bug
+    "limitation",  # damage the checkpointer documents it cannot detect loaded silently
     "error",  # a new failure before the checks: an exception in the code under test
     "hang",  # a new hang: ranks did not finish within the timeout
     "crash",  # a new crash: a rank process died
@@ -81,6 +83,8 @@ class PropertyReport:
     seconds: float = 0.0
     failures: list[dict[str, Any]] = attrs.field(factory=list)
     known: list[dict[str, Any]] = attrs.field(factory=list)
+    # as ``known``, per documented limitation of the checkpointer (dcprop.limitations)
+    limitations: list[dict[str, Any]] = attrs.field(factory=list)
     shrink_stopped: bool = False  # the shrink budget ran out: the failure may shrink further
     ended: dict[str, int] = attrs.field(factory=lambda: dict.fromkeys(ENDINGS, 0))
     coverage: dict[str, dict[str, int]] = attrs.field(factory=dict)
@@ -107,8 +111,15 @@ class PropertyReport:
         """Examples that ended in a known bug: they checked nothing past it."""
         return sum(k["examples"] for k in self.known)
 
+    @property
+    def limitation_examples(self) -> int:
+        """Examples that ended in a documented limitation of the checkpointer."""
+        return sum(k["examples"] for k in self.limitations)
+
     def count_known(self, bug: KnownBug, failure: ExampleFailure, scenario: S.Scenario) -> None:
-        entry = next((k for k in self.known if k["id"] == bug.id), None)
+        """Count an example that ended in ``bug`` (a known bug, or a limitation)."""
+        entries = self.limitations if isinstance(bug, Limitation) else self.known
+        entry = next((k for k in entries if k["id"] == bug.id), None)
         if entry is None:
             entry = {
                 **describe(bug),
@@ -116,7 +127,7 @@ class PropertyReport:
                 "error": failure.signature,
                 "scenario": _json(scenario),
             }
-            self.known.append(entry)
+            entries.append(entry)
         entry["examples"] += 1
 
     def to_json(self) -> dict[str, Any]:
@@ -126,6 +137,8 @@ class PropertyReport:
             "failures": self.failures,
             "known_examples": self.known_examples,
             "known": self.known,
+            "limitation_examples": self.limitation_examples,
+            "limitations": self.limitations,
             "shrink_stopped": self.shrink_stopped,
             "out_of_time": self.out_of_time,
             "checked": self.checked,
@@ -140,12 +153,13 @@ class PropertyReport:
         }
 
 
-def known_totals(reports: list[PropertyReport]) -> list[dict[str, Any]]:
-    """Each known bug met in ``reports``: the bug, how many examples ended in it, and
-    how many of those per property."""
+def known_totals(reports: list[PropertyReport], what: str = "known") -> list[dict[str, Any]]:
+    """Each known bug met in ``reports`` (``what="limitations"``: each documented
+    limitation): the bug, how many examples ended in it, and how many of those per
+    property."""
     totals: dict[str, dict[str, Any]] = {}
     for r in reports:
-        for k in r.known:
+        for k in getattr(r, what):
             bug = {f: k[f] for f in ("id", "title", "related")}
             total = totals.setdefault(k["id"], {**bug, "examples": 0, "properties": {}})
             total["examples"] += k["examples"]
@@ -172,7 +186,18 @@ def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
         else f"sub-world of {scenario.job_world_size}",
         "options": _options(save.state_dict),
     }
+    if scenario.damage is not None:
+        out["damage"] = _damage_kind(scenario.damage)
     return out
+
+
+def _damage_kind(damage: S.Damage) -> str:
+    """The kind of fault, as the coverage table counts it (no positions or masks)."""
+    if isinstance(damage, S.Truncate):
+        return f"Truncate {damage.target}"
+    if isinstance(damage, S.MutateInFlight):
+        return f"MutateInFlight {damage.how}"
+    return type(damage).__name__
 
 
 def _options(options: S.StateDictSpec) -> str:
@@ -183,6 +208,8 @@ def _options(options: S.StateDictSpec) -> str:
 
 def ending(failure: ExampleFailure, known: KnownBug | None) -> str:
     """How an example that raised ``failure`` ended (one of :data:`ENDINGS`)."""
+    if isinstance(known, Limitation):
+        return "limitation"
     if known is not None:
         return "known bug"
     if isinstance(failure, RankTimeout):
@@ -429,6 +456,8 @@ def write_report(path: str, reports: list[PropertyReport], settings: dict[str, A
         "failures": sum(len(r.failures) for r in reports),
         # per bug: how many examples ended in it (they checked nothing past the bug)
         "known": known_totals(reports),
+        # per documented limitation: how many examples loaded damage it cannot detect
+        "limitations": known_totals(reports, "limitations"),
     }
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

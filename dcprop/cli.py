@@ -1,8 +1,9 @@
 """The ``dcprop`` command: ``dcprop check`` runs a campaign, ``dcprop repro`` replays one.
 
-Exit codes: 0 no new failure (known upstream bugs are listed, not counted, unless
-``--strict``); 1 failures found, each shrunk and written as a reproducer; 2 bad
-usage or set-up, with a message that says what to change.
+Exit codes: 0 no new failure (known upstream bugs and documented limitations of the
+checkpointer are listed, not counted, unless ``--strict``); 1 failures found, each
+shrunk and written as a reproducer; 2 bad usage or set-up, with a message that says
+what to change.
 """
 
 from __future__ import annotations
@@ -144,7 +145,9 @@ def _add_output_options(check: argparse.ArgumentParser) -> None:
         help="where reproducers of failures go (default ./dcprop-repros)",
     )
     check.add_argument(
-        "--strict", action="store_true", help="count known upstream bugs as failures (exit 1)"
+        "--strict",
+        action="store_true",
+        help="count known upstream bugs and documented limitations as failures (exit 1)",
     )
     check.add_argument(
         "--add-to-corpus",
@@ -468,6 +471,12 @@ def _print_results(
             f"KNOWN upstream bug {bug['id']}: {_examples(bug['examples'])} ({where}) ended in it "
             f"and checked nothing past it: {bug['title']}"
         )
+    for limit in known_totals(reports, "limitations"):
+        where = ", ".join(f"{p} {n}" for p, n in limit["properties"].items())
+        print(
+            f"LIMITATION {limit['id']}: {_examples(limit['examples'])} ({where}) met damage "
+            f"the checkpointer cannot detect: {limit['title']}"
+        )
 
 
 def _share(duration: float | None, deadline: float | None, count: int, i: int) -> float | None:
@@ -511,6 +520,12 @@ def _summary(reports: list[Any], seconds: float) -> None:
     )
     if known:
         print(f"({_examples(known)} ended in a known upstream bug and checked nothing past it)")
+    limited = sum(r.limitation_examples for r in reports)
+    if limited:
+        print(
+            f"({_examples(limited)} loaded damage that the checkpointer documents it cannot "
+            "detect: a limitation, not a pass; --strict fails them)"
+        )
     steered = sum(n for r in reports for n in r.steered.values())
     if steered:
         print(

@@ -22,7 +22,7 @@ from dcprop import specs as S
 from dcprop.errors import ExampleFailure, RankCrashed
 from dcprop.runner.failures import blamed_outcomes
 
-__all__ = ["KNOWN_BUGS", "KnownBug", "Sighting", "match_known", "sightings"]
+__all__ = ["KNOWN_BUGS", "KnownBug", "Sighting", "match_known", "sightings", "together"]
 
 
 @attrs.frozen
@@ -479,9 +479,33 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
 
 def match_known(failure: ExampleFailure, scenario: S.Scenario) -> KnownBug | None:
     """The known upstream bug that explains every failure in ``failure`` (an example of
-    ``scenario``), if one does: a new failure beside a known one is new."""
+    ``scenario``), if one does: a new failure beside a known one is new.  Failures that
+    known bugs explain, but not all the same one (one rank meets one bug, another rank
+    another), are those bugs together (:func:`together`)."""
     seen = sightings(failure, scenario)
-    return next((bug for bug in KNOWN_BUGS if all(bug.explains(s) for s in seen)), None)
+    whole = next((bug for bug in KNOWN_BUGS if all(bug.explains(s) for s in seen)), None)
+    if whole is not None or not seen:
+        return whole
+    each = [next((bug for bug in KNOWN_BUGS if bug.explains(s)), None) for s in seen]
+    return together(each) if all(each) else None
+
+
+def _id(bug: KnownBug) -> str:
+    return bug.id
+
+
+def together(bugs: list[KnownBug | None]) -> KnownBug:
+    """Known bugs met in one example, on different ranks, as one entry: its id joins
+    theirs with ``+`` (a corpus entry expects it so), and it is certain nowhere."""
+    unique = sorted({bug.id: bug for bug in bugs if bug is not None}.values(), key=_id)
+    return KnownBug(
+        id="+".join(bug.id for bug in unique),
+        title=" / ".join(bug.title for bug in unique),
+        pattern="",
+        project=unique[0].project,
+        related=tuple(link for bug in unique for link in bug.related),
+        explanation="Each failing rank met one of these known bugs.",
+    )
 
 
 def describe(bug: KnownBug) -> dict[str, Any]:

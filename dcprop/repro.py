@@ -292,13 +292,19 @@ def main(
         sys.exit(0)
     print(f"FAIL: {property}\n{failed.failure}")
     if failed.known:
-        links = ", ".join(failed.known.related)
-        print(
-            f"\nThis is a known upstream bug: {failed.known.id}: {failed.known.title}"
-            + (f" (see {links})" if links else "")
-        )
+        print(_known_note(failed.known))
     runner.close(1)
     sys.exit(1)
+
+
+def _known_note(known: Any) -> str:
+    """What a reproducer says of the known bug, or documented limitation, it shows."""
+    from dcprop.limitations import Limitation
+
+    limitation = isinstance(known, Limitation)
+    what = "a documented limitation of the checkpointer" if limitation else "a known upstream bug"
+    links = ", ".join(known.related)
+    return f"\nThis is {what}: {known.id}: {known.title}" + (f" (see {links})" if links else "")
 
 
 def hooks_for(checkpointer: Any, model_factory: Any) -> Hooks | None:

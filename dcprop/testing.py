@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, event, given, reject, settings
 
 from dcprop.campaign import blame, is_final_replay, record_events, signature_error
 from dcprop.errors import ExampleFailure, ExampleSkipped, carry_runner_errors, reraise_carried
+from dcprop.limitations import Limitation
 from dcprop.properties import make_hooks, property_ref, run_and_match
 from dcprop.runner import Runner
 from dcprop.specs import Scenario
@@ -49,7 +50,8 @@ def check(
     """Run ``property`` on ``scenario`` inside a Hypothesis test: record coverage events,
     and on failure raise (one exception type per failure signature, so Hypothesis
     keeps distinct bugs apart) after writing the shrunk example's reproducer.  A known
-    upstream bug (:mod:`dcprop.known_bugs`) passes as an event unless ``strict``.  A
+    upstream bug (:mod:`dcprop.known_bugs`), or a documented limitation of the
+    checkpointer (:mod:`dcprop.limitations`), passes as an event unless ``strict``.  A
     failure seen with a checkpointer other than DCP's is replayed with plain DCP, and
     the message and the reproducer say what DCP does (:func:`dcprop.campaign.blame`).
 
@@ -69,7 +71,7 @@ def check(
     if failed is None:
         return
     if failed.known is not None and not strict:
-        event(f"known upstream bug: {failed.known.id}")  # reported, as dcprop check does
+        event(f"{_kind_of(failed.known)}: {failed.known.id}")  # as dcprop check reports it
         return
     if not is_final_replay():
         raise signature_error(failed.failure) from None
@@ -208,3 +210,7 @@ def _distributed(given_test: Any, prepare: Callable[[], Any]) -> Any:
 
 
 _RECORDED_BY_HYPOTHESIS = ("_hypothesis_internal_", "hypothesis_explicit_examples")
+
+
+def _kind_of(known: Any) -> str:
+    return "limitation" if isinstance(known, Limitation) else "known upstream bug"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from dcprop.checkpointer import load_checkpointer, project_of
 from dcprop.errors import ExampleFailure, UsageError
 from dcprop.known_bugs import KnownBug, match_known
+from dcprop.limitations import match_limitation
 from dcprop.runner import Runner
 from dcprop.specs import Scenario
 
@@ -30,6 +31,8 @@ PROPERTIES: dict[str, str] = {
     "ddp_parity": "dcprop.properties.ddp_parity:ddp_parity",
     "finetune_resume": "dcprop.properties.finetune_resume:finetune_resume",
     "submesh_layout": "dcprop.properties.submesh_layout:submesh_layout",
+    "loud_failure": "dcprop.properties.loud_failure:loud_failure",
+    "async_isolation": "dcprop.properties.async_isolation:async_isolation",
 }
 PROPERTY_NAMES = tuple(PROPERTIES)
 
@@ -69,7 +72,8 @@ def run_property(
 
 class Failed(NamedTuple):
     """An example that failed: the failure, and the known upstream bug that explains it
-    (None for a new failure)."""
+    (None for a new failure), or the checkpointer's documented limitation
+    (:class:`~dcprop.limitations.Limitation`, a ``KnownBug`` of its own kind)."""
 
     failure: ExampleFailure
     known: KnownBug | None
@@ -83,13 +87,16 @@ def run_and_match(
     hooks: Hooks | None = None,
     timeout: float | None = None,
 ) -> Failed | None:
-    """:func:`run_property`, then :func:`~dcprop.known_bugs.match_known` on its failure:
-    None if the property held.  Errors that are not the example's failure (a skipped
+    """:func:`run_property`, then :func:`~dcprop.known_bugs.match_known` (or else
+    :func:`~dcprop.limitations.match_limitation`) on its failure: None if the property
+    held.  Errors that are not the example's failure (a skipped
     example, the runner's own) propagate."""
     try:
         run_property(runner, name, scenario, hooks=hooks, timeout=timeout)
     except ExampleFailure as failure:
-        return Failed(failure, match_known(failure, scenario))
+        return Failed(
+            failure, match_known(failure, scenario) or match_limitation(failure, scenario)
+        )
     return None
 
 

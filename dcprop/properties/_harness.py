@@ -20,7 +20,14 @@ from torch import nn
 
 from dcprop import build
 from dcprop import specs as S
-from dcprop.checkpointer import AnyCheckpointer, DCPCheckpointer, StatefulCheckpointer, live
+from dcprop.checkpointer import (
+    AnyCheckpointer,
+    DCPCheckpointer,
+    Pending,
+    StatefulCheckpointer,
+    live,
+    start_save,
+)
 from dcprop.contract import Contract
 from dcprop.errors import PropertyFailure
 from dcprop.runner.execute import PeerFailed, RankContext
@@ -264,6 +271,21 @@ class Job:
         else:
             checkpointer.save(state, path, storage=storage, group=self.group)
         return path
+
+    def start_save(self, state: dict[str, Any], name: str) -> Pending:
+        """Start saving ``state`` as checkpoint ``name`` and return the pending save
+        (:func:`~dcprop.checkpointer.start_save`: the checkpointer's async save, or a
+        save that is already done)."""
+        checkpointer = live(self.hooks.checkpointer, self.ctx)
+        if isinstance(checkpointer, StatefulCheckpointer):
+            state = app_state_of(state, self.steps_taken)
+        return start_save(
+            checkpointer,
+            state,
+            self.checkpoint_dir(name),
+            storage=self.scenario.storage,
+            group=self.group,
+        )
 
     def load(self, state: dict[str, Any], name: str) -> None:
         """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``."""

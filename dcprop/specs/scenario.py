@@ -9,6 +9,7 @@ import attrs
 
 from dcprop.errors import SpecError
 from dcprop.specs._base import Spec, instance_of, non_negative, one_of, optional, positive, tuple_of
+from dcprop.specs.damage import DAMAGE_KINDS, Damage
 from dcprop.specs.model import (
     Activation,
     Block,
@@ -224,6 +225,9 @@ class Scenario(Spec):
     seed: int = attrs.field(default=0, validator=non_negative)
     device: str = attrs.field(default="cpu", validator=one_of(DEVICES))
     job_world_size: int | None = attrs.field(default=None, validator=optional(*positive))
+    damage: Damage | None = attrs.field(
+        default=None, validator=optional(instance_of(*DAMAGE_KINDS))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.job_world_size is not None and self.job_world_size < self.world_size:

@@ -14,6 +14,7 @@ nothing frozen, default options.
 """
 
 from dcprop.properties import PROPERTY_NAMES
+from dcprop.strategies._damage import DAMAGE_KINDS, damages, mutations
 from dcprop.strategies._models import LAYER_KINDS, dims, frozen_subsets, models
 from dcprop.strategies._options import (
     OPTIMIZER_KINDS,
@@ -37,17 +38,20 @@ from dcprop.strategies._topology import (
 )
 
 __all__ = [
+    "DAMAGE_KINDS",
     "EXCLUSIONS",
     "LAYER_KINDS",
     "OPTIMIZER_KINDS",
     "PLAN_KINDS",
     "PLAN_KINDS_BY_PROPERTY",
     "PROPERTY_NAMES",
+    "damages",
     "dims",
     "factorizations",
     "frozen_subsets",
     "meshes",
     "models",
+    "mutations",
     "optimizers",
     "parallel_plans",
     "parse_exclusions",

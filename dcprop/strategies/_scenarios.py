@@ -18,6 +18,7 @@ from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
 from dcprop.properties import PROPERTY_NAMES
+from dcprop.strategies._damage import damage_for
 from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._models import LAYER_KINDS, frozen_groups, models
 from dcprop.strategies._options import (
@@ -48,6 +49,8 @@ PLAN_KINDS_BY_PROPERTY = {
     "ddp_parity": ("fsdp2", "hsdp", "fsdp2+tp", "hsdp+tp", "fsdp1"),
     "finetune_resume": ("fsdp2", "ddp", "hsdp", "fsdp1"),
     "submesh_layout": ("submesh",),
+    "loud_failure": PLAN_KINDS,
+    "async_isolation": PLAN_KINDS,
 }
 
 
@@ -227,6 +230,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         seed=draw(st.integers(0, 2**16)),
         device=cfg.device,
         job_world_size=draw(_job(cfg, max(world, load.world_size if load else world))),
+        damage=draw(damage_for(cfg.property)),
     )
 
 
@@ -360,7 +364,9 @@ def scenarios(
     ``exclude``: regions never drawn, such as ``("plan=submesh",
     "broadcast_from_rank0=true")`` (see :data:`EXCLUSIONS`), to step past a bug
     already known.  Shrinks toward the smallest world size, a 1D FSDP2 mesh, one small Linear,
-    nothing frozen, default options and a job of the model's own world.
+    nothing frozen, default options and a job of the model's own world; the fault of
+    ``loud_failure`` (:func:`damages`) toward ``RemoveFile()``, that of
+    ``async_isolation`` (:func:`mutations`) toward an optimizer step.
 
     >>> from hypothesis import given
     >>> @given(scenarios("reshard", world_sizes=(2, 4)))             # doctest: +SKIP
