@@ -113,6 +113,9 @@ class Job:
         self.data_split = build.data_split(topology, self.mesh)
         self.rows = global_rows(scenario)
         self.steps_taken = 0
+        #: where :meth:`save` and :meth:`load` put checkpoints by name: the example's
+        #: directory, unless the property keeps them longer than one task
+        self.checkpoint_root: str = ctx.example_dir
 
     def resume_at(self, step: int) -> None:
         """Continue as a run that has taken ``step`` training steps: the next
@@ -250,7 +253,7 @@ class Job:
         )
 
     def checkpoint_dir(self, name: str) -> str:
-        return os.path.join(self.ctx.example_dir, name)
+        return os.path.join(self.checkpoint_root, name)
 
     def save(self, state: dict[str, Any], name: str) -> str:
         """Save ``state`` (from :meth:`state`) as checkpoint ``name``: the one place a

@@ -13,6 +13,7 @@ width algebra), :mod:`~dcprop.specs.topology` (meshes, plans, options),
 """
 
 from dcprop.specs._base import explicit_fields
+from dcprop.specs.kills import KILL_POINTS, Kill
 from dcprop.specs.model import (
     ACTIVATIONS,
     LEAVES,
@@ -58,6 +59,7 @@ __all__ = [
     "ACTIVATIONS",
     "DEVICES",
     "FSDP1_SHARDING_STRATEGIES",
+    "KILL_POINTS",
     "LEAVES",
     "SCHEDULERS",
     "Activation",
@@ -70,6 +72,7 @@ __all__ = [
     "Experts",
     "FSDP1Plan",
     "FSDP2Plan",
+    "Kill",
     "Layer",
     "LayerNorm",
     "Linear",

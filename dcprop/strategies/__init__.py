@@ -14,6 +14,7 @@ nothing frozen, default options.
 """
 
 from dcprop.properties import PROPERTY_NAMES
+from dcprop.strategies._kills import kills
 from dcprop.strategies._models import LAYER_KINDS, dims, frozen_subsets, models
 from dcprop.strategies._options import (
     OPTIMIZER_KINDS,
@@ -46,6 +47,7 @@ __all__ = [
     "dims",
     "factorizations",
     "frozen_subsets",
+    "kills",
     "meshes",
     "models",
     "optimizers",

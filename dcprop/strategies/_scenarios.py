@@ -18,6 +18,7 @@ from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
 from dcprop.properties import PROPERTY_NAMES
+from dcprop.strategies._kills import kills
 from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._models import LAYER_KINDS, frozen_groups, models
 from dcprop.strategies._options import (
@@ -48,6 +49,7 @@ PLAN_KINDS_BY_PROPERTY = {
     "ddp_parity": ("fsdp2", "hsdp", "fsdp2+tp", "hsdp+tp", "fsdp1"),
     "finetune_resume": ("fsdp2", "ddp", "hsdp", "fsdp1"),
     "submesh_layout": ("submesh",),
+    "durability": PLAN_KINDS,
 }
 
 
@@ -227,6 +229,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         seed=draw(st.integers(0, 2**16)),
         device=cfg.device,
         job_world_size=draw(_job(cfg, max(world, load.world_size if load else world))),
+        kill=draw(kills(save.world_size)) if cfg.property == "durability" else None,
     )
 
 
@@ -359,8 +362,10 @@ def scenarios(
     larger size from ``world_sizes``, the model then on a sub-world of the job.
     ``exclude``: regions never drawn, such as ``("plan=submesh",
     "broadcast_from_rank0=true")`` (see :data:`EXCLUSIONS`), to step past a bug
-    already known.  Shrinks toward the smallest world size, a 1D FSDP2 mesh, one small Linear,
-    nothing frozen, default options and a job of the model's own world.
+    already known.  ``durability`` scenarios also draw the kill their second save
+    suffers (:func:`~dcprop.strategies.kills`).  Shrinks toward the smallest world
+    size, a 1D FSDP2 mesh, one small Linear, nothing frozen, default options, a job of
+    the model's own world and rank 0 killed before it writes anything.
 
     >>> from hypothesis import given
     >>> @given(scenarios("reshard", world_sizes=(2, 4)))             # doctest: +SKIP
