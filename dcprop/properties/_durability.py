@@ -1,11 +1,13 @@
 """The rank side of ``durability`` (see :mod:`dcprop.properties.durability`): the two
 tasks of one example.
 
-:func:`save_then_die` trains, saves checkpoint ``previous`` completely, changes every
-entry (:meth:`~dcprop.properties._harness.Job.perturb`) and saves ``killed`` with the
-scenario's :class:`~dcprop.specs.Kill` armed: its dying ranks never return.
-:func:`check_durability` runs on fresh ranks: it recomputes both states (training is
-deterministic, and so is the perturbation), then checks what the checkpointer left.
+:func:`save_then_die` trains, saves checkpoint ``previous`` completely, trains one
+more step and saves ``killed`` with the scenario's :class:`~dcprop.specs.Kill` armed:
+its dying ranks never return.  :func:`check_durability` runs on fresh ranks: it
+recomputes both states, since training is deterministic (a perturbation, as
+``roundtrip`` uses, would not do: its noise differs between the replicas of a tensor
+where the local shards before it differ in size, and DCP saves one replica), then
+checks what the checkpointer left.
 Both checkpoints live in a directory under the runner's (``ctx.runner_dir``), which
 outlives the first task's ranks.
 """
@@ -29,11 +31,18 @@ from dcprop.checkpointer import (
     start_save,
 )
 from dcprop.compare import assert_same, local_values, mismatches
-from dcprop.errors import PropertyFailure
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, app_state_of, setup
+from dcprop.errors import PropertyFailure, headline
+from dcprop.properties._harness import (
+    DEFAULT_HOOKS,
+    Hooks,
+    Job,
+    app_state_of,
+    load_template_overrides,
+    setup,
+)
 from dcprop.properties._kills import armed, die
 from dcprop.properties.durability import PHASE_PREFIX
-from dcprop.runner.execute import RankContext
+from dcprop.runner.execute import RankContext, root_cause
 
 __all__ = ["check_durability", "save_then_die"]
 PREVIOUS, KILLED = "previous", "killed"
@@ -60,14 +69,6 @@ def _trained(ctx: RankContext, scenario: S.Scenario, root: str, hooks: Hooks) ->
     return job
 
 
-def _change_everything(job: Job) -> None:
-    """What happens between the two saves: every saved entry changes (as in roundtrip,
-    frozen parameters a checkpoint leaves out stay)."""
-    options = job.topology.state_dict
-    frozen = set(job.scenario.frozen) if options.ignore_frozen_params else set()
-    job.perturb(keep=lambda name: name in frozen)
-
-
 def save_then_die(
     ctx: RankContext, scenario: S.Scenario, phase: str, hooks: Hooks = DEFAULT_HOOKS
 ) -> dict[str, Any]:
@@ -79,7 +80,7 @@ def save_then_die(
     if job is None:
         return {}
     job.save(job.state(), PREVIOUS)
-    _change_everything(job)
+    job.train_step()
     state = job.state()
     pids: list[Any] = [None] * job.topology.world_size
     dist.all_gather_object(pids, os.getpid(), group=job.group)
@@ -109,57 +110,75 @@ def _start_save(job: Job, state: dict[str, Any], name: str) -> Pending:
 def check_durability(
     ctx: RankContext, scenario: S.Scenario, phase: str, hooks: Hooks = DEFAULT_HOOKS
 ) -> dict[str, Any]:
-    """Task two, on fresh ranks: ``previous`` loads and equals what was saved, bitwise,
-    and is still listed complete; ``killed`` is listed complete, or is the checkpointer's
-    latest, only if it loads and equals what was saved."""
-    root = _root(ctx, phase, fresh=False)
-    job = _trained(ctx, scenario, root, hooks)
+    """Task two, on fresh ranks: every checkpoint the checkpointer calls complete (or
+    latest) loads and equals what was saved into it, bitwise, and one survives:
+    ``previous``, unless the killed save is whole and claimed (a checkpointer may retire
+    the previous checkpoint once the next is complete)."""
+    job = _trained(ctx, scenario, _root(ctx, phase, fresh=False), hooks)
     if job is None:
         return {}
-    previous = local_values(job.state())
-    _change_everything(job)
-    killed = local_values(job.state())
-    checkpointer = live(job.hooks.checkpointer, ctx)
+    expected = {PREVIOUS: local_values(job.state())}
+    job.train_step()
+    expected[KILLED] = local_values(job.state())
+    found = _claims(job)
+    if not (found["complete"] or found["latest"]):
+        _fail(job, f"no complete checkpoint survives, not even the previous one: {found}")
+    if found["latest"] not in (None, PREVIOUS, KILLED):
+        _fail(job, f"latest points at neither checkpoint of the example: {found}")
+    if KILLED not in found["claimed"] and PREVIOUS not in found["claimed"]:
+        _fail(job, f"the previous checkpoint is no longer listed complete: {found}")
+    for name in (PREVIOUS, KILLED):
+        if name in found["claimed"]:
+            what = "the previous checkpoint" if name == PREVIOUS else "the killed save"
+            _check_loads(job, name, expected[name], f"{what} ({found['claimed'][name]})")
+    if ctx.rank == 0:
+        shutil.rmtree(job.checkpoint_root, ignore_errors=True)
+    return {key: found[key] for key in ("complete", "latest")}
+
+
+def _claims(job: Job) -> dict[str, Any]:
+    """What the checkpointer says of the example's checkpoint root: the complete
+    checkpoints and the latest (by name where they are the example's own), and what it
+    claims of each of the two checkpoints."""
+    root = job.checkpoint_root
+    checkpointer = live(job.hooks.checkpointer, job.ctx)
+    names = {job.checkpoint_dir(n): n for n in (PREVIOUS, KILLED)}
     complete = [os.path.normpath(p) for p in complete_checkpoints(checkpointer, root)]
     latest = latest_checkpoint(checkpointer, root)
-    latest = None if latest is None else os.path.normpath(latest)
-    names = {job.checkpoint_dir(n): n for n in (PREVIOUS, KILLED)}
-    found = {
-        "complete": [names.get(p, p) for p in complete],
-        "latest": names.get(latest, latest) if latest else None,
-    }
-    _check_loads(job, PREVIOUS, previous, "the previous complete checkpoint")
-    if job.checkpoint_dir(PREVIOUS) not in complete:
-        _fail(job, f"complete_checkpoints no longer lists the previous checkpoint: {found}")
-    if latest is not None and latest not in names:
-        _fail(job, f"latest points at neither checkpoint of the example: {found}")
-    claims = [
-        claim
-        for claim, holds in (
-            ("complete_checkpoints lists it", job.checkpoint_dir(KILLED) in complete),
-            ("latest points at it", latest == job.checkpoint_dir(KILLED)),
-        )
-        if holds
-    ]
-    if claims:
-        _check_loads(job, KILLED, killed, f"the killed save, which {' and '.join(claims)},")
-    if ctx.rank == 0:
-        shutil.rmtree(root, ignore_errors=True)
-    return found
+    latest = None if latest is None else names.get(os.path.normpath(latest), latest)
+    complete = [names.get(p, p) for p in complete]
+    claimed = {}
+    for name in (PREVIOUS, KILLED):
+        claims = ["listed complete"] if name in complete else []
+        claims += ["latest"] if latest == name else []
+        if claims:
+            claimed[name] = ", ".join(claims)
+    return {"complete": complete, "latest": latest, "claimed": claimed}
 
 
 def _check_loads(job: Job, name: str, expected: dict[str, Any], what: str) -> None:
-    """Checkpoint ``name`` loads and equals ``expected`` bitwise, on every rank."""
+    """Checkpoint ``name`` loads and equals ``expected`` bitwise, on every rank.
+
+    The previous checkpoint was whole before the kill: an error loading it is raised
+    as it is, the very failure a ``roundtrip`` would meet (and a known bug matches by
+    it).  An error loading the killed save, which the checkpointer calls complete,
+    is this property's failure."""
+    steps = job.scenario.training.steps + (name == KILLED)
+    target = job.state(**load_template_overrides(job.topology.state_dict))
     error: BaseException | None = None
     try:
-        job.restore(name)
+        job.load(target, name, step=steps)
+        job.apply(target)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if name == PREVIOUS:
+            raise
         error = e
     job.agree(error is None, f"loading {name}")
     if error is not None:
-        _fail(job, f"{what} does not load: {type(error).__name__}: {error}", error)
+        root, _ = root_cause(error)  # DCP's CheckpointException: the error it wraps
+        _fail(job, f"{what} does not load: {type(root).__name__}: {headline(str(root))}", error)
     after = local_values(job.state())
     job.agree(not mismatches(expected, after), f"comparing {name}")
     try:
@@ -169,8 +188,9 @@ def _check_loads(job: Job, name: str, expected: dict[str, Any], what: str) -> No
 
 
 def _fail(job: Job, message: str, cause: BaseException | None = None) -> None:
-    first, _, rest = message.partition("\n")
-    raise PropertyFailure(f"{first} (rank {job.rank})\n{_killed(job)}{rest}") from cause
+    """Raise the failure: its first line is its identity (the signature), the kill,
+    which changes as an example shrinks, follows."""
+    raise PropertyFailure(f"{message} (rank {job.rank})\n{_killed(job)}") from cause
 
 
 def _killed(job: Job) -> str:

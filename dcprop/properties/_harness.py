@@ -268,8 +268,9 @@ class Job:
             checkpointer.save(state, path, storage=storage, group=self.group)
         return path
 
-    def load(self, state: dict[str, Any], name: str) -> None:
-        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``."""
+    def load(self, state: dict[str, Any], name: str, *, step: int | None = None) -> None:
+        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``, saved
+        after ``step`` training steps (default: the scenario's)."""
         path = self.checkpoint_dir(name)
         checkpointer = live(self.hooks.checkpointer, self.ctx)
         if not isinstance(checkpointer, StatefulCheckpointer):
@@ -283,12 +284,12 @@ class Job:
                 f"load_app_state never called load_state_dict of {missed} (rank {self.rank})"
             )
         state.update({key: app_state[key].loaded for key in state})
-        step = app_state[TRAIN_STATE].loaded["step"]  # type: ignore[index]
-        # every property saves after the scenario's training steps
-        if step != self.scenario.training.steps:
+        loaded = app_state[TRAIN_STATE].loaded["step"]  # type: ignore[index]
+        saved = self.scenario.training.steps if step is None else step
+        if loaded != saved:
             raise PropertyFailure(
-                f"the train state loaded from {name!r} has step {step!r}, saved at step "
-                f"{self.scenario.training.steps} (rank {self.rank})"
+                f"the train state loaded from {name!r} has step {loaded!r}, saved at step "
+                f"{saved} (rank {self.rank})"
             )
 
     def restore(self, name: str, **overrides: Any) -> None:

@@ -22,7 +22,7 @@ def _kills(draw: Any, world_size: int, points: tuple[str, ...]) -> S.Kill:
     # rank 0 dying before it writes anything.
     at = draw(st.sampled_from(points))
     writes = draw(st.integers(0, MAX_WRITES))
-    others = draw(st.sets(st.integers(1, world_size - 1), max_size=world_size - 1))
+    others = draw(st.sets(st.integers(1, world_size - 1))) if world_size > 1 else set()
     first = draw(st.integers(0, world_size - 1))
     ranks = {first, *others} if others else {first}
     return S.Kill(tuple(ranks), at=at, writes=writes if at == "write" else 0)

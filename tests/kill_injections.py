@@ -1,0 +1,58 @@
+"""Checkpointers with crash-consistency bugs, for tests/test_kills.py (importable: they
+run in the rank processes).  Each is plain DCP with one mistake real checkpoint
+managers make; each passes ``roundtrip``, where no save is interrupted."""
+
+import os
+import shutil
+
+import torch.distributed as dist
+
+from dcprop.checkpointer import DCPCheckpointer
+
+LATEST = "latest"
+
+
+class EagerLatest(DCPCheckpointer):
+    """Publishes its ``latest`` pointer (a file naming the checkpoint) before it writes
+    the checkpoint, instead of after."""
+
+    async_save = None  # saves synchronously, so the pointer is always written first
+
+    def save(self, state_dict, path, *, storage, group):
+        if dist.get_rank(group) == 0:
+            with open(os.path.join(os.path.dirname(path), LATEST), "w") as f:
+                f.write(os.path.basename(path))
+        dist.barrier(group=group)
+        super().save(state_dict, path, storage=storage, group=group)
+
+    def latest(self, root):
+        try:
+            with open(os.path.join(root, LATEST)) as f:
+                return os.path.join(root, f.read())
+        except FileNotFoundError:
+            return None
+
+    def __repr__(self):
+        return "EagerLatest()"
+
+
+class InPlace(DCPCheckpointer):
+    """Keeps one checkpoint directory and saves the next checkpoint over its files (to
+    save space): it moves the previous checkpoint's directory to the new name, then
+    writes there."""
+
+    async_save = None
+
+    def save(self, state_dict, path, *, storage, group):
+        root = os.path.dirname(path)
+        if dist.get_rank(group) == 0:
+            for old in self.complete(root):
+                if old != path:
+                    shutil.move(old, path)
+        dist.barrier(group=group)
+        super().save(state_dict, path, storage=storage, group=group)
+
+    def __repr__(self):
+        return "InPlace()"
+
+
