@@ -4,10 +4,12 @@ managers make; each passes ``roundtrip``, where no save is interrupted."""
 
 import os
 import shutil
+import signal
 
 import torch.distributed as dist
 
 from dcprop.checkpointer import DCPCheckpointer
+from dcprop.runner.kills import kill_ranks
 
 LATEST = "latest"
 
@@ -56,3 +58,21 @@ class InPlace(DCPCheckpointer):
         return "InPlace()"
 
 
+# -- tasks for the runner's tests ------------------------------------------------------
+
+
+def die_on(ctx, rank, marked):
+    """Rank ``rank`` dies by SIGKILL, marked as an injected kill or not; the others wait
+    for it in a barrier (which fails as its sockets close)."""
+    if ctx.rank == rank:
+        if marked:
+            kill_ranks(ctx.example_dir, {rank: os.getpid()}, "the test killed it")
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+
+
+def die_marked_and_unmarked(ctx):
+    """Rank 0 dies marked, rank 1 unmarked: one unexplained death is a crash."""
+    if ctx.rank == 0:
+        kill_ranks(ctx.example_dir, {0: os.getpid()}, "the test killed it")
+    os.kill(os.getpid(), signal.SIGKILL)
