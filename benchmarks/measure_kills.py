@@ -62,7 +62,7 @@ def inspect(ctx, scenario, phase):
             job.apply(target)
         except BaseException as e:
             cause, _ = root_cause(e)
-            out[name] = f"raises {type(cause).__name__}: {str(cause).splitlines()[0][:60]}"
+            out[name] = f"raises `{type(cause).__name__}: {str(cause).split(';')[0][:60]}`"
             continue
         differ = mismatches(expected[name], local_values(job.state()))
         out[name] = f"loads, {len(differ)} entries differ" if differ else "loads, bitwise equal"
@@ -95,7 +95,9 @@ def row(pools: Pools, kill: S.Kill, storage: S.StorageSpec) -> None:
     # the ranks import this file by its name (the controller's sys.path holds its folder)
     out = pools.run("measure_kills:inspect", scenario, phase, world_size=2, meshes=scenario.meshes)
     out = out[0]
-    files = ", ".join(out["files"]) or "none"
+    data = [f for f in out["files"] if f.endswith(".distcp")]
+    rest = [f for f in out["files"] if f not in data]
+    files = ", ".join([f"{len(data)} data files", *rest])
     layout = repr(storage).removeprefix("StorageSpec(").removesuffix(")") or "default"
     print(f"| `{kill!r}` | {layout} | {files} | {out['previous']} | {out['killed']} |")
 

@@ -20,7 +20,9 @@ from dcprop import strategies as dst
 from dcprop.errors import ExampleFailure, InjectedKill, RankCrashed, SpecError
 from dcprop.properties import run_property
 from dcprop.properties._harness import Hooks
+from dcprop.repro import write_reproducer
 from dcprop.runner import Pool
+from dcprop.testing import property_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_LINEAR = S.ModelSpec(S.Block((("fc", S.Linear(4, 4)),)))
@@ -175,6 +177,23 @@ def test_a_crash_consistency_bug_fails_its_shrunk_scenario(
     assert run_property(dcprop_runner, "durability", _shrunk(kill))  # plain DCP holds
 
 
+def test_a_reproducer_replays_the_killed_save(tmp_path):
+    kill = S.Kill(writes=1)
+    checkpointer = kill_injections.EagerLatest()
+    path = write_reproducer(str(tmp_path), "durability", _shrunk(kill), checkpointer=checkpointer)
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONPATH=ROOT)
+    done = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "FAIL: durability" in done.stdout and "(latest) does not load" in done.stdout
+    assert not list(tmp_path.glob("dcprop-*"))
+
+
+@settings(max_examples=3)
+@property_test("durability", world_sizes=(1, 2), kinds=("fsdp2", "ddp"), max_layers=1)
+def test_durability_runs_as_a_property_test(scenario):
+    assert scenario.kill is not None
+
+
 def _search(runner, checkpointer):
     strategy = dst.scenarios(
         "durability", world_sizes=(1, 2), kinds=("fsdp2", "ddp"), max_layers=1, max_dim=4
@@ -201,7 +220,9 @@ def test_publishing_latest_first_is_caught_and_shrunk(dcprop_runner):
 def _campaign(tmp_path, examples):
     """A ``durability`` campaign of ``examples`` examples in its own temp dir, tagged so
     that every process it started can be found by its environment; the number of
-    examples whose first task killed ranks (those that reached the checks)."""
+    examples whose first task killed ranks: those that reached the checks, all of them,
+    since the campaign leaves out what the known upstream bugs need (a full state
+    dict, tensor parallelism), which would end some examples before their kill."""
     tag = f"DCPROP_KILL_TEST={uuid.uuid4().hex}"
     env = dict(os.environ, TMPDIR=str(tmp_path), DCPROP_KILL_TEST=tag.split("=")[1])
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
@@ -209,6 +230,8 @@ def _campaign(tmp_path, examples):
     command = [sys.executable, "-m", "dcprop.cli", "check", "--properties", "durability"]
     command += ["--max-examples", str(examples), "--no-database", "--world-size", "2"]
     command += ["--report", str(report), "--repro-dir", str(tmp_path / "repros")]
+    for region in ("full_state_dict=true", "plan=fsdp2+tp", "plan=hsdp+tp"):
+        command += ["--exclude", region]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     deadline = time.monotonic() + 10
@@ -216,7 +239,9 @@ def _campaign(tmp_path, examples):
         time.sleep(0.2)
     assert not _tagged(tag), "processes of the campaign outlived it"
     assert not list(tmp_path.glob("dcprop-*")) and not list(tmp_path.glob("pymp-*"))
-    return json.loads(report.read_text())["properties"]["durability"]["checked"]
+    found = json.loads(report.read_text())["properties"]["durability"]
+    assert found["checked"] == found["examples"], found["ended"]
+    return found["checked"]
 
 
 def _tagged(tag):
@@ -233,7 +258,7 @@ def _tagged(tag):
 
 
 def test_a_campaign_of_kills_leaves_no_process_or_directory(tmp_path):
-    assert _campaign(tmp_path, 12) >= 10
+    assert _campaign(tmp_path, 6) >= 6
 
 
 @pytest.mark.slow
