@@ -13,6 +13,7 @@ import helpers
 import kill_injections
 import pytest
 from hypothesis import find, given, settings
+from hypothesis.errors import InvalidArgument
 
 import dcprop.specs as S
 from dcprop import serialization
@@ -72,6 +73,15 @@ def test_kills_shrink_to_rank_0_before_any_write():
     assert find(dst.kills(4), lambda k: len(k.ranks) > 1) == S.Kill(ranks=(0, 1))
     assert find(dst.kills(4), lambda k: k.at == "in_flight") == S.Kill(at="in_flight")
     assert repr(dst.kills(2)) == "kills(2)"
+
+
+@pytest.mark.parametrize(
+    ("call", "names"),
+    [(lambda: dst.kills(0), "world_size=0"), (lambda: dst.kills(2, points=("x",)), "points")],
+)
+def test_bad_kills_arguments_are_named(call, names):
+    with pytest.raises(InvalidArgument, match=names):
+        call().validate()
 
 
 @settings(max_examples=30, deadline=None)
