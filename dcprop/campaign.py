@@ -172,6 +172,10 @@ def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
         else f"sub-world of {scenario.job_world_size}",
         "options": _options(save.state_dict),
     }
+    if scenario.kill is not None:
+        out["kill"] = scenario.kill.at + (
+            f" after {scenario.kill.writes}" if scenario.kill.writes else ""
+        )
     return out
 
 
