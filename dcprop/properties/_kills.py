@@ -38,7 +38,9 @@ _WRITING = os.O_WRONLY | os.O_RDWR
 class _Armed:
     """One armed kill on this rank: what to watch and whom to kill."""
 
-    def __init__(self, kill: Kill, rank: int, root: str, example_dir: str, pids: dict) -> None:
+    def __init__(
+        self, kill: Kill, rank: int, root: str, example_dir: str, pids: dict[int, int]
+    ) -> None:
         self.kill = kill
         self.rank = rank
         self.root = os.path.join(os.path.abspath(root), "")
@@ -82,7 +84,9 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 
 
 @contextlib.contextmanager
-def armed(kill: Kill, rank: int, root: str, example_dir: str, pids: dict) -> Iterator[None]:
+def armed(
+    kill: Kill, rank: int, root: str, example_dir: str, pids: dict[int, int]
+) -> Iterator[None]:
     """Kill per ``kill`` while the body runs (a save under ``root``): this is ``rank``,
     ``pids`` maps every rank of the save to its process id, and the markers go under
     ``example_dir``."""

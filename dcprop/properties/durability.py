@@ -1,13 +1,14 @@
 """durability: after ranks die mid-save (``SIGKILL``, at the point the scenario's
-:class:`~dcprop.specs.Kill` names), the previous complete checkpoint still loads and
-equals what was saved, bitwise, and is still listed complete; the checkpointer's
-``complete(root)`` and ``latest(root)`` name the killed save only if it is whole (loads
-and equals what was saved).
+:class:`~dcprop.specs.Kill` names), every checkpoint the checkpointer calls complete
+(``complete(root)``) or latest (``latest(root)``) loads and equals what was saved into
+it, bitwise, and the previous complete checkpoint is still one of them, unless the
+killed save is whole and claimed (a checkpointer may retire the previous checkpoint
+once the next is complete).
 
 Killed ranks cannot go on, so one example is two tasks on the same runner, run from
 the controller by :func:`run_durability`: the first
-(:func:`~dcprop.properties._durability.save_then_die`) saves ``previous``, changes
-every entry and saves ``killed`` while the kill is armed; its dying ranks are killed
+(:func:`~dcprop.properties._durability.save_then_die`) saves ``previous``, trains
+one more step and saves ``killed`` while the kill is armed; its dying ranks are killed
 and the runner reports an :class:`~dcprop.errors.InjectedKill`, which is expected
 (any other ending is the example's failure).  The pool restarts, and the second task
 (:func:`~dcprop.properties._durability.check_durability`) checks on fresh ranks.
