@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 
+import attrs
 import torch.distributed as dist
 
 from dcprop.checkpointer import DCPCheckpointer
@@ -18,14 +19,14 @@ class EagerLatest(DCPCheckpointer):
     """Publishes its ``latest`` pointer (a file naming the checkpoint) before it writes
     the checkpoint, instead of after."""
 
-    async_save = None  # saves synchronously, so the pointer is always written first
+    async_save = None  # start_save then saves synchronously: the pointer goes first
 
     def save(self, state_dict, path, *, storage, group):
         if dist.get_rank(group) == 0:
             with open(os.path.join(os.path.dirname(path), LATEST), "w") as f:
                 f.write(os.path.basename(path))
         dist.barrier(group=group)
-        super().save(state_dict, path, storage=storage, group=group)
+        _sync_save(state_dict, path, storage, group)
 
     def latest(self, root):
         try:
@@ -52,10 +53,16 @@ class InPlace(DCPCheckpointer):
                 if old != path:
                     shutil.move(old, path)
         dist.barrier(group=group)
-        super().save(state_dict, path, storage=storage, group=group)
+        _sync_save(state_dict, path, storage, group)
 
     def __repr__(self):
         return "InPlace()"
+
+
+def _sync_save(state_dict, path, storage, group):
+    """DCP's save in the drawn layout, synchronously (these have no async_save)."""
+    storage = attrs.evolve(storage, async_save=False)
+    DCPCheckpointer().save(state_dict, path, storage=storage, group=group)
 
 
 # -- tasks for the runner's tests ------------------------------------------------------
