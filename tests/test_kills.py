@@ -18,7 +18,7 @@ from hypothesis.errors import InvalidArgument
 import dcprop.specs as S
 from dcprop import serialization
 from dcprop import strategies as dst
-from dcprop.errors import ExampleFailure, InjectedKill, RankCrashed, SpecError
+from dcprop.errors import ExampleFailure, ExampleSkipped, InjectedKill, RankCrashed, SpecError
 from dcprop.properties import run_property
 from dcprop.properties._harness import Hooks
 from dcprop.repro import write_reproducer
@@ -142,6 +142,14 @@ def test_stock_dcp_keeps_the_previous_checkpoint(dcprop_runner, kill, killed_lis
 def test_durability_needs_a_kill(dcprop_runner):
     with pytest.raises(Exception, match=r"Scenario.kill"):
         run_property(dcprop_runner, "durability", _scenario(None))
+
+
+def test_durability_is_skipped_where_ranks_cannot_be_restarted():
+    class Torchrun:  # stands in for SPMDRunner: a runner that is no dcprop pool
+        world_size = 2
+
+    with pytest.raises(ExampleSkipped, match="under torchrun it is skipped"):
+        run_property(Torchrun(), "durability", _scenario(S.Kill()))
 
 
 # --- injected crash-consistency bugs --------------------------------------------------
