@@ -9,8 +9,8 @@ the opens under the checkpoint root while a kill is armed (:func:`armed`), count
 rank's, and kills:
 
 * at point ``"write"``: a dying rank, as it opens its ``writes + 1``-th file;
-* at point ``"metadata"``: every dying rank, from whichever rank opens a file whose name
-  starts with ``.metadata`` (DCP's, written once every data file is), by pid;
+* at point ``"metadata"``: every dying rank, from whichever rank opens DCP's metadata
+  file (``.metadata``, or its ``.tmp``, written once every data file is), by pid;
 
 the points after a save returns (``"saved"``, ``"in_flight"``, and the fallback of a
 save that ends before its point) are plain calls of :func:`die` in the property.  Each
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -33,6 +34,9 @@ from dcprop.specs import Kill
 __all__ = ["armed", "die"]
 
 _WRITING = os.O_WRONLY | os.O_RDWR
+# DCP's metadata file (written through a .tmp file), global or, without collectives,
+# per rank ("__3.metadata")
+_METADATA = re.compile(r"(__\d+)?\.metadata(\.tmp)?")
 
 
 class _Armed:
@@ -51,7 +55,7 @@ class _Armed:
 
     def on_open(self, path: str) -> None:
         with self.lock:
-            if self.kill.at == "metadata" and os.path.basename(path).startswith(".metadata"):
+            if self.kill.at == "metadata" and _METADATA.fullmatch(os.path.basename(path)):
                 self.fire(f"{self.kill.describe()} (rank {self.rank} opened {path})")
             if self.kill.at == "write" and self.rank in self.victims:
                 if self.opened == self.kill.writes:
