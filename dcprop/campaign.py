@@ -188,6 +188,10 @@ def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
     }
     if scenario.damage is not None:
         out["damage"] = _damage_kind(scenario.damage)
+    if scenario.kill is not None:
+        out["kill"] = scenario.kill.at + (
+            f" after {scenario.kill.writes}" if scenario.kill.writes else ""
+        )
     return out
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "ExampleFailure",
     "ExampleSkipped",
     "HarnessError",
+    "InjectedKill",
     "PoolExhausted",
     "PropertyFailure",
     "RankCrashed",
@@ -117,6 +118,12 @@ class RankTimeout(ExampleFailure):
 
 class RankCrashed(ExampleFailure):
     """A rank process died mid-example (signal, ``os._exit``, killed)."""
+
+
+class InjectedKill(RankCrashed):
+    """Every rank that died was killed on purpose by the example itself, a fault it
+    injects (see :mod:`dcprop.runner.kills`): what the example meant to happen, not a
+    crash of the code under test.  The pool restarts as after any crash."""
 
 
 class _Carried(BaseException):

@@ -11,6 +11,7 @@ name a property without importing torch.
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dcprop.checkpointer import load_checkpointer, project_of
@@ -33,8 +34,16 @@ PROPERTIES: dict[str, str] = {
     "submesh_layout": "dcprop.properties.submesh_layout:submesh_layout",
     "loud_failure": "dcprop.properties.loud_failure:loud_failure",
     "async_isolation": "dcprop.properties.async_isolation:async_isolation",
+    "durability": "dcprop.properties._durability:check_durability",
 }
 PROPERTY_NAMES = tuple(PROPERTIES)
+#: Properties whose example is more than one task (the ranks of the first die on
+#: purpose), each run by a controller-side function
+#: ``run(runner, scenario, *, hooks, timeout) -> {rank: value}``; their registry entry
+#: above is the task that checks.
+DRIVERS: dict[str, str] = {
+    "durability": "dcprop.properties.durability:run_durability",
+}
 
 
 def property_ref(name: str) -> str:
@@ -52,9 +61,14 @@ def run_property(
     timeout: float | None = None,
 ) -> dict[int, Any]:
     """Run property ``name`` over ``scenario`` on ``runner`` (Pools, a Pool or an
-    SPMDRunner), in a job of ``scenario.job_world`` ranks."""
+    SPMDRunner), in a job of ``scenario.job_world`` ranks (a property of several tasks:
+    through its driver, :data:`DRIVERS`)."""
     args: tuple[Any, ...] = (scenario,) if hooks is None else (scenario, hooks)
     try:
+        if name in DRIVERS:
+            module, _, function = DRIVERS[name].partition(":")
+            drive = getattr(importlib.import_module(module), function)
+            return drive(runner, scenario, hooks=hooks, timeout=timeout)  # type: ignore[no-any-return]
         return runner.run(
             property_ref(name),
             *args,

@@ -120,6 +120,9 @@ class Job:
         self.data_split = build.data_split(topology, self.mesh)
         self.rows = global_rows(scenario)
         self.steps_taken = 0
+        #: where :meth:`save` and :meth:`load` put checkpoints by name: the example's
+        #: directory, unless the property keeps them longer than one task
+        self.checkpoint_root: str = ctx.example_dir
 
     def resume_at(self, step: int) -> None:
         """Continue as a run that has taken ``step`` training steps: the next
@@ -257,7 +260,7 @@ class Job:
         )
 
     def checkpoint_dir(self, name: str) -> str:
-        return os.path.join(self.ctx.example_dir, name)
+        return os.path.join(self.checkpoint_root, name)
 
     def save(self, state: dict[str, Any], name: str) -> str:
         """Save ``state`` (from :meth:`state`) as checkpoint ``name``: the one place a
@@ -287,8 +290,9 @@ class Job:
             group=self.group,
         )
 
-    def load(self, state: dict[str, Any], name: str) -> None:
-        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``."""
+    def load(self, state: dict[str, Any], name: str, *, step: int | None = None) -> None:
+        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``, saved
+        after ``step`` training steps (default: the scenario's)."""
         path = self.checkpoint_dir(name)
         checkpointer = live(self.hooks.checkpointer, self.ctx)
         if not isinstance(checkpointer, StatefulCheckpointer):
@@ -302,12 +306,12 @@ class Job:
                 f"load_app_state never called load_state_dict of {missed} (rank {self.rank})"
             )
         state.update({key: app_state[key].loaded for key in state})
-        step = app_state[TRAIN_STATE].loaded["step"]  # type: ignore[index]
-        # every property saves after the scenario's training steps
-        if step != self.scenario.training.steps:
+        loaded = app_state[TRAIN_STATE].loaded["step"]  # type: ignore[index]
+        saved = self.scenario.training.steps if step is None else step
+        if loaded != saved:
             raise PropertyFailure(
-                f"the train state loaded from {name!r} has step {step!r}, saved at step "
-                f"{self.scenario.training.steps} (rank {self.rank})"
+                f"the train state loaded from {name!r} has step {loaded!r}, saved at step "
+                f"{saved} (rank {self.rank})"
             )
 
     def restore(self, name: str, **overrides: Any) -> None:

@@ -43,6 +43,14 @@ class RankContext:
         self.device = device
         self._worlds = worlds
 
+    @property
+    def runner_dir(self) -> str:
+        """The directory the runner keeps examples under: the same on every rank, kept
+        across pool restarts, removed when the runner closes.  For state that must
+        outlive one task's ranks (``durability`` runs two tasks, the first of which
+        kills ranks); whoever puts something there removes it."""
+        return os.path.dirname(self.example_dir)
+
     def mesh(self, spec: MeshSpec) -> Any:
         """The mesh for ``spec`` (ranks ``0..spec.size-1``), or None if this rank is off it."""
         return self._worlds.mesh(spec)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dcprop.errors import (
     ExampleFailure,
     HarnessError,
+    InjectedKill,
     RankCrashed,
     RankTimeout,
     RunnerError,
@@ -167,6 +168,7 @@ def failure_from_outcomes(
     stacks: dict[int, str] | None = None,
     timeout: float = 0.0,
     certain: str = "",
+    injected: dict[int, str] | None = None,
 ) -> ExampleFailure | HarnessError | None:
     """The exception that describes a set of per-rank outcomes, or None if all passed.
 
@@ -175,7 +177,10 @@ def failure_from_outcomes(
     Ranks that stopped only because a peer failed (``PeerFailed``) are listed but not
     blamed.  ``hung`` ranks did not finish (``stacks``: where they waited); ``crashed``
     maps ranks that died to their exit codes; ``certain`` says why the ``hung`` ranks
-    could never finish, where that was known before the ``timeout``.
+    could never finish, where that was known before the ``timeout``; ``injected``
+    maps the crashed ranks the example killed on purpose to why
+    (:mod:`dcprop.runner.kills`): when every crashed rank is one, the failure is an
+    :class:`~dcprop.errors.InjectedKill`, which the property that injected it expects.
     """
     internal = {r: o for r, o in sorted(outcomes.items()) if o.internal}
     if internal:
@@ -189,8 +194,8 @@ def failure_from_outcomes(
     signature = ""
     lines: list[str] = []
     if crashed:
-        cls, signature = RankCrashed, crash_signature(min(crashed.items())[1])
-        lines.append("; ".join(f"rank {r} {_describe_exit(c)}" for r, c in sorted(crashed.items())))
+        cls, signature, line = _crash(crashed, injected or {})
+        lines.append(line)
     if blamed:
         first = next(iter(blamed.values()))
         signature = signature or first.signature
@@ -204,6 +209,22 @@ def failure_from_outcomes(
         lines.append(f"rank(s) {list(hung)} were still running and were stopped")
     lines += _details(blamed, hung, stacks, certain)
     return cls("\n".join(lines), outcomes=dict(outcomes), signature=signature)
+
+
+def _crash(crashed: dict[int, int], injected: dict[int, str]) -> tuple[type[RankCrashed], str, str]:
+    """The failure type, signature and line of ranks that died: an injected kill only if
+    every one of them was injected (one unmarked death is a crash, whatever else
+    happened)."""
+    line = "; ".join(f"rank {r} {_describe_exit(c)}" for r, c in sorted(crashed.items()))
+    exit_code = min(crashed.items())[1]
+    if set(crashed) <= set(injected):
+        why = injected[min(crashed)]
+        return (
+            InjectedKill,
+            f"InjectedKill: {_describe_exit(exit_code)}",
+            f"{line}; injected: {why}",
+        )
+    return RankCrashed, crash_signature(exit_code), line
 
 
 def _harness_error(internal: dict[int, Outcome]) -> HarnessError:

@@ -39,6 +39,7 @@ from typing import cast
 from dcprop.errors import ExampleFailure, HarnessError, PoolExhausted, RunnerError
 from dcprop.runner.base import TaskRunner
 from dcprop.runner.failures import failure_from_outcomes
+from dcprop.runner.kills import injected_kills
 from dcprop.runner.messages import Blocked, Outcome, Task
 from dcprop.runner.spawn import RankProcess
 
@@ -283,7 +284,9 @@ class Pool(TaskRunner):
         self, task: Task, timeout: float
     ) -> tuple[dict[int, Outcome], ExampleFailure | HarnessError | None]:
         example = self._send(task, timeout)
-        return example.outcomes, self._failure(example, timeout)
+        # read now: the example's directory, and the kill markers in it, go when it ends
+        injected = injected_kills(task.example_dir, example.crashed)
+        return example.outcomes, self._failure(example, timeout, injected)
 
     def _send(self, task: Task, timeout: float) -> _Example:
         """Send ``task`` to every rank and collect what they report."""
@@ -311,9 +314,11 @@ class Pool(TaskRunner):
             example.check_hang()
         return example
 
-    def _failure(self, example: _Example, timeout: float) -> ExampleFailure | HarnessError | None:
+    def _failure(
+        self, example: _Example, timeout: float, injected: dict[int, str]
+    ) -> ExampleFailure | HarnessError | None:
         """The example's failure (None if it passed), after stopping the ranks a hang or
-        a crash left unusable."""
+        a crash left unusable (``injected``: the deaths the example caused on purpose)."""
         hung = example.hung
         stacks = self._stacks(hung) if hung else {}
         if hung or example.crashed:
@@ -327,6 +332,7 @@ class Pool(TaskRunner):
             stacks=stacks,
             timeout=timeout,
             certain=example.certain,
+            injected=injected,
         )
 
     def _stacks(self, ranks: list[int]) -> dict[int, str]:

@@ -27,6 +27,7 @@ from dcprop.specs.damage import (
     StaleFile,
     Truncate,
 )
+from dcprop.specs.kills import KILL_POINTS, Kill
 from dcprop.specs.model import (
     ACTIVATIONS,
     LEAVES,
@@ -74,6 +75,7 @@ __all__ = [
     "DEVICES",
     "FILE_DAMAGES",
     "FSDP1_SHARDING_STRATEGIES",
+    "KILL_POINTS",
     "LEAVES",
     "MUTATIONS",
     "SCHEDULERS",
@@ -92,6 +94,7 @@ __all__ = [
     "FileDamage",
     "FlipMetadataByte",
     "FlipTensorByte",
+    "Kill",
     "Layer",
     "LayerNorm",
     "Linear",

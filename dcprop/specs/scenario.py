@@ -10,6 +10,7 @@ import attrs
 from dcprop.errors import SpecError
 from dcprop.specs._base import Spec, instance_of, non_negative, one_of, optional, positive, tuple_of
 from dcprop.specs.damage import DAMAGE_KINDS, Damage
+from dcprop.specs.kills import Kill
 from dcprop.specs.model import (
     Activation,
     Block,
@@ -204,6 +205,7 @@ class Scenario(Spec):
     ``job_world_size`` is the size of the job (the default process group) the model
     runs in: ``None``, the model's own world; larger, the model lives on the first
     ranks of a bigger job, and the ranks beyond its world hold no model.
+    ``kill`` is the fault the ``durability`` property injects into a save (None: none).
 
     >>> m = ModelSpec(Block((("fc", Linear(4, 4)),)))
     >>> Scenario(m, save=Topology(2, MeshSpec((2,), ("shard",)), FSDP2Plan())).world_size
@@ -228,8 +230,14 @@ class Scenario(Spec):
     damage: Damage | None = attrs.field(
         default=None, validator=optional(instance_of(*DAMAGE_KINDS))
     )
+    kill: Kill | None = attrs.field(default=None, validator=optional(instance_of(Kill)))
 
     def __attrs_post_init__(self) -> None:
+        if self.kill is not None and self.kill.ranks[-1] >= self.save.world_size:
+            raise SpecError(
+                f"kill.ranks={self.kill.ranks!r}: the save runs on ranks "
+                f"0..{self.save.world_size - 1}, so only those can be killed during it"
+            )
         if self.job_world_size is not None and self.job_world_size < self.world_size:
             raise SpecError(
                 f"job_world_size={self.job_world_size} is smaller than the model's world "

@@ -15,6 +15,7 @@ nothing frozen, default options.
 
 from dcprop.properties import PROPERTY_NAMES
 from dcprop.strategies._damage import DAMAGE_KINDS, damages, mutations
+from dcprop.strategies._kills import kills
 from dcprop.strategies._models import LAYER_KINDS, dims, frozen_subsets, models
 from dcprop.strategies._options import (
     OPTIMIZER_KINDS,
@@ -49,6 +50,7 @@ __all__ = [
     "dims",
     "factorizations",
     "frozen_subsets",
+    "kills",
     "meshes",
     "models",
     "mutations",

@@ -19,6 +19,7 @@ from hypothesis.errors import InvalidArgument
 from dcprop import specs as S
 from dcprop.properties import PROPERTY_NAMES
 from dcprop.strategies._damage import damage_for
+from dcprop.strategies._kills import kills
 from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._models import LAYER_KINDS, frozen_groups, models
 from dcprop.strategies._options import (
@@ -51,6 +52,7 @@ PLAN_KINDS_BY_PROPERTY = {
     "submesh_layout": ("submesh",),
     "loud_failure": PLAN_KINDS,
     "async_isolation": PLAN_KINDS,
+    "durability": PLAN_KINDS,
 }
 
 
@@ -231,6 +233,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         device=cfg.device,
         job_world_size=draw(_job(cfg, max(world, load.world_size if load else world))),
         damage=draw(damage_for(cfg.property)),
+        kill=draw(kills(save.world_size)) if cfg.property == "durability" else None,
     )
 
 
@@ -367,6 +370,10 @@ def scenarios(
     nothing frozen, default options and a job of the model's own world; the fault of
     ``loud_failure`` (:func:`damages`) toward ``RemoveFile()``, that of
     ``async_isolation`` (:func:`mutations`) toward an optimizer step.
+    already known.  ``durability`` scenarios also draw the kill their second save
+    suffers (:func:`~dcprop.strategies.kills`).  Shrinks toward the smallest world
+    size, a 1D FSDP2 mesh, one small Linear, nothing frozen, default options, a job of
+    the model's own world and rank 0 killed before it writes anything.
 
     >>> from hypothesis import given
     >>> @given(scenarios("reshard", world_sizes=(2, 4)))             # doctest: +SKIP
