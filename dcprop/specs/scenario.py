@@ -126,8 +126,14 @@ def _check_topology(
         _check_wrap(model, plan.wrap, f"{which} plan")
         if not plan.use_orig_params:
             _check_uniform_frozen(model, plan.wrap, frozen, which)
+        _check_uniform_dtypes(model, plan.wrap, (), which)
     if isinstance(plan, FSDP2Plan):
         _check_wrap(model, plan.wrap, f"{which} plan")
+        units = plan.wrap
+        if plan.experts:
+            experts = len(_module_paths(model)[plan.experts.module].layers)
+            units += tuple(f"{plan.experts.module}.{e}" for e in range(experts))
+        _check_uniform_dtypes(model, units, frozen, which)
         if plan.tp:
             _check_tp(model, topo, plan.tp)
         if plan.experts:
@@ -182,6 +188,27 @@ def _check_uniform_frozen(
             raise SpecError(
                 f"{which} FSDP1 plan with use_orig_params=False: unit "
                 f"{unit or '<root>'!r} mixes frozen and trainable parameters"
+            )
+
+
+def _check_uniform_dtypes(
+    model: ModelSpec, units: tuple[str, ...], exempt: tuple[str, ...], which: str
+) -> None:
+    """torch's FSDP keeps one all-gather and one reduce-scatter buffer per unit and
+    asserts that the unit's parameters share a dtype (FSDP2: its trainable ones, so
+    the ``exempt`` frozen ones aside; FSDP1: all, flattened into one tensor)."""
+    modules = _module_paths(model)
+    dtypes: dict[str, set[str]] = {}
+    for name in model.parameter_names():
+        if name not in exempt:
+            layer = modules[name.rpartition(".")[0]]
+            dtypes.setdefault(flat_unit(name, units), set()).add(getattr(layer, "dtype", "fp32"))
+    for unit, found in dtypes.items():
+        if len(found) > 1:
+            raise SpecError(
+                f"{which} plan: unit {unit or '<root>'!r} mixes parameter dtypes "
+                f"{sorted(found)}; torch's FSDP needs one dtype per unit (wrap each "
+                "low-precision Linear on its own)"
             )
 
 
