@@ -57,10 +57,11 @@ class LinearUnusedInput(nn.Linear):
 
 class CastLinear(LinearUnusedInput):
     """A Linear whose parameters are bf16 or fp16 in a float32 model: it computes in
-    its own dtype and hands float32 on, as a layer kept in low precision does."""
+    its own dtype and hands its input's dtype on, as a layer kept in low precision does
+    (a float64 copy of the model, as ddp_parity's reference makes, stays float64)."""
 
     def forward(self, x: torch.Tensor, unused: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x.to(self.weight.dtype)).float()
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
 class Mask(nn.Module):

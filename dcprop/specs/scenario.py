@@ -212,6 +212,20 @@ def _check_uniform_dtypes(
             )
 
 
+def eps_underflows(
+    model: ModelSpec, frozen: tuple[str, ...], pretrained: str | None
+) -> tuple[str, ...]:
+    """The fp16 parameters that some phase trains (a fine-tuning scenario's pretrain
+    phase trains the pretrained part, frozen later): where Adam's eps underflows."""
+    fp16 = {p for p, layer in model.modules() if getattr(layer, "dtype", "") == "fp16"}
+    return tuple(
+        n
+        for n in model.parameter_names()
+        if n.rpartition(".")[0] in fp16
+        and (n not in frozen or (pretrained is not None and is_within(n, pretrained)))
+    )
+
+
 def _sorted_names(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and all(isinstance(n, str) for n in value):
         return tuple(sorted(value))
@@ -284,6 +298,14 @@ class Scenario(Spec):
         for which, topo in (("save", self.save), ("load", self.load)):
             if topo is not None:
                 _check_topology(self.model, topo, self.device, self.frozen, which)
+        underflow = eps_underflows(self.model, self.frozen, self.pretrained)
+        if underflow and self.optimizer.kind != "sgd":
+            raise SpecError(
+                f"optimizer kind={self.optimizer.kind!r} trains fp16 parameters "
+                f"{list(underflow)[:4]}: its eps (1e-8) is 0 in fp16, so a zero gradient "
+                "steps them to NaN (0/0), and a NaN state compares equal to itself; "
+                "use SGD, bf16, or freeze them"
+            )
         if self.pretrained is not None:
             layer = _module_paths(self.model).get(self.pretrained)
             if self.pretrained == "" or layer is None:

@@ -18,6 +18,7 @@ from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
 from dcprop.properties import PROPERTY_NAMES
+from dcprop.specs.scenario import eps_underflows
 from dcprop.strategies._lazy import defines_strategy
 from dcprop.strategies._models import LAYER_KINDS, frozen_groups, models
 from dcprop.strategies._options import (
@@ -220,7 +221,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         save=save,
         load=load,
         frozen=frozen,
-        optimizer=draw(optimizers()),
+        optimizer=draw(_optimizer(cfg, model, frozen)),
         training=draw(_training(cfg, model)),
         storage=draw(storage_options()),
         pretrained=_PRETRAINED if cfg.property == "finetune_resume" else None,
@@ -317,6 +318,17 @@ def _flat_units(
                 group.update(dict.fromkeys(merged, merged))
     ordered = dict.fromkeys(group[name] for name in names)
     return tuple(tuple(n for n in names if n in members) for members in ordered)
+
+
+def _optimizer(
+    cfg: _Config, model: S.ModelSpec, frozen: tuple[str, ...]
+) -> st.SearchStrategy[S.OptimizerSpec]:
+    """SGD alone where fp16 parameters train: Adam's eps underflows in fp16 (see
+    :func:`~dcprop.specs.scenario.eps_underflows`); any optimizer elsewhere."""
+    pretrained = _PRETRAINED if cfg.property == "finetune_resume" else None
+    if eps_underflows(model, frozen, pretrained):
+        return optimizers(kinds=("sgd",))
+    return optimizers()
 
 
 def _training(cfg: _Config, model: S.ModelSpec) -> st.SearchStrategy[S.TrainingSpec]:
