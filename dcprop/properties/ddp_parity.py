@@ -72,7 +72,9 @@ land on neighbouring values, one ulp (at most ``eps * |p|``) apart, at every ste
 however small the update.  So a low-precision tensor may also differ by
 ``steps * eps * |p|`` (:func:`_rounding_slack`); a dropped gradient or a skipped step
 still moves it by the whole update, which that does not cover once the update exceeds a
-few ulps.
+few ulps.  Optimizer state (momentum, Adam's moments) is made of those gradients, so
+it may drift by the low precision's eps times its tensor's largest magnitude per step
+(:func:`_state_slack` says why the tensor's scale and not the element's).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ MIXED_LOSS_RTOL = 2e-2
 # How far below the tolerance an element's rounding-driven update must stay to be judged.
 NOISE_MARGIN = 10.0
 
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _UNIT_ROUNDOFF = {
     None: torch.finfo(torch.float32).eps / 2,
     "bf16": torch.finfo(torch.bfloat16).eps / 2,
@@ -136,6 +139,9 @@ class Tolerance:
     loss_rtol: float
     on_updates: bool = False
     mixed: str | None = None
+    #: per step, how far optimizer state may drift relative to its tensor's largest
+    #: magnitude (:func:`_state_slack`): a model with low-precision parameters
+    state_eps: float = 0.0
 
     @classmethod
     def of(cls, scenario: S.Scenario) -> Tolerance:
@@ -145,7 +151,11 @@ class Tolerance:
         if scenario.model.low_precision_modules():
             # the reference computes those layers in their dtype too: its measured
             # gradient noise needs no scaling (mixed stays None)
-            return cls(MIXED_RTOL, MIXED_ATOL, MIXED_LOSS_RTOL, True)
+            dtypes = {
+                scenario.model.module(p).dtype for p in scenario.model.low_precision_modules()
+            }
+            eps = max(torch.finfo(_TORCH_DTYPES[d]).eps for d in dtypes)
+            return cls(MIXED_RTOL, MIXED_ATOL, MIXED_LOSS_RTOL, True, state_eps=eps)
         return cls(RTOL, ATOL, RTOL)
 
     def __str__(self) -> str:
@@ -398,6 +408,8 @@ def compare_trained(
             strict_a.update({key: actual[key]} if key in actual else {})
             continue
         e, a = expected[key], actual[key]
+        if tol.state_eps and key.startswith("optim/") and _has_floats(e, a):
+            slack[key] = _state_slack(e, a, scenario.training.steps, tol.state_eps)
         name = key[len("model/") :] if key.startswith("model/") else None
         if name in undecided:
             continue
@@ -472,6 +484,29 @@ def _check_free(
         )
 
 
+def _has_floats(expected: Any, actual: Any) -> bool:
+    return (
+        isinstance(expected, torch.Tensor)
+        and isinstance(actual, torch.Tensor)
+        and expected.is_floating_point()
+        and expected.numel() > 0
+    )
+
+
+def _state_slack(expected: torch.Tensor, actual: torch.Tensor, steps: int, eps: float) -> float:
+    """How far two runs' optimizer state (momentum, Adam's moments) may be apart where
+    the model holds low-precision layers: every gradient passes through them (and a
+    low-precision parameter's gradient is summed across ranks in its dtype), so it
+    carries rounding of size ``eps`` relative to the sums it is made of, whose size is
+    that of the tensor's larger elements, not that of an element whose contributions
+    nearly cancel.  So an element may be off by ``eps`` times the tensor's largest
+    magnitude per step.  A dropped or doubled gradient moves the state by the gradient
+    itself, far beyond that wherever the gradient is more than a few eps of the
+    tensor's scale (and the parameter updates are checked besides)."""
+    scale = max(expected.double().abs().max().item(), actual.double().abs().max().item())
+    return steps * eps * scale
+
+
 def _rounding_slack(expected: torch.Tensor, actual: torch.Tensor, steps: int) -> torch.Tensor:
     """How far two runs' values of a low-precision tensor may be apart by rounding
     alone: an ulp (at most ``eps * |value|``) per step (zero for float32 and wider)."""
@@ -502,6 +537,12 @@ def _assert_updates(
                 f"{what} on rank {rank}: {key} element {i}: expected "
                 f"{e.flatten()[i].item():.8g}, got {a.flatten()[i].item():.8g} ({tol})"
             )
-    rest_e = {k: v for k, v in expected.items() if k not in updates}
-    rest_a = {k: v for k, v in actual.items() if k not in updates}
+    rest_e = {k: v for k, v in expected.items() if k not in updates and k not in slack}
+    rest_a = {k: v for k, v in actual.items() if k not in updates and k not in slack}
     assert_same(rest_e, rest_a, what=what, rank=rank, rtol=MIXED_LOSS_RTOL, atol=tol.atol)
+    for key in sorted(set(slack) - set(updates)):  # optimizer state (see _state_slack)
+        atol = tol.atol + float(slack[key])
+        assert_same(
+            {key: expected[key]}, {key: actual[key]}, what=what, rank=rank,
+            rtol=MIXED_LOSS_RTOL, atol=atol,
+        )  # fmt: skip

@@ -521,6 +521,21 @@ class ModelSpec(Spec):
             p for p, layer in self.modules() if isinstance(layer, Linear) and layer.dtype != "fp32"
         )
 
+    def ungated_parameters(self) -> frozenset[str]:
+        """Parameter FQNs that some module outside every :class:`Skip` body uses: each
+        training step uses them, whichever branches it skips."""
+        gated = {
+            p
+            for path, layer in self.modules()
+            if isinstance(layer, Skip)
+            for p, _ in walk(layer.body, join(path, "body"))
+        }
+        return frozenset(
+            fqn
+            for fqn, names in self.aliases().items()
+            if any(_owner(name) not in gated for name in names)
+        )
+
     def idle_parameters(self, steps: int) -> frozenset[str]:
         """Parameter FQNs that no forward of the first ``steps`` training steps used:
         each lies in a :class:`Skip` body that every one of those steps skipped, so it

@@ -212,6 +212,17 @@ def _check_uniform_dtypes(
             )
 
 
+def _check_every_step_trains(
+    model: ModelSpec, frozen: tuple[str, ...], fine_tuning_frozen: tuple[str, ...]
+) -> None:
+    if model.parameter_names() and not model.ungated_parameters() - set(fine_tuning_frozen):
+        raise SpecError(
+            f"frozen={frozen} leaves only parameters inside Skip bodies to train: a step "
+            "that skips them all has a loss without gradient, which backward refuses; "
+            "leave a parameter outside every Skip trainable"
+        )
+
+
 def eps_underflows(
     model: ModelSpec, frozen: tuple[str, ...], pretrained: str | None
 ) -> tuple[str, ...]:
@@ -285,6 +296,7 @@ class Scenario(Spec):
                 f"frozen={self.frozen} freezes every parameter, so the optimizer would "
                 "have nothing to train: leave at least one parameter out of frozen"
             )
+        _check_every_step_trains(self.model, self.frozen, self.fine_tuning_frozen)
         if self.model.takes_tokens and self.training.input_requires_grad:
             raise SpecError(
                 "training.input_requires_grad=True needs float input, but the model "

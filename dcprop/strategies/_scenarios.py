@@ -293,11 +293,18 @@ def _frozen(
     if not cfg.frozen:
         return st.just(())
     frozen = frozen_groups(units, len(names), min_trainable=1)
+    # One parameter always trains: every rank holds it (outside an expert layout's
+    # experts) and every step uses it (outside every Skip body), so no rank's optimizer
+    # is empty and no step's loss lacks a gradient.  The root's first layer is one.
     experts = save.plan.experts if isinstance(save.plan, S.FSDP2Plan) else None
-    if experts is None:
+    ungated = model.ungated_parameters()
+    if experts is None and ungated == set(names):
         return frozen
-    shared = next(n for n in names if not S.is_within(n, experts.module))
-    return frozen.map(lambda f: tuple(n for n in f if n != shared))  # every rank trains
+    anchor = next(
+        n for n in names if n in ungated and not (experts and S.is_within(n, experts.module))
+    )
+    unit = next(u for u in units if anchor in u)
+    return frozen.map(lambda f: tuple(n for n in f if n not in unit))
 
 
 def _flat_units(
