@@ -122,10 +122,11 @@ def _skip(draw: Any, width: int) -> S.Skip:
 
 def _layer(draw: Any, kind: str, width: int, depth: int, cfg: _ModelConfig) -> tuple[Any, int]:
     if kind in ("linear", "unused_input"):
+        dtype = _dtype(draw, cfg)
         out = draw(cfg.dim)
         bias = not draw(st.booleans())
         unused = kind == "unused_input"
-        return S.Linear(width, out, bias=bias, unused_input=unused, dtype=_dtype(draw, cfg)), out
+        return S.Linear(width, out, bias=bias, unused_input=unused, dtype=dtype), out
     if kind == "mask":
         return S.Mask(width, cache=draw(st.booleans())), width
     if kind == "skip":
