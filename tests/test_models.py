@@ -18,20 +18,20 @@ GROWN = S.ModelSpec(
         (
             ("fc0", S.Linear(4, 4)),
             ("lp", S.Linear(4, 4, dtype="bf16")),
-            ("half", S.Linear(4, 4, dtype="fp16", unused_input=True)),
+            ("f16", S.Linear(4, 4, dtype="fp16", unused_input=True)),
             ("mask", S.Mask(4, cache=True)),
             ("skip", S.Skip(S.Linear(4, 4), period=2, phase=0)),
         )
     )
 )
 SGD = S.OptimizerSpec(momentum=0.9)  # fp16 parameters train under SGD (Adam's eps is 0)
-FSDP2 = S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(wrap=("lp", "half")))
+FSDP2 = S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(wrap=("lp", "f16")))
 DDP = S.Topology(1, S.MeshSpec((1,), ("dp",)), S.DDPPlan())
 
 
 def test_build_gives_each_layer_its_dtype_and_buffers():
     a, b = build_model(GROWN, seed=1), build_model(GROWN, seed=2)
-    assert (a.lp.weight.dtype, a.half.bias.dtype, a.fc0.weight.dtype) == (
+    assert (a.lp.weight.dtype, a.f16.bias.dtype, a.fc0.weight.dtype) == (
         torch.bfloat16,
         torch.float16,
         torch.float32,
@@ -85,7 +85,7 @@ def _failure(runner, scenario, hooks=None):
     [
         (helpers.DropNamedBuffers("calls"), "model/skip.calls"),  # int64, training updates it
         (helpers.DropNamedBuffers("keep"), "model/mask.keep"),  # bool
-        (helpers.OneUlpOffInLowPrecision(), "model/half.weight"),  # compared bitwise
+        (helpers.OneUlpOffInLowPrecision(), "model/f16.weight"),  # compared bitwise
     ],
     ids=["int-buffer", "bool-buffer", "one-ulp"],
 )
