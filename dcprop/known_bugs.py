@@ -322,6 +322,25 @@ def _only_unstepped_state_missing(sighting: Sighting) -> bool:
     )
 
 
+def _strided_uneven_full_load(scenario: S.Scenario) -> bool:
+    """The load applies a full state dict to an FSDP2 + TP plan on a shard dim of size
+    > 1 where a colwise Linear's rows do not divide by tp size times shard size (its
+    weight and bias are ``_StridedShard`` then), with optimizer state to distribute."""
+    load = scenario.load_topology
+    plan = load.plan
+    if not (
+        isinstance(plan, S.FSDP2Plan)
+        and plan.tp is not None
+        and load.state_dict.full_state_dict
+        and not _stateless_optimizer(scenario)
+    ):
+        return False
+    split = load.mesh.dim_size(plan.tp.dim) * load.mesh.dim_size(plan.shard_dim)
+    return load.mesh.dim_size(plan.shard_dim) > 1 and any(
+        scenario.model.module(col).out_features % split for col, _ in plan.tp.pairs
+    )
+
+
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
         id="dsd-full-osd-stateless-optimizer",
@@ -461,6 +480,23 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "a trainable parameter without state.  dcprop's key contract expects that state "
         "(it is what the loader requires), so the failure shows where the bug is: before "
         "the save.",
+    ),
+    KnownBug(
+        id="dsd-full-osd-strided-uneven",
+        title="set_state_dict(full_state_dict=True) cannot distribute the optimizer state of "
+        "an FSDP2 + TP parameter whose rows do not divide evenly (a bare AssertionError in "
+        "_StridedShard._shard_tensor)",
+        pattern=r"^AssertionError:\s+@ _shard_tensor$",
+        occurs_in=_strided_uneven_full_load,
+        related=(
+            "https://github.com/pytorch/pytorch/pull/150490",
+            "https://github.com/pytorch/pytorch/pull/135725",
+        ),
+        explanation="_load_optim_state_dict hands the full optimizer state to "
+        "_distribute_state_dict, which calls distribute_tensor; for a _StridedShard placement "
+        "that splits with padding and asserts every chunk has one shape, which an uneven "
+        "split never has (the model's entries go through DTensor.from_local, which handles "
+        "it: only the optimizer state fails).  Diagnosis by dcprop; no upstream issue found.",
     ),
     KnownBug(
         id="tc-direct-io-buffered-write",

@@ -210,7 +210,40 @@ def skipped_first(**fields):
     return corpus("dsd-partial-optimizer-state", **fields)
 
 
+STRIDED = "AssertionError:  @ _shard_tensor"
+EVEN_MLP = S.ModelSpec(
+    S.Block(
+        (
+            ("embed", S.Embedding(2, 2)),
+            ("fc0", S.Linear(2, 4)),
+            ("mlp", S.Sequential((S.Linear(4, 4), S.Activation(), S.Linear(4, 4)))),
+        )
+    )
+)
+
 CASES = [
+    (
+        "dsd-full-osd-strided-uneven",
+        failed(error(0, STRIDED)),
+        corpus("dsd-full-osd-strided-uneven"),
+        [
+            (
+                "the colwise rows divide by tp size times shard size",
+                failed(error(0, STRIDED)),
+                corpus("dsd-full-osd-strided-uneven", model=EVEN_MLP),
+            ),
+            (
+                "a sharded state dict is distributed by DCP, not DSD",
+                failed(error(0, STRIDED)),
+                options(corpus("dsd-full-osd-strided-uneven"), full_state_dict=False),
+            ),
+            (
+                "SGD without momentum has no state to distribute",
+                failed(error(0, STRIDED)),
+                corpus("dsd-full-osd-strided-uneven", optimizer=S.OptimizerSpec()),
+            ),
+        ],
+    ),
     (
         "dsd-partial-optimizer-state",
         contract_broken(optimizer_misses(*UNSTEPPED)),
