@@ -270,7 +270,7 @@ def _has_bn(s):
     return s.model.has_batch_statistics()
 
 
-ZEROS = dict(layers=("linear", "activation"), kinds=("fsdp2", "ddp"))
+ZEROS = dict(layers=("linear", "activation"), kinds=("fsdp2", "ddp"), dtypes=("fp32",))
 
 INJECTIONS = [
     # (injection, property, extra scenario kwargs, a condition the scenario must meet)
@@ -305,7 +305,8 @@ def _hooks(name):
 def test_injected_checkpointer_bug_is_caught_and_shrunk(dcprop_runner, name, prop, kwargs, want):
     hooks = _hooks(name)
     strategy = dst.scenarios(prop, **{**SMALL, **kwargs})
-    budget = FIND_LONGER if want is _has_bn else FIND
+    # a BatchNorm, or a zero in the saved state, is a minority of draws: give them room
+    budget = FIND_LONGER if want is _has_bn or kwargs is ZEROS else FIND
     found = find(strategy, _catches(dcprop_runner, prop, hooks, want), settings=budget)
     print(f"{name} / {prop} shrunk to: {found!r}")
     assert found.world_size <= 2 and len(found.model.parameter_names()) <= 6

@@ -50,6 +50,7 @@ BAD_ARGUMENTS = [
     (dst.scenarios, dict(world_sizes=(0,)), "world_sizes entry=0 must be at least 1"),
     (dst.scenarios, dict(property="submesh_layout", kinds=("ddp",)), "leaves no plan"),
     (dst.scenarios, dict(max_layers=-1), "max_layers=-1 must be at least 1"),
+    (dst.scenarios, dict(dtypes=("bf16", "fp16")), "must include 'fp32'"),
 ]
 
 

@@ -163,6 +163,7 @@ class _Config:
     frozen: bool
     job_world_size: int | None
     exclude: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = S.DTYPES
 
 
 @st.composite
@@ -179,6 +180,7 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
         tp_size=tp_size,
         experts=experts,
         embedding=cfg.property != "finetune_resume",
+        dtypes=cfg.dtypes,
     )
     model = draw(strategy)
     if cfg.property != "finetune_resume":
@@ -366,14 +368,15 @@ def scenarios(
     frozen: bool = True,
     job_world_size: int | None = None,
     exclude: Any = (),
+    dtypes: Any = S.DTYPES,
 ) -> st.SearchStrategy[S.Scenario]:
     """Whole examples for ``property`` (one of ``PROPERTY_NAMES``).
 
     ``world_sizes``: the world sizes to draw from (a reshard draws save and load
     sizes separately).  ``kinds``: allowed plan kinds (FSDP1 only with
-    ``device="cuda"``).  The model arguments are those of :func:`models`;
-    ``frozen=False`` freezes nothing.  ``job_world_size``: the size of every example's
-    job (its default process group; torchrun's world), which the model's world must
+    ``device="cuda"``).  The model arguments (``dtypes`` among them) are those of
+    :func:`models`; ``frozen=False`` freezes nothing.  ``job_world_size``: the size of
+    every example's job (its default process group; torchrun's world), which the model's world must
     fit in; by default the job is usually the model's own world and sometimes a
     larger size from ``world_sizes``, the model then on a sub-world of the job.
     ``exclude``: regions never drawn, such as ``("plan=submesh",
@@ -387,7 +390,7 @@ def scenarios(
     """
     cfg = _config(
         property, world_sizes, device, kinds, max_layers, max_depth, max_dim, uneven,
-        layers, max_steps, frozen, job_world_size, exclude,
+        layers, max_steps, frozen, job_world_size, exclude, dtypes,
     )  # fmt: skip
     if not cfg.exclude:
         return _scenarios(cfg)
@@ -409,6 +412,7 @@ def _config(
     frozen: bool,
     job_world_size: int | None,
     exclude: Any,
+    dtypes: Any,
 ) -> _Config:
     """The arguments of :func:`scenarios`, checked, with its exclusions applied."""
     check_choices("property", (property,), PROPERTY_NAMES)
@@ -419,9 +423,11 @@ def _config(
     check_fraction("uneven", uneven)
     check_type("frozen", frozen, bool)
     layers = check_choices("layers", layers, LAYER_KINDS)
+    dtypes = check_choices("dtypes", dtypes, S.DTYPES)
     models(
-        max_layers=max_layers, max_depth=max_depth, max_dim=max_dim, uneven=uneven, layers=layers
-    ).validate()
+        max_layers=max_layers, max_depth=max_depth, max_dim=max_dim, uneven=uneven,
+        layers=layers, dtypes=dtypes,
+    ).validate()  # fmt: skip
     words = parse_exclusions(exclude)
     cfg = _Config(
         property,
@@ -437,6 +443,7 @@ def _config(
         frozen and "frozen=some" not in words,
         job_world_size,
         words,
+        dtypes,
     )
     _check_some_plan(cfg, kinds)
     return _check_satisfiable(cfg)
