@@ -28,6 +28,9 @@ __all__ = [
     "wrap",
 ]
 
+#: The torch dtype of each of the spec's parameter dtypes (:data:`~dcprop.specs.DTYPES`).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 _ACT = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -50,6 +53,54 @@ class LinearUnusedInput(nn.Linear):
 
     def forward(self, x: torch.Tensor, unused: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
+
+
+class CastLinear(LinearUnusedInput):
+    """A Linear whose parameters are bf16 or fp16 in a float32 model: it computes in
+    its own dtype and hands its input's dtype on, as a layer kept in low precision does
+    (a float64 copy of the model, as ddp_parity's reference makes, stays float64)."""
+
+    def forward(self, x: torch.Tensor, unused: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
+class Mask(nn.Module):
+    """A fixed sign mask held in a bool buffer; with ``cache``, plus a float buffer
+    registered ``persistent=False`` (rebuilt from the spec, never saved)."""
+
+    keep: torch.Tensor
+    cache: torch.Tensor | None
+
+    def __init__(self, dim: int, cache: bool) -> None:
+        super().__init__()
+        self.register_buffer("keep", torch.ones(dim, dtype=torch.bool))
+        # a function of the spec alone (like a rotary table), so every build agrees
+        table = 0.1 * torch.sin(torch.arange(dim, dtype=torch.float32) + 1.0)
+        self.register_buffer("cache", table if cache else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.where(self.keep, x, -x)
+        return x if self.cache is None else x + self.cache
+
+
+class Skip(nn.Module):
+    """``body`` on the calls ``c`` with ``c % period == phase``, else the identity; the
+    call count is a persistent int64 buffer that every training-mode forward advances."""
+
+    takes_aux = True
+    calls: torch.Tensor
+
+    def __init__(self, body: nn.Module, period: int, phase: int) -> None:
+        super().__init__()
+        self.body = body
+        self.period, self.phase = period, phase
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None) -> torch.Tensor:
+        use = int(self.calls) % self.period == self.phase
+        if self.training:
+            self.calls += 1
+        return _call(self.body, x, aux) if use else x
 
 
 class Chain(nn.Module):
@@ -139,8 +190,16 @@ class Model(Chain):
 
 def _module(layer: Any) -> nn.Module:
     if isinstance(layer, S.Linear):
-        cls = LinearUnusedInput if layer.unused_input else nn.Linear
-        return cls(layer.in_features, layer.out_features, bias=layer.bias)
+        dtype = DTYPES[layer.dtype]
+        if dtype != torch.float32:
+            cls: type[nn.Linear] = CastLinear
+        else:
+            cls = LinearUnusedInput if layer.unused_input else nn.Linear
+        return cls(layer.in_features, layer.out_features, bias=layer.bias, dtype=dtype)
+    if isinstance(layer, S.Mask):
+        return Mask(layer.dim, layer.cache)
+    if isinstance(layer, S.Skip):
+        return Skip(_module(layer.body), layer.period, layer.phase)
     if isinstance(layer, S.Activation):
         return _ACT[layer.kind]()
     if isinstance(layer, S.LayerNorm):
@@ -172,8 +231,10 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 def _initial_value(seed: int, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bool:  # a mask: a fixed random pattern
+        return torch.rand(shape, generator=_generator(seed, name)) < 0.5
     if not dtype.is_floating_point:
-        return torch.zeros(shape, dtype=dtype)  # a batch norm's step count
+        return torch.zeros(shape, dtype=dtype)  # step and call counts start at zero
     noise = torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32)
     leaf = name.rsplit(".", 1)[-1]
     if leaf == RUNNING_VAR or (len(shape) == 1 and leaf == "weight"):
@@ -216,8 +277,11 @@ def build_model(
 
 
 def _state_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers; a non-persistent buffer keeps the value its
+    constructor derived from the spec, whatever the seed."""
     yield from module.named_parameters()
-    yield from module.named_buffers()
+    saved = module.state_dict(keep_vars=True)
+    yield from ((name, buf) for name, buf in module.named_buffers() if name in saved)
 
 
 # ------------------------------------------------------------------- wrapping

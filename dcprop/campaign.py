@@ -185,6 +185,7 @@ def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
         if scenario.job_world_size is None
         else f"sub-world of {scenario.job_world_size}",
         "options": _options(save.state_dict),
+        "model": _model_features(scenario),
     }
     if scenario.damage is not None:
         out["damage"] = _damage_kind(scenario.damage)
@@ -202,6 +203,22 @@ def _damage_kind(damage: S.Damage) -> str:
     if isinstance(damage, S.MutateInFlight):
         return f"MutateInFlight {damage.how}"
     return type(damage).__name__
+
+
+def _model_features(scenario: S.Scenario) -> str:
+    """What the model holds beyond float32 weights, as one category: ``bf16``/``fp16``
+    parameters, ``bool buffer``, ``non-persistent buffer``, ``skip`` (a branch some
+    steps skip; ``unstepped at save`` where none has used it by the save)."""
+    model = scenario.model
+    dtypes = {getattr(layer, "dtype", "fp32") for _, layer in model.modules()} - {"fp32"}
+    kinds = {type(layer) for _, layer in model.modules()}
+    features = sorted(dtypes)
+    features += ["bool buffer"] if S.Mask in kinds else []
+    features += ["non-persistent buffer"] if model.non_persistent_buffers() else []
+    if S.Skip in kinds:
+        unstepped = model.idle_parameters(scenario.training.steps) - set(scenario.frozen)
+        features.append("skip, unstepped at save" if unstepped else "skip")
+    return ", ".join(features) or "plain"
 
 
 def _options(options: S.StateDictSpec) -> str:

@@ -8,6 +8,14 @@ trainable parameters and the optimizer kind, both narrowed to what this rank own
 an expert layout a rank holds only the expert on its coordinate; a full state dict
 with ``cpu_offload`` lives on rank 0 alone).
 
+A buffer registered with ``persistent=False`` (a cache the constructor rebuilds) is
+never a key: ``ModelSpec.buffers`` lists persistent buffers only, so one that shows
+up in a state dict is an unexpected key.  Every trainable parameter has optimizer
+state, including one that no step has given a gradient yet (a skipped branch):
+``get_state_dict`` initialises an optimizer that has no state at all for exactly
+that reason (``_init_optim_state``), and ``set_optimizer_state_dict`` under
+``strict=True`` refuses a state dict that lacks a trainable parameter's state.
+
 Optimizer keys are compared in torch's flattened form (``state.<fqn>.<name>``,
 ``param_groups.<fqn>.<hyperparameter>``); a nested optimizer state dict is read into
 that form first, so both layouts meet one contract.

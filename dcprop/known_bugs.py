@@ -292,6 +292,55 @@ def _only_second_names_kept(sighting: Sighting) -> bool:
     return bool(kept) and set(kept) <= later
 
 
+def _unstepped_parameters(scenario: S.Scenario) -> frozenset[str]:
+    """Trainable parameters that no step before the save gave a gradient (a skipped
+    branch), where others have one: an optimizer with partial state.  Empty for an
+    optimizer without state tensors, and where nothing was stepped (then
+    ``get_state_dict`` initialises every parameter's state)."""
+    if _stateless_optimizer(scenario):
+        return frozenset()
+    trainable = set(scenario.model.parameter_names()) - set(scenario.frozen)
+    idle = scenario.model.idle_parameters(scenario.training.steps) & trainable
+    return idle if trainable - idle else frozenset()
+
+
+_CONTRACT_PROBLEM = re.compile(
+    r"^  (\w+) (misses|has) \d+ (?:unexpected )?key\(s\): (\[.*\])$", re.M
+)
+
+
+def _only_unstepped_state_missing(sighting: Sighting) -> bool:
+    """The contract's only complaint: optimizer state entries missing, each of a
+    parameter that no step has given a gradient yet."""
+    problems = _CONTRACT_PROBLEM.findall(sighting.message)
+    unstepped = _unstepped_parameters(sighting.scenario)
+    if not problems or any((what, how) != ("optimizer", "misses") for what, how, _ in problems):
+        return False
+    keys = [k for *_, listed in problems for k in re.findall(r"'([^']+)'", listed)]
+    return bool(keys) and all(
+        k.startswith("state.") and k[len("state.") :].rpartition(".")[0] in unstepped for k in keys
+    )
+
+
+def _strided_uneven_full_load(scenario: S.Scenario) -> bool:
+    """The load applies a full state dict to an FSDP2 + TP plan on a shard dim of size
+    > 1 where a colwise Linear's rows do not divide by tp size times shard size (its
+    weight and bias are ``_StridedShard`` then), with optimizer state to distribute."""
+    load = scenario.load_topology
+    plan = load.plan
+    if not (
+        isinstance(plan, S.FSDP2Plan)
+        and plan.tp is not None
+        and load.state_dict.full_state_dict
+        and not _stateless_optimizer(scenario)
+    ):
+        return False
+    split = load.mesh.dim_size(plan.tp.dim) * load.mesh.dim_size(plan.shard_dim)
+    return load.mesh.dim_size(plan.shard_dim) > 1 and any(
+        scenario.model.module(col).out_features % split for col, _ in plan.tp.pairs
+    )
+
+
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
         id="dsd-full-osd-stateless-optimizer",
@@ -409,6 +458,45 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         "model.named_parameters(), which lists a shared Parameter once, so only its first "
         "name is removed (e.g. embed.weight goes, head.weight tied to it stays).  Shown on "
         "a plain nn.Module without FSDP.  Diagnosis by dcprop; no upstream issue found.",
+    ),
+    KnownBug(
+        id="dsd-partial-optimizer-state",
+        title="get_state_dict leaves out the optimizer state of a trainable parameter that "
+        "no step has given a gradient yet (a skipped branch, an unrouted expert), which "
+        "set_state_dict and a fresh optimizer's load template both require",
+        pattern=r"^PropertyFailure: state dict before save on rank N breaks the key contract:",
+        occurs_in=lambda scenario: bool(_unstepped_parameters(scenario)),
+        shows=_only_unstepped_state_missing,
+        related=(
+            "https://github.com/pytorch/pytorch/issues/192202",
+            "https://github.com/pytorch/pytorch/pull/192307",
+        ),
+        explanation="_init_optim_state returns as soon as optim.state is non-empty, so once "
+        "any parameter has stepped, parameters whose grad was always None keep no state and "
+        "the checkpoint lacks them.  A resume cannot load it: a fresh optimizer's "
+        "get_state_dict initialises every parameter, so the DCP load template asks for "
+        "entries the checkpoint never had ('Missing key in checkpoint state_dict: "
+        "optim.state.<fqn>.step'), and _split_optim_state_dict under strict=True refuses "
+        "a trainable parameter without state.  dcprop's key contract expects that state "
+        "(it is what the loader requires), so the failure shows where the bug is: before "
+        "the save.",
+    ),
+    KnownBug(
+        id="dsd-full-osd-strided-uneven",
+        title="set_state_dict(full_state_dict=True) cannot distribute the optimizer state of "
+        "an FSDP2 + TP parameter whose rows do not divide evenly (a bare AssertionError in "
+        "_StridedShard._shard_tensor)",
+        pattern=r"^AssertionError:\s+@ _shard_tensor$",
+        occurs_in=_strided_uneven_full_load,
+        related=(
+            "https://github.com/pytorch/pytorch/pull/150490",
+            "https://github.com/pytorch/pytorch/pull/135725",
+        ),
+        explanation="_load_optim_state_dict hands the full optimizer state to "
+        "_distribute_state_dict, which calls distribute_tensor; for a _StridedShard placement "
+        "that splits with padding and asserts every chunk has one shape, which an uneven "
+        "split never has (the model's entries go through DTensor.from_local, which handles "
+        "it: only the optimizer state fails).  Diagnosis by dcprop; no upstream issue found.",
     ),
     KnownBug(
         id="tc-direct-io-buffered-write",

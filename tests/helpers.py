@@ -315,6 +315,33 @@ class AssumesTheModelIsTheJob(DCPCheckpointer):
         super().save(state_dict, path, storage=storage, group=group)
 
 
+class DropNamedBuffers(_Faulty):
+    """Leaves the model entries whose last name is in ``names`` out of the load: they
+    keep the values the job had (perturbed, in a property)."""
+
+    def __init__(self, *names):
+        self.names = names
+
+    def load(self, state_dict, path, *, group):
+        model = state_dict["model"]
+        left = {k: model.pop(k) for k in list(model) if k.rsplit(".", 1)[-1] in self.names}
+        try:
+            super().load(state_dict, path, group=group)
+        finally:
+            model.update(left)
+
+
+class OneUlpOffInLowPrecision(_Faulty):
+    """Loads every bf16 and fp16 model tensor one ulp off in its first element (the
+    smallest change its dtype can show): only a bitwise comparison sees it."""
+
+    def on_load(self, state_dict):
+        for value in state_dict["model"].values():
+            t = _local(value)
+            if t.dtype in (torch.bfloat16, torch.float16) and t.numel():
+                t.view(torch.int16).view(-1)[0] += 1
+
+
 INJECTIONS = {
     "drop_key": DropKey(),
     "corrupt_one_element": CorruptOneElement(),
@@ -363,6 +390,18 @@ def _drop_running_mean(module, state_dict, prefix, local_metadata):
 def _forgive_running_mean(module, incompatible_keys):
     missing = incompatible_keys.missing_keys
     missing[:] = [k for k in missing if not k.endswith("running_mean")]
+
+
+def with_persistent_cache(model, seed, device, frozen):
+    """A model factory that registers every Mask's ``cache`` as persistent: a buffer
+    that must never be saved shows up in the state dict."""
+    from dcprop.build import Mask, build_model
+
+    module = build_model(model, seed=seed, device=device, frozen=frozen)
+    for mask in module.modules():
+        if isinstance(mask, Mask) and mask.cache is not None:
+            mask._non_persistent_buffers_set.discard("cache")
+    return module
 
 
 MODEL_INJECTIONS = {"without_running_mean": without_running_mean}

@@ -189,7 +189,90 @@ FINE_TUNED_TIE = S.Scenario(
 )
 
 # (bug, failure, scenario where it is that bug, near misses: (why, failure, scenario))
+PARTIAL = "PropertyFailure: state dict before save on rank N breaks the key contract: @ check"
+UNSTEPPED = [f"state.skip1.body.{p}.{n}" for p in ("bias", "weight") for n in ("exp_avg", "step")]
+
+
+def contract_broken(*problems):
+    message = (
+        "state dict before save on rank 0 breaks the key contract:\n  "
+        + "\n  ".join(problems)
+        + "\n  (the contract of fsdp2 on mesh (1,), OptimizerSpec(kind='adam'), options default)"
+    )
+    return failed(error(0, PARTIAL, message))
+
+
+def optimizer_misses(*keys):
+    return f"optimizer misses {len(keys)} key(s): {sorted(keys)}"
+
+
+def skipped_first(**fields):
+    return corpus("dsd-partial-optimizer-state", **fields)
+
+
+STRIDED = "AssertionError:  @ _shard_tensor"
+EVEN_MLP = S.ModelSpec(
+    S.Block(
+        (
+            ("embed", S.Embedding(2, 2)),
+            ("fc0", S.Linear(2, 4)),
+            ("mlp", S.Sequential((S.Linear(4, 4), S.Activation(), S.Linear(4, 4)))),
+        )
+    )
+)
+
 CASES = [
+    (
+        "dsd-full-osd-strided-uneven",
+        failed(error(0, STRIDED)),
+        corpus("dsd-full-osd-strided-uneven"),
+        [
+            (
+                "the colwise rows divide by tp size times shard size",
+                failed(error(0, STRIDED)),
+                corpus("dsd-full-osd-strided-uneven", model=EVEN_MLP),
+            ),
+            (
+                "a sharded state dict is distributed by DCP, not DSD",
+                failed(error(0, STRIDED)),
+                options(corpus("dsd-full-osd-strided-uneven"), full_state_dict=False),
+            ),
+            (
+                "SGD without momentum has no state to distribute",
+                failed(error(0, STRIDED)),
+                corpus("dsd-full-osd-strided-uneven", optimizer=S.OptimizerSpec()),
+            ),
+        ],
+    ),
+    (
+        "dsd-partial-optimizer-state",
+        contract_broken(optimizer_misses(*UNSTEPPED)),
+        skipped_first(),
+        [
+            (
+                "a parameter that every step uses lacks state",
+                contract_broken(optimizer_misses(*UNSTEPPED, "state.fc0.weight.step")),
+                skipped_first(),
+            ),
+            (
+                "a model key is missing too",
+                contract_broken(
+                    optimizer_misses(*UNSTEPPED), "model misses 1 key(s): ['fc0.bias']"
+                ),
+                skipped_first(),
+            ),
+            (
+                "the branch was used before the save",
+                contract_broken(optimizer_misses(*UNSTEPPED)),
+                skipped_first(training=S.TrainingSpec(steps=2)),
+            ),
+            (
+                "SGD without momentum keeps no state",
+                contract_broken(optimizer_misses(*UNSTEPPED)),
+                skipped_first(optimizer=S.OptimizerSpec()),
+            ),
+        ],
+    ),
     (
         "dsd-full-osd-stateless-optimizer",
         failed(error(0, STATELESS)),

@@ -10,6 +10,7 @@ from seeds import CPU_SEEDS, SEED_003_FSDP1
 import dcprop.specs as S
 from dcprop import strategies as dst
 from dcprop.errors import ExampleFailure, PropertyFailure
+from dcprop.known_bugs import match_known
 from dcprop.properties import run_property
 from dcprop.properties._harness import Hooks
 from dcprop.properties.ddp_parity import Reference, Tolerance, adam_step_bound, compare_trained
@@ -251,7 +252,9 @@ def _catches(runner, prop, hooks, want=None):
             # a short timeout keeps the search cheap
             run_property(runner, prop, scenario, hooks=hooks, timeout=10)
         except ExampleFailure as failure:
-            return "PropertyFailure" in failure.signature
+            # a known upstream bug that a PropertyFailure shows (a contract violation)
+            # is not the injection's doing
+            return "PropertyFailure" in failure.signature and match_known(failure, scenario) is None
         return False
 
     return predicate
@@ -267,7 +270,7 @@ def _has_bn(s):
     return s.model.has_batch_statistics()
 
 
-ZEROS = dict(layers=("linear", "activation"), kinds=("fsdp2", "ddp"))
+ZEROS = dict(layers=("linear", "activation"), kinds=("fsdp2", "ddp"), dtypes=("fp32",))
 
 INJECTIONS = [
     # (injection, property, extra scenario kwargs, a condition the scenario must meet)
@@ -302,7 +305,8 @@ def _hooks(name):
 def test_injected_checkpointer_bug_is_caught_and_shrunk(dcprop_runner, name, prop, kwargs, want):
     hooks = _hooks(name)
     strategy = dst.scenarios(prop, **{**SMALL, **kwargs})
-    budget = FIND_LONGER if want is _has_bn else FIND
+    # a BatchNorm, or a zero in the saved state, is a minority of draws: give them room
+    budget = FIND_LONGER if want is _has_bn or kwargs is ZEROS else FIND
     found = find(strategy, _catches(dcprop_runner, prop, hooks, want), settings=budget)
     print(f"{name} / {prop} shrunk to: {found!r}")
     assert found.world_size <= 2 and len(found.model.parameter_names()) <= 6

@@ -11,6 +11,13 @@ M = S.ModelSpec(S.Block((("fc", S.Linear(4, 8)), ("act", S.Activation()), ("out"
 FSDP2 = S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan())
 
 
+LOW_PRECISION = S.ModelSpec(
+    S.Block(
+        (("fc", S.Linear(4, 8)), ("act", S.Activation()), ("out", S.Linear(8, 4, dtype="bf16")))
+    )
+)
+
+
 def scenario(**kw):
     return S.Scenario(**{"model": M, "save": FSDP2, **kw})
 
@@ -93,6 +100,36 @@ INVALID = [
         "BatchNorm needs at least 2",
     ),
     (
+        lambda: S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("s", S.Skip(S.Linear(4, 2)))))),
+        "Skip at 's' needs children that keep the width, but 's.body' maps 4 -> 2",
+    ),
+    (
+        lambda: S.ModelSpec(S.Block((("r", S.Repeat(S.Skip(S.Linear(4, 4)))),))),
+        "Repeat at 'r' holds a Skip",
+    ),
+    (lambda: S.Skip(S.Linear(4, 4), period=3, phase=3), "phase=3: must be < period=3"),
+    (
+        lambda: S.ModelSpec(
+            S.Block((("a", S.Linear(4, 4)), ("b", S.Linear(4, 4, dtype="bf16")))), (("a", "b"),)
+        ),
+        "one shared weight has one dtype, got ['bf16', 'fp32']",
+    ),
+    (
+        lambda: scenario(model=LOW_PRECISION),
+        "unit '<root>' mixes parameter dtypes ['bf16', 'fp32']",
+    ),
+    (  # control: the low-precision Linear wrapped on its own
+        lambda: scenario(
+            model=LOW_PRECISION,
+            save=S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan(wrap=("out",))),
+        ),
+        None,
+    ),
+    (  # control: FSDP2 checks trainable parameters only, as torch does
+        lambda: scenario(model=LOW_PRECISION, frozen=("out.weight", "out.bias")),
+        None,
+    ),
+    (
         lambda: S.Scenario(
             S.ModelSpec(S.Block((("a", S.Linear(4, 4)), ("x", S.Experts((S.Linear(4, 4),) * 3))))),
             S.Topology(
@@ -129,6 +166,9 @@ BAD_FIELDS = [
     (lambda: S.Sequential(S.Linear(1, 1)), "layers=Linear(1, 1): expected a tuple of"),
     (lambda: scenario(frozen="fc.weight"), "frozen='fc.weight': expected a tuple of str"),
     (lambda: scenario(pretrained=3), "pretrained=3: expected str"),
+    (lambda: S.Linear(4, 4, dtype="float32"), "dtype='float32': expected one of"),
+    (lambda: S.Mask(4, cache=1), "cache=1: expected bool, got int"),
+    (lambda: S.Skip(S.Linear(4, 4), period=1), "period=1: must be >= 2"),
 ]
 
 
@@ -173,6 +213,53 @@ def test_repr_pickle_json_round_trip():
     assert pickle.loads(pickle.dumps(s)) == s
     assert serialization.loads(serialization.dumps(s)) == s
     assert repr(S.Linear(4, 8)) == "Linear(4, 8)"  # defaults left out
+
+
+def test_new_layers_round_trip_through_repr_pickle_and_json():
+    model = S.ModelSpec(
+        S.Block(
+            (
+                ("fc", S.Linear(4, 4, dtype="fp16")),
+                ("mask", S.Mask(4, cache=True)),
+                ("skip", S.Skip(S.Sequential((S.Linear(4, 4), S.Activation("tanh"))), 3, 2)),
+            )
+        )
+    )
+    assert eval(repr(model), vars(S)) == model
+    assert pickle.loads(pickle.dumps(model)) == model
+    assert serialization.loads(serialization.dumps(model)) == model
+    assert repr(S.Skip(S.Linear(2, 2))) == "Skip(Linear(2, 2))"
+
+
+def test_buffers_split_into_persistent_and_not():
+    model = S.ModelSpec(
+        S.Block((("fc", S.Linear(4, 4)), ("m", S.Mask(4, cache=True)), ("s", S.Skip(S.Mask(4)))))
+    )
+    assert model.buffers() == {"m.keep": (4,), "s.calls": (), "s.body.keep": (4,)}
+    assert model.non_persistent_buffers() == {"m.cache": (4,)}
+
+
+def test_idle_parameters_follow_each_skips_calls():
+    inner = S.Skip(S.Linear(4, 4), period=2, phase=1)
+    model = S.ModelSpec(
+        S.Block(
+            (
+                ("fc", S.Linear(4, 4)),
+                ("late", S.Skip(S.Linear(4, 4), period=3, phase=1)),
+                ("outer", S.Skip(S.Block((("inner", inner),)), period=2, phase=0)),
+                ("tied", S.Linear(4, 4)),
+            )
+        ),
+        ties=(("tied", "late.body"),),
+    )
+    late = {"late.body.bias"}  # its weight is tied.weight, which every step uses
+    inner_params = {"outer.body.inner.body.weight", "outer.body.inner.body.bias"}
+    assert model.idle_parameters(0) == set(model.parameter_names())
+    assert model.idle_parameters(1) == late | inner_params
+    assert model.idle_parameters(2) == inner_params
+    # outer applies its body on steps 0 and 2, where inner's calls 0 and 1 fall: the
+    # second one (step 2) is inner's first use
+    assert model.idle_parameters(3) == frozenset()
 
 
 def test_json_rejects_unknown_types():

@@ -8,6 +8,7 @@ from hypothesis.errors import InvalidArgument
 import dcprop.specs as S
 from dcprop import serialization
 from dcprop import strategies as dst
+from dcprop.specs.scenario import eps_underflows
 from dcprop.strategies._scenarios import uneven_layout
 
 M = S.ModelSpec(S.Block((("fc", S.Linear(4, 4)),)))
@@ -22,6 +23,8 @@ BAD_ARGUMENTS = [
     (dst.models, dict(layers=("activation",)), "must include 'linear'"),
     (dst.models, dict(max_dim="8"), "max_dim='8' must be an int"),
     (dst.models, dict(ties=1), "ties=1 must be a bool"),
+    (dst.models, dict(dtypes=("bf16",)), "must include 'fp32'"),
+    (dst.models, dict(dtypes=("fp8",)), "unknown entries ['fp8']"),
     (dst.frozen_subsets, dict(model="m"), "model='m' must be a ModelSpec"),
     (
         dst.frozen_subsets,
@@ -47,6 +50,7 @@ BAD_ARGUMENTS = [
     (dst.scenarios, dict(world_sizes=(0,)), "world_sizes entry=0 must be at least 1"),
     (dst.scenarios, dict(property="submesh_layout", kinds=("ddp",)), "leaves no plan"),
     (dst.scenarios, dict(max_layers=-1), "max_layers=-1 must be at least 1"),
+    (dst.scenarios, dict(dtypes=("bf16", "fp16")), "must include 'fp32'"),
 ]
 
 
@@ -128,6 +132,58 @@ def test_shrinks_to_simplest_scenario():
         S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)),))),
         S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan()),
     )
+
+
+def _kinds(model):
+    return {type(layer) for _, layer in model.modules()}
+
+
+GROWN_MINIMA = [
+    # (what a model holds, the simplest model that holds it)
+    (
+        lambda m: bool(m.low_precision_modules()),
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1, dtype="bf16")),))),
+    ),
+    (
+        lambda m: S.Mask in _kinds(m),
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)), ("mask1", S.Mask(1))))),
+    ),
+    (
+        lambda m: bool(m.non_persistent_buffers()),
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)), ("mask1", S.Mask(1, cache=True))))),
+    ),
+    (
+        lambda m: bool(m.idle_parameters(1)),
+        S.ModelSpec(S.Block((("fc0", S.Linear(1, 1)), ("skip1", S.Skip(S.Linear(1, 1), phase=1))))),
+    ),
+]
+
+
+@pytest.mark.parametrize(("holds", "minimal"), GROWN_MINIMA)
+def test_each_grown_model_feature_shrinks_to_its_simplest_model(holds, minimal):
+    assert find(dst.models(), holds, settings=SHRINK) == minimal
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(dst.scenarios(world_sizes=(1, 2, 3, 4)))
+def test_sharded_plans_wrap_each_low_precision_linear_alone(scenario):
+    """torch's FSDP needs one dtype per unit (Scenario also refuses any other plan)."""
+    plan = scenario.save.plan
+    if not isinstance(plan, S.DDPPlan):
+        assert set(scenario.model.low_precision_modules()) <= set(plan.wrap)
+    if eps_underflows(scenario.model, scenario.frozen, scenario.pretrained):
+        assert scenario.optimizer.kind == "sgd"
+
+
+def test_a_model_without_the_grown_features_is_one_argument_away():
+    plain = dst.models(dtypes=("fp32",), layers=dst.LAYER_KINDS[:-2])
+
+    @settings(max_examples=50, deadline=None, database=None)
+    @given(plain)
+    def test(model):
+        assert not model.low_precision_modules() and not {S.Mask, S.Skip} & _kinds(model)
+
+    test()
 
 
 def test_uneven_share_is_a_knob():

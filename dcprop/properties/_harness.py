@@ -332,15 +332,19 @@ class Job:
         return out
 
     def perturb(self, keep: Callable[[str], bool] = lambda name: False) -> None:
-        """Change every parameter, buffer, optimizer state entry and optimizer
-        hyperparameter (lr, betas, eps, weight decay, momentum, ...) on this rank (except
-        parameter names for which ``keep`` is true), so that a load that restores
-        nothing cannot pass for one that restores everything.  The changed
-        hyperparameters are never stepped with: the load replaces them."""
+        """Change every parameter, persistent buffer (float, integer and bool alike),
+        optimizer state entry and optimizer hyperparameter (lr, betas, eps, weight decay,
+        momentum, ...) on this rank (except parameter names for which ``keep`` is true),
+        so that a load that restores nothing cannot pass for one that restores
+        everything.  The changed hyperparameters are never stepped with: the load
+        replaces them."""
         g = torch.Generator().manual_seed(1_000_003 + self.steps_taken)
+        # a non-persistent buffer is rebuilt by the constructor, never loaded: a real
+        # job that restarts has its constructed value, so it is left alone
+        rebuilt = self.model_spec.non_persistent_buffers()
         with torch.no_grad():
             for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
-                if not keep(canonical_name(name)):
+                if not keep(canonical_name(name)) and canonical_name(name) not in rebuilt:
                     _shift(t, g)
             for param_state in self.optimizer.state.values():
                 for value in param_state.values():
@@ -395,6 +399,8 @@ def _shift(t: torch.Tensor, g: torch.Generator) -> None:
     if local.is_floating_point():
         noise = torch.rand(local.shape, generator=g).to(local.device, local.dtype)
         local.add_(noise + 0.5)
+    elif local.dtype == torch.bool:
+        local.logical_not_()
     else:
         local.add_(1)
 

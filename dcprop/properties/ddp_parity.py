@@ -58,6 +58,23 @@ of the update and up), a frozen layer stepped anyway (the whole update, against 
 update of exactly 0), a skipped step (the whole update) or a wrong shard (the value,
 not just the update).  The free-element rule above runs with the low precision's
 rounding (``rho`` scaled by its unit roundoff over float32's).
+
+Low-precision parameters (a bf16 or fp16 Linear in a float32 model)
+-------------------------------------------------------------------
+Such a layer computes, and its gradient is summed across ranks, in its own dtype, so
+its gradients carry that dtype's rounding (and the reference, which computes the layer
+in the same dtype, measures that noise itself: no scaling).  Every layer before it
+receives gradients through it, so those carry it too: the runs compare updates with
+:data:`MIXED_RTOL`, as under mixed precision, for the reasons given there.  The
+parameter itself is stored in its dtype: each step rounds the updated value to the
+nearest representable one, and two runs whose updates differ by rounding noise can
+land on neighbouring values, one ulp (at most ``eps * |p|``) apart, at every step,
+however small the update.  So a low-precision tensor may also differ by
+``steps * eps * |p|`` (:func:`_rounding_slack`); a dropped gradient or a skipped step
+still moves it by the whole update, which that does not cover once the update exceeds a
+few ulps.  Optimizer state (momentum, Adam's moments) is made of those gradients, so
+it may drift by the low precision's eps times its tensor's largest magnitude per step
+(:func:`_state_slack` says why the tensor's scale and not the element's).
 """
 
 from __future__ import annotations
@@ -104,6 +121,7 @@ MIXED_LOSS_RTOL = 2e-2
 # How far below the tolerance an element's rounding-driven update must stay to be judged.
 NOISE_MARGIN = 10.0
 
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _UNIT_ROUNDOFF = {
     None: torch.finfo(torch.float32).eps / 2,
     "bf16": torch.finfo(torch.bfloat16).eps / 2,
@@ -121,12 +139,23 @@ class Tolerance:
     loss_rtol: float
     on_updates: bool = False
     mixed: str | None = None
+    #: per step, how far optimizer state may drift relative to its tensor's largest
+    #: magnitude (:func:`_state_slack`): a model with low-precision parameters
+    state_eps: float = 0.0
 
     @classmethod
     def of(cls, scenario: S.Scenario) -> Tolerance:
         plan = scenario.save.plan
         if isinstance(plan, S.FSDP1Plan) and plan.mixed_precision:
             return cls(MIXED_RTOL, MIXED_ATOL, MIXED_LOSS_RTOL, True, plan.mixed_precision)
+        if scenario.model.low_precision_modules():
+            # the reference computes those layers in their dtype too: its measured
+            # gradient noise needs no scaling (mixed stays None)
+            dtypes = {
+                scenario.model.module(p).dtype for p in scenario.model.low_precision_modules()
+            }
+            eps = max(torch.finfo(_TORCH_DTYPES[d]).eps for d in dtypes)
+            return cls(MIXED_RTOL, MIXED_ATOL, MIXED_LOSS_RTOL, True, state_eps=eps)
         return cls(RTOL, ATOL, RTOL)
 
     def __str__(self) -> str:
@@ -246,9 +275,7 @@ def reference_run(
             _mark_free(module, twin, scenario.optimizer, tol, step, free_since)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for name, buf in module.named_buffers():
-                buf.copy_(kept[name])
+        _restore(module, kept)
         if scheduler is not None:
             scheduler.step()
         losses.append(total / (rows * width))
@@ -268,7 +295,13 @@ def _backward_parts(
     ``twin``, if any), as that many data-parallel ranks would: the summed square loss,
     the output width, and the buffers as the first part's forward left them."""
     total, width, kept = 0.0, 1, {}
+    # every data-parallel rank starts the step with the same buffers (a Skip's call
+    # count gates its body), so each part does too
+    start = [_buffers(m) for m in (module, twin) if m is not None]
     for index, x in enumerate(batches):
+        if index:
+            for m, buffers in zip((module, twin), start):
+                _restore(m, buffers)
         part_sum, width = _backward(module, x, rows)
         total += float(part_sum.detach().to(torch.float64).item())
         if twin is not None:
@@ -276,6 +309,16 @@ def _backward_parts(
         if index == 0:
             kept = copy.deepcopy(dict(module.named_buffers()))
     return total, width, kept
+
+
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buf.detach().clone() for name, buf in module.named_buffers()}
+
+
+def _restore(module: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            buf.copy_(buffers[name])
 
 
 def _state_options() -> Any:
@@ -358,27 +401,32 @@ def compare_trained(
     undecided = _undecided_buffers(scenario, allowance)
     strict_e: dict[str, Any] = {}
     strict_a: dict[str, Any] = {}
+    slack: dict[str, Any] = {}
     for key in sorted(set(expected) | set(actual)):
         if key not in expected or key not in actual:  # assert_same names the missing side
             strict_e.update({key: expected[key]} if key in expected else {})
             strict_a.update({key: actual[key]} if key in actual else {})
             continue
         e, a = expected[key], actual[key]
+        if tol.state_eps and key.startswith("optim/") and _has_floats(e, a):
+            slack[key] = _state_slack(e, a, scenario.training.steps, tol.state_eps)
         name = key[len("model/") :] if key.startswith("model/") else None
         if name in undecided:
             continue
         canonical = _canonical(scenario.model).get(name or "")
         if canonical is not None and isinstance(e, torch.Tensor) and e.shape == a.shape:
+            rounding = _rounding_slack(e, a, scenario.training.steps)
             bound = allowance[canonical]
-            _check_free(key, e, a, bound, tol, what, rank)
+            _check_free(key, e, a, bound, tol, what, rank, rounding)
             decided = bound == 0
             if tol.on_updates:
-                start = reference.initial[canonical]
-                e, a, key = e - start, a - start, f"{key} (update)"
+                start = reference.initial[canonical].double()
+                e, a, key = e.double() - start, a.double() - start, f"{key} (update)"
+                slack[key] = rounding[decided]
             e, a = e[decided], a[decided]
         strict_e[key], strict_a[key] = e, a
     if tol.on_updates:
-        _assert_updates(strict_e, strict_a, tol, what, rank)
+        _assert_updates(strict_e, strict_a, tol, what, rank, slack)
     else:
         assert_same(strict_e, strict_a, what=what, rank=rank, rtol=tol.rtol, atol=tol.atol)
 
@@ -419,11 +467,12 @@ def _check_free(
     tol: Tolerance,
     what: str,
     rank: int,
+    rounding: torch.Tensor | float = 0.0,
 ) -> None:
     free = bound > 0
     if not bool(free.any()):
         return
-    excess = (actual.double() - expected.double()).abs() - bound - tol.atol
+    excess = (actual.double() - expected.double()).abs() - bound - tol.atol - rounding
     excess[~free] = -1
     if bool((excess > 0).any()):
         i = int(excess.flatten().argmax())
@@ -435,21 +484,65 @@ def _check_free(
         )
 
 
+def _has_floats(expected: Any, actual: Any) -> bool:
+    return (
+        isinstance(expected, torch.Tensor)
+        and isinstance(actual, torch.Tensor)
+        and expected.is_floating_point()
+        and expected.numel() > 0
+    )
+
+
+def _state_slack(expected: torch.Tensor, actual: torch.Tensor, steps: int, eps: float) -> float:
+    """How far two runs' optimizer state (momentum, Adam's moments) may be apart where
+    the model holds low-precision layers: every gradient passes through them (and a
+    low-precision parameter's gradient is summed across ranks in its dtype), so it
+    carries rounding of size ``eps`` relative to the sums it is made of, whose size is
+    that of the tensor's larger elements, not that of an element whose contributions
+    nearly cancel.  So an element may be off by ``eps`` times the tensor's largest
+    magnitude per step.  A dropped or doubled gradient moves the state by the gradient
+    itself, far beyond that wherever the gradient is more than a few eps of the
+    tensor's scale (and the parameter updates are checked besides)."""
+    scale = max(expected.double().abs().max().item(), actual.double().abs().max().item())
+    return steps * eps * scale
+
+
+def _rounding_slack(expected: torch.Tensor, actual: torch.Tensor, steps: int) -> torch.Tensor:
+    """How far two runs' values of a low-precision tensor may be apart by rounding
+    alone: an ulp (at most ``eps * |value|``) per step (zero for float32 and wider)."""
+    if expected.dtype not in (torch.bfloat16, torch.float16):
+        return torch.zeros(expected.shape, dtype=torch.float64)
+    eps = torch.finfo(expected.dtype).eps
+    return steps * eps * torch.maximum(expected.double().abs(), actual.double().abs())
+
+
 def _assert_updates(
-    expected: dict[str, Any], actual: dict[str, Any], tol: Tolerance, what: str, rank: int
+    expected: dict[str, Any],
+    actual: dict[str, Any],
+    tol: Tolerance,
+    what: str,
+    rank: int,
+    slack: dict[str, torch.Tensor],
 ) -> None:
-    """Mixed precision: parameter updates relative to the reference's update; buffers and
-    optimizer state relative to their value."""
+    """Mixed precision: parameter updates relative to the reference's update (plus the
+    rounding ``slack`` of a low-precision parameter); buffers and optimizer state
+    relative to their value."""
     updates = [k for k in expected if k.endswith(" (update)")]
     for key in updates:
         e, a = expected[key].double(), actual[key].double()
-        bad = (a - e).abs() > tol.atol + tol.rtol * e.abs()
+        bad = (a - e).abs() > tol.atol + tol.rtol * e.abs() + slack.get(key, 0.0)
         if bool(bad.any()):
             i = int(bad.flatten().nonzero()[0])
             raise PropertyFailure(
                 f"{what} on rank {rank}: {key} element {i}: expected "
                 f"{e.flatten()[i].item():.8g}, got {a.flatten()[i].item():.8g} ({tol})"
             )
-    rest_e = {k: v for k, v in expected.items() if k not in updates}
-    rest_a = {k: v for k, v in actual.items() if k not in updates}
+    rest_e = {k: v for k, v in expected.items() if k not in updates and k not in slack}
+    rest_a = {k: v for k, v in actual.items() if k not in updates and k not in slack}
     assert_same(rest_e, rest_a, what=what, rank=rank, rtol=MIXED_LOSS_RTOL, atol=tol.atol)
+    for key in sorted(set(slack) - set(updates)):  # optimizer state (see _state_slack)
+        atol = tol.atol + float(slack[key])
+        assert_same(
+            {key: expected[key]}, {key: actual[key]}, what=what, rank=rank,
+            rtol=MIXED_LOSS_RTOL, atol=atol,
+        )  # fmt: skip

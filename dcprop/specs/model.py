@@ -17,10 +17,12 @@ from dcprop.specs._base import (
     Spec,
     as_pairs,
     as_tuple,
+    at_least,
     at_most,
     flag,
     instance_of,
     non_empty,
+    non_negative,
     one_of,
     pairs_of,
     positive,
@@ -28,16 +30,23 @@ from dcprop.specs._base import (
 )
 
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "identity")
+#: Parameter dtypes a :class:`Linear` may hold; the first is every other layer's.
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 @attrs.frozen(repr=False)
 class Linear(Spec):
-    """``nn.Linear``; with ``unused_input`` it also takes the model input and ignores it."""
+    """``nn.Linear``; with ``unused_input`` it also takes the model input and ignores it.
+
+    ``dtype`` other than ``"fp32"`` keeps weight and bias in bf16 or fp16 beside the
+    model's float32 parameters: the layer computes in its dtype and hands float32 on.
+    """
 
     in_features: int = attrs.field(validator=positive)
     out_features: int = attrs.field(validator=positive)
     bias: bool = attrs.field(default=True, validator=flag)
     unused_input: bool = attrs.field(default=False, validator=flag)
+    dtype: str = attrs.field(default="fp32", validator=one_of(DTYPES))
 
 
 @attrs.frozen(repr=False)
@@ -64,6 +73,19 @@ class Embedding(Spec):
 
     num_embeddings: int = attrs.field(validator=positive)
     dim: int = attrs.field(validator=positive)
+
+
+@attrs.frozen(repr=False)
+class Mask(Spec):
+    """A fixed sign mask: ``where(keep, x, -x)`` with ``keep`` a persistent bool buffer.
+
+    With ``cache`` it also adds ``cache``, a float buffer registered with
+    ``persistent=False``: derived from the spec like a rotary-embedding table, rebuilt
+    by every constructor, and never part of a state dict.
+    """
+
+    dim: int = attrs.field(validator=positive)
+    cache: bool = attrs.field(default=False, validator=flag)
 
 
 # A container's children are checked against LAYERS, defined once every layer class
@@ -149,6 +171,30 @@ class Experts(Spec):
     layers: tuple[Layer, ...] = attrs.field(converter=as_tuple, validator=[_layers, non_empty])
 
 
+@attrs.frozen(repr=False)
+class Skip(Spec):
+    """``body`` on the training steps ``s`` with ``s % period == phase``, the identity on
+    the others: a branch (an expert no token was routed to) that a step leaves without
+    gradients, so that a checkpoint may hold no optimizer state for it.
+
+    The module counts its forward calls in ``calls``, a persistent int64 buffer that
+    training updates: a resumed job gates as the uninterrupted one only if it was
+    restored.  One call per step, so a Skip may not lie inside a :class:`Repeat`.
+    """
+
+    body: Layer = attrs.field(validator=_layer)
+    period: int = attrs.field(default=2, validator=[*positive, at_least(2), at_most(16)])
+    phase: int = attrs.field(default=0, validator=non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        if self.phase >= self.period:
+            raise SpecError(f"phase={self.phase}: must be < period={self.period}")
+
+    def used_at(self, call: int) -> bool:
+        """Whether the ``call``-th forward (0-based) applies the body."""
+        return call % self.period == self.phase
+
+
 Layer = (
     Linear
     | Activation
@@ -161,6 +207,8 @@ Layer = (
     | Branches
     | Repeat
     | Experts
+    | Mask
+    | Skip
 )
 
 
@@ -176,15 +224,17 @@ LAYERS = (
     Branches,
     Repeat,
     Experts,
+    Mask,
+    Skip,
 )
-LEAVES = (Linear, Activation, LayerNorm, BatchNorm, Embedding)
+LEAVES = (Linear, Activation, LayerNorm, BatchNorm, Embedding, Mask)
 
 
 def children_of(layer: Any) -> tuple[tuple[str, Any], ...]:
     """Named children, in the order torch registers them."""
     if isinstance(layer, Block):
         return layer.children
-    if isinstance(layer, Repeat):
+    if isinstance(layer, (Repeat, Skip)):
         return (("body", layer.body),)
     if isinstance(layer, (Sequential, ModuleList, Branches, Experts)):
         return tuple((str(i), c) for i, c in enumerate(layer.layers))
@@ -210,13 +260,29 @@ RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
 
 
 def own_buffers(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The persistent buffers a layer registers itself: ``(name, shape)`` pairs."""
     if isinstance(layer, BatchNorm):
         return (
             (RUNNING_MEAN, (layer.dim,)),
             (RUNNING_VAR, (layer.dim,)),
             ("num_batches_tracked", ()),
         )
+    if isinstance(layer, Mask):
+        return (("keep", (layer.dim,)),)
+    if isinstance(layer, Skip):
+        return (("calls", ()),)
     return ()
+
+
+def own_non_persistent_buffers(layer: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The buffers a layer registers with ``persistent=False``: never in a state dict."""
+    if isinstance(layer, Mask) and layer.cache:
+        return (("cache", (layer.dim,)),)
+    return ()
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
 
 
 def join(prefix: str, name: str) -> str:
@@ -275,7 +341,7 @@ def _linear_width(layer: Linear, width: int, path: str) -> int:
     return layer.out_features
 
 
-def _norm_width(layer: LayerNorm | BatchNorm, width: int, path: str) -> int:
+def _norm_width(layer: LayerNorm | BatchNorm | Mask, width: int, path: str) -> int:
     if layer.dim != width:
         raise SpecError(
             f"{type(layer).__name__} at {path or '<root>'!r} has dim={layer.dim} but its "
@@ -284,7 +350,7 @@ def _norm_width(layer: LayerNorm | BatchNorm, width: int, path: str) -> int:
     return width
 
 
-def _same_width(layer: Activation, width: int, path: str) -> int:
+def _same_width(layer: Activation | Mask, width: int, path: str) -> int:
     return width
 
 
@@ -299,7 +365,7 @@ def _concat_width(layer: Branches, width: int, path: str) -> int:
     return sum(outs) + (width if layer.concat_input else 0)
 
 
-def _width_keeping(layer: Repeat | Experts, width: int, path: str) -> int:
+def _width_keeping(layer: Repeat | Experts | Skip, width: int, path: str) -> int:
     for name, child in children_of(layer):
         out = output_width(child, width, join(path, name))
         if out != width:
@@ -322,6 +388,8 @@ _WIDTH_RULES: dict[type, Any] = {
     Branches: _concat_width,
     Repeat: _width_keeping,
     Experts: _width_keeping,
+    Mask: _norm_width,
+    Skip: _width_keeping,
 }
 
 
@@ -355,6 +423,17 @@ class ModelSpec(Spec):
                     f"tie ({src!r}, {dst!r}): weights must exist and have one shape, "
                     f"got {shapes[0]} and {shapes[1]}"
                 )
+            dtypes = {getattr(modules[p], "dtype", "fp32") for p in (src, dst)}
+            if len(dtypes) > 1:
+                raise SpecError(
+                    f"tie ({src!r}, {dst!r}): one shared weight has one dtype, got {sorted(dtypes)}"
+                )
+        for path, layer in self.modules():
+            if isinstance(layer, Repeat) and any(isinstance(x, Skip) for _, x in walk(layer)):
+                raise SpecError(
+                    f"Repeat at {path or '<root>'!r} holds a Skip: a Skip gates on its calls, "
+                    "one per training step, and a Repeat calls it several times"
+                )
         targets = [d for _, d in self.ties]
         if len(set(targets)) != len(targets) or set(targets) & {s for s, _ in self.ties}:
             raise SpecError(f"ties {self.ties} must not chain or repeat a target")
@@ -378,11 +457,11 @@ class ModelSpec(Spec):
             return first.num_embeddings
         if isinstance(first, Linear):
             return first.in_features
-        if isinstance(first, (LayerNorm, BatchNorm)):
+        if isinstance(first, (LayerNorm, BatchNorm, Mask)):
             return first.dim
         raise SpecError(
             "the model's first layer must fix the input width (Linear, LayerNorm, "
-            f"BatchNorm or Embedding), got {first!r}"
+            f"BatchNorm, Mask or Embedding), got {first!r}"
         )
 
     @property
@@ -425,7 +504,61 @@ class ModelSpec(Spec):
         return tuple(join(p, n) for p, layer in self.modules() for n, _ in own_parameters(layer))
 
     def buffers(self) -> dict[str, tuple[int, ...]]:
+        """Persistent buffer FQN -> shape: the buffers a model state dict holds."""
         return {join(p, n): s for p, layer in self.modules() for n, s in own_buffers(layer)}
+
+    def non_persistent_buffers(self) -> dict[str, tuple[int, ...]]:
+        """Buffers registered with ``persistent=False``: never saved, never loaded."""
+        return {
+            join(p, n): s
+            for p, layer in self.modules()
+            for n, s in own_non_persistent_buffers(layer)
+        }
+
+    def low_precision_modules(self) -> tuple[str, ...]:
+        """Paths of the layers whose parameters are not float32."""
+        return tuple(
+            p for p, layer in self.modules() if isinstance(layer, Linear) and layer.dtype != "fp32"
+        )
+
+    def ungated_parameters(self) -> frozenset[str]:
+        """Parameter FQNs that some module outside every :class:`Skip` body uses: each
+        training step uses them, whichever branches it skips."""
+        gated = {
+            p
+            for path, layer in self.modules()
+            if isinstance(layer, Skip)
+            for p, _ in walk(layer.body, join(path, "body"))
+        }
+        return frozenset(
+            fqn
+            for fqn, names in self.aliases().items()
+            if any(_owner(name) not in gated for name in names)
+        )
+
+    def idle_parameters(self, steps: int) -> frozenset[str]:
+        """Parameter FQNs that no forward of the first ``steps`` training steps used:
+        each lies in a :class:`Skip` body that every one of those steps skipped, so it
+        never had a gradient (a tied weight is used if any of its modules is)."""
+        used: set[str] = set()
+        calls = {p: 0 for p, layer in self.modules() if isinstance(layer, Skip)}
+
+        def run(layer: Any, path: str) -> None:
+            used.add(path)
+            if isinstance(layer, Skip):
+                call, calls[path] = calls[path], calls[path] + 1
+                if not layer.used_at(call):
+                    return
+            for name, child in children_of(layer):
+                run(child, join(path, name))
+
+        for _ in range(steps):
+            run(self.root, "")
+        return frozenset(
+            fqn
+            for fqn, names in self.aliases().items()
+            if not any(_owner(name) in used for name in names)
+        )
 
     def has_batch_statistics(self) -> bool:
         return any(isinstance(layer, BatchNorm) for _, layer in self.modules())

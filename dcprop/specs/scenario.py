@@ -128,8 +128,14 @@ def _check_topology(
         _check_wrap(model, plan.wrap, f"{which} plan")
         if not plan.use_orig_params:
             _check_uniform_frozen(model, plan.wrap, frozen, which)
+        _check_uniform_dtypes(model, plan.wrap, (), which)
     if isinstance(plan, FSDP2Plan):
         _check_wrap(model, plan.wrap, f"{which} plan")
+        units = plan.wrap
+        if plan.experts:
+            experts = len(_module_paths(model)[plan.experts.module].layers)
+            units += tuple(f"{plan.experts.module}.{e}" for e in range(experts))
+        _check_uniform_dtypes(model, units, frozen, which)
         if plan.tp:
             _check_tp(model, topo, plan.tp)
         if plan.experts:
@@ -187,6 +193,52 @@ def _check_uniform_frozen(
             )
 
 
+def _check_uniform_dtypes(
+    model: ModelSpec, units: tuple[str, ...], exempt: tuple[str, ...], which: str
+) -> None:
+    """torch's FSDP keeps one all-gather and one reduce-scatter buffer per unit and
+    asserts that the unit's parameters share a dtype (FSDP2: its trainable ones, so
+    the ``exempt`` frozen ones aside; FSDP1: all, flattened into one tensor)."""
+    modules = _module_paths(model)
+    dtypes: dict[str, set[str]] = {}
+    for name in model.parameter_names():
+        if name not in exempt:
+            layer = modules[name.rpartition(".")[0]]
+            dtypes.setdefault(flat_unit(name, units), set()).add(getattr(layer, "dtype", "fp32"))
+    for unit, found in dtypes.items():
+        if len(found) > 1:
+            raise SpecError(
+                f"{which} plan: unit {unit or '<root>'!r} mixes parameter dtypes "
+                f"{sorted(found)}; torch's FSDP needs one dtype per unit (wrap each "
+                "low-precision Linear on its own)"
+            )
+
+
+def _check_every_step_trains(
+    model: ModelSpec, frozen: tuple[str, ...], fine_tuning_frozen: tuple[str, ...]
+) -> None:
+    if model.parameter_names() and not model.ungated_parameters() - set(fine_tuning_frozen):
+        raise SpecError(
+            f"frozen={frozen} leaves only parameters inside Skip bodies to train: a step "
+            "that skips them all has a loss without gradient, which backward refuses; "
+            "leave a parameter outside every Skip trainable"
+        )
+
+
+def eps_underflows(
+    model: ModelSpec, frozen: tuple[str, ...], pretrained: str | None
+) -> tuple[str, ...]:
+    """The fp16 parameters that some phase trains (a fine-tuning scenario's pretrain
+    phase trains the pretrained part, frozen later): where Adam's eps underflows."""
+    fp16 = {p for p, layer in model.modules() if getattr(layer, "dtype", "") == "fp16"}
+    return tuple(
+        n
+        for n in model.parameter_names()
+        if n.rpartition(".")[0] in fp16
+        and (n not in frozen or (pretrained is not None and is_within(n, pretrained)))
+    )
+
+
 def _sorted_names(value: Any) -> Any:
     if isinstance(value, (tuple, list)) and all(isinstance(n, str) for n in value):
         return tuple(sorted(value))
@@ -233,6 +285,15 @@ class Scenario(Spec):
     kill: Kill | None = attrs.field(default=None, validator=optional(instance_of(Kill)))
 
     def __attrs_post_init__(self) -> None:
+        self._check_worlds()
+        self._check_frozen()
+        self._check_training()
+        for which, topo in (("save", self.save), ("load", self.load)):
+            if topo is not None:
+                _check_topology(self.model, topo, self.device, self.frozen, which)
+        self._check_pretrained()
+
+    def _check_worlds(self) -> None:
         if self.kill is not None and self.kill.ranks[-1] >= self.save.world_size:
             raise SpecError(
                 f"kill.ranks={self.kill.ranks!r}: the save runs on ranks "
@@ -244,6 +305,8 @@ class Scenario(Spec):
                 f"({self.world_size} ranks): the job must hold the model, so use None or "
                 f"at least {self.world_size}"
             )
+
+    def _check_frozen(self) -> None:
         params = set(self.model.parameter_names())
         unknown = sorted(set(self.frozen) - params)
         if unknown:
@@ -256,6 +319,9 @@ class Scenario(Spec):
                 f"frozen={self.frozen} freezes every parameter, so the optimizer would "
                 "have nothing to train: leave at least one parameter out of frozen"
             )
+        _check_every_step_trains(self.model, self.frozen, self.fine_tuning_frozen)
+
+    def _check_training(self) -> None:
         if self.model.takes_tokens and self.training.input_requires_grad:
             raise SpecError(
                 "training.input_requires_grad=True needs float input, but the model "
@@ -266,9 +332,16 @@ class Scenario(Spec):
                 f"training.batch_size={self.training.batch_size}: BatchNorm needs at "
                 "least 2 rows per rank in training mode"
             )
-        for which, topo in (("save", self.save), ("load", self.load)):
-            if topo is not None:
-                _check_topology(self.model, topo, self.device, self.frozen, which)
+        underflow = eps_underflows(self.model, self.frozen, self.pretrained)
+        if underflow and self.optimizer.kind != "sgd":
+            raise SpecError(
+                f"optimizer kind={self.optimizer.kind!r} trains fp16 parameters "
+                f"{list(underflow)[:4]}: its eps (1e-8) is 0 in fp16, so a zero gradient "
+                "steps them to NaN (0/0), and a NaN state compares equal to itself; "
+                "use SGD, bf16, or freeze them"
+            )
+
+    def _check_pretrained(self) -> None:
         if self.pretrained is not None:
             layer = _module_paths(self.model).get(self.pretrained)
             if self.pretrained == "" or layer is None:

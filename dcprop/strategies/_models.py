@@ -28,8 +28,10 @@ LAYER_KINDS = (
     "block",
     "branches",
     "repeat",
+    "mask",
+    "skip",
 )
-_CONTAINERS = ("sequential", "module_list", "block", "branches", "repeat")
+_CONTAINERS = ("sequential", "module_list", "block", "branches", "repeat", "skip")
 _NAMES = {
     "linear": "fc",
     "activation": "act",
@@ -41,6 +43,8 @@ _NAMES = {
     "block": "block",
     "branches": "branches",
     "repeat": "repeat",
+    "mask": "mask",
+    "skip": "skip",
 }
 
 
@@ -84,20 +88,49 @@ def dims(
 
 
 class _ModelConfig:
-    __slots__ = ("dim", "kinds", "max_depth", "max_layers")
+    __slots__ = ("dim", "dtypes", "kinds", "max_depth", "max_layers")
 
     def __init__(
-        self, kinds: tuple[str, ...], max_layers: int, max_depth: int, dim: st.SearchStrategy[int]
+        self,
+        kinds: tuple[str, ...],
+        max_layers: int,
+        max_depth: int,
+        dim: st.SearchStrategy[int],
+        dtypes: tuple[str, ...],
     ) -> None:
         self.kinds, self.max_layers, self.max_depth, self.dim = kinds, max_layers, max_depth, dim
+        self.dtypes = dtypes
+
+
+def _dtype(draw: Any, cfg: _ModelConfig) -> str:
+    """float32 for three Linears in four (a model mostly in one precision, as real ones
+    are), else a low-precision dtype of ``cfg.dtypes``; shrinks to float32."""
+    low = [d for d in cfg.dtypes if d != "fp32"]
+    if low and draw(st.integers(0, 3)) == 3:
+        return str(draw(st.sampled_from(low)))
+    return "fp32"
+
+
+def _skip(draw: Any, width: int) -> S.Skip:
+    """A Skip whose body keeps the width; phase 0 (used on the first step) is simplest."""
+    body: Any = S.Linear(width, width)
+    if draw(st.booleans()):
+        body = S.Sequential((body, S.Activation("tanh")))
+    period = draw(st.integers(2, 4))
+    return S.Skip(body, period=period, phase=draw(st.integers(0, period - 1)))
 
 
 def _layer(draw: Any, kind: str, width: int, depth: int, cfg: _ModelConfig) -> tuple[Any, int]:
     if kind in ("linear", "unused_input"):
+        dtype = _dtype(draw, cfg)
         out = draw(cfg.dim)
-        return S.Linear(
-            width, out, bias=not draw(st.booleans()), unused_input=kind == "unused_input"
-        ), out
+        bias = not draw(st.booleans())
+        unused = kind == "unused_input"
+        return S.Linear(width, out, bias=bias, unused_input=unused, dtype=dtype), out
+    if kind == "mask":
+        return S.Mask(width, cache=draw(st.booleans())), width
+    if kind == "skip":
+        return _skip(draw, width), width
     if kind == "activation":
         return S.Activation(draw(st.sampled_from(S.ACTIVATIONS))), width
     if kind == "layernorm":
@@ -156,10 +189,14 @@ def _chain(
 
 
 def _square_linears(root: S.Block) -> list[str]:
+    """Linears that a tie can pair: square, and float32 (a low-precision Linear is
+    wrapped on its own by every sharded plan, which a tie across units forbids)."""
     return [
         p
         for p, layer in S.walk(root)
-        if isinstance(layer, S.Linear) and layer.in_features == layer.out_features
+        if isinstance(layer, S.Linear)
+        and layer.in_features == layer.out_features
+        and layer.dtype == "fp32"
     ]
 
 
@@ -219,6 +256,7 @@ def models(
     ties: bool = True,
     tp_size: int = 0,
     experts: int = 0,
+    dtypes: Any = S.DTYPES,
 ) -> st.SearchStrategy[S.ModelSpec]:
     """Random layered models: a root block of up to ``max_layers`` children, nested up
     to ``max_depth`` containers deep, widths from :func:`dims`.
@@ -227,7 +265,12 @@ def models(
     model starting with an ``Embedding`` (optionally tied to an output head);
     ``ties`` allows two modules sharing one weight; ``tp_size`` adds an MLP that a
     tensor-parallel plan of that size can split; ``experts`` adds that many experts
-    for a sub-mesh plan.  Shrinks toward one small ``Linear``.
+    for a sub-mesh plan.  ``dtypes`` (:data:`~dcprop.specs.DTYPES`, ``"fp32"`` among
+    them) are the parameter dtypes a Linear may hold; about one Linear in four is
+    drawn in a low-precision one.  The kinds ``"mask"`` (bool and non-persistent
+    buffers) and ``"skip"`` (a branch that some steps skip, with a step counter) give
+    the buffers and the gradient-less steps that real models have.  Shrinks toward
+    one small float32 ``Linear``.
 
     >>> models(max_layers=2).example()                                  # doctest: +SKIP
     ModelSpec(Block((('fc0', Linear(4, 2)), ('act1', Activation()))))
@@ -246,8 +289,18 @@ def models(
     check_type("ties", ties, bool)
     check_int("tp_size", tp_size, min_value=0)
     check_int("experts", experts, min_value=0, max_value=64)
-    cfg = _ModelConfig(kinds, max_layers, max_depth, _dims(shards, min_dim, max_dim, uneven))
+    dim = _dims(shards, min_dim, max_dim, uneven)
+    cfg = _ModelConfig(kinds, max_layers, max_depth, dim, _check_dtypes(dtypes))
     return _models(cfg, embedding, ties, tp_size, experts)
+
+
+def _check_dtypes(dtypes: Any) -> tuple[str, ...]:
+    choices = check_choices("dtypes", dtypes, S.DTYPES)
+    if "fp32" not in choices:
+        raise InvalidArgument(
+            f"dtypes={choices!r} must include 'fp32' (every layer but a Linear is float32)"
+        )
+    return choices
 
 
 @st.composite

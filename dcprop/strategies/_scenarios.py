@@ -18,6 +18,7 @@ from hypothesis.errors import InvalidArgument
 
 from dcprop import specs as S
 from dcprop.properties import PROPERTY_NAMES
+from dcprop.specs.scenario import eps_underflows
 from dcprop.strategies._damage import damage_for
 from dcprop.strategies._kills import kills
 from dcprop.strategies._lazy import defines_strategy
@@ -167,6 +168,7 @@ class _Config:
     frozen: bool
     job_world_size: int | None
     exclude: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = S.DTYPES
 
 
 @st.composite
@@ -183,6 +185,7 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
         tp_size=tp_size,
         experts=experts,
         embedding=cfg.property != "finetune_resume",
+        dtypes=cfg.dtypes,
     )
     model = draw(strategy)
     if cfg.property != "finetune_resume":
@@ -225,7 +228,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         save=save,
         load=load,
         frozen=frozen,
-        optimizer=draw(optimizers()),
+        optimizer=draw(_optimizer(cfg, model, frozen)),
         training=draw(_training(cfg, model)),
         storage=draw(storage_options()),
         pretrained=_PRETRAINED if cfg.property == "finetune_resume" else None,
@@ -299,11 +302,18 @@ def _frozen(
     if not cfg.frozen:
         return st.just(())
     frozen = frozen_groups(units, len(names), min_trainable=1)
+    # One parameter always trains: every rank holds it (outside an expert layout's
+    # experts) and every step uses it (outside every Skip body), so no rank's optimizer
+    # is empty and no step's loss lacks a gradient.  The root's first layer is one.
     experts = save.plan.experts if isinstance(save.plan, S.FSDP2Plan) else None
-    if experts is None:
+    ungated = model.ungated_parameters()
+    if experts is None and ungated == set(names):
         return frozen
-    shared = next(n for n in names if not S.is_within(n, experts.module))
-    return frozen.map(lambda f: tuple(n for n in f if n != shared))  # every rank trains
+    anchor = next(
+        n for n in names if n in ungated and not (experts and S.is_within(n, experts.module))
+    )
+    unit = next(u for u in units if anchor in u)
+    return frozen.map(lambda f: tuple(n for n in f if n not in unit))
 
 
 def _flat_units(
@@ -324,6 +334,17 @@ def _flat_units(
                 group.update(dict.fromkeys(merged, merged))
     ordered = dict.fromkeys(group[name] for name in names)
     return tuple(tuple(n for n in names if n in members) for members in ordered)
+
+
+def _optimizer(
+    cfg: _Config, model: S.ModelSpec, frozen: tuple[str, ...]
+) -> st.SearchStrategy[S.OptimizerSpec]:
+    """SGD alone where fp16 parameters train: Adam's eps underflows in fp16 (see
+    :func:`~dcprop.specs.scenario.eps_underflows`); any optimizer elsewhere."""
+    pretrained = _PRETRAINED if cfg.property == "finetune_resume" else None
+    if eps_underflows(model, frozen, pretrained):
+        return optimizers(kinds=("sgd",))
+    return optimizers()
 
 
 def _training(cfg: _Config, model: S.ModelSpec) -> st.SearchStrategy[S.TrainingSpec]:
@@ -354,14 +375,15 @@ def scenarios(
     frozen: bool = True,
     job_world_size: int | None = None,
     exclude: Any = (),
+    dtypes: Any = S.DTYPES,
 ) -> st.SearchStrategy[S.Scenario]:
     """Whole examples for ``property`` (one of ``PROPERTY_NAMES``).
 
     ``world_sizes``: the world sizes to draw from (a reshard draws save and load
     sizes separately).  ``kinds``: allowed plan kinds (FSDP1 only with
-    ``device="cuda"``).  The model arguments are those of :func:`models`;
-    ``frozen=False`` freezes nothing.  ``job_world_size``: the size of every example's
-    job (its default process group; torchrun's world), which the model's world must
+    ``device="cuda"``).  The model arguments (``dtypes`` among them) are those of
+    :func:`models`; ``frozen=False`` freezes nothing.  ``job_world_size``: the size of
+    every example's job (its default process group; torchrun's world), which the model's world must
     fit in; by default the job is usually the model's own world and sometimes a
     larger size from ``world_sizes``, the model then on a sub-world of the job.
     ``exclude``: regions never drawn, such as ``("plan=submesh",
@@ -381,7 +403,7 @@ def scenarios(
     """
     cfg = _config(
         property, world_sizes, device, kinds, max_layers, max_depth, max_dim, uneven,
-        layers, max_steps, frozen, job_world_size, exclude,
+        layers, max_steps, frozen, job_world_size, exclude, dtypes,
     )  # fmt: skip
     if not cfg.exclude:
         return _scenarios(cfg)
@@ -403,6 +425,7 @@ def _config(
     frozen: bool,
     job_world_size: int | None,
     exclude: Any,
+    dtypes: Any,
 ) -> _Config:
     """The arguments of :func:`scenarios`, checked, with its exclusions applied."""
     check_choices("property", (property,), PROPERTY_NAMES)
@@ -413,9 +436,11 @@ def _config(
     check_fraction("uneven", uneven)
     check_type("frozen", frozen, bool)
     layers = check_choices("layers", layers, LAYER_KINDS)
+    dtypes = check_choices("dtypes", dtypes, S.DTYPES)
     models(
-        max_layers=max_layers, max_depth=max_depth, max_dim=max_dim, uneven=uneven, layers=layers
-    ).validate()
+        max_layers=max_layers, max_depth=max_depth, max_dim=max_dim, uneven=uneven,
+        layers=layers, dtypes=dtypes,
+    ).validate()  # fmt: skip
     words = parse_exclusions(exclude)
     cfg = _Config(
         property,
@@ -431,6 +456,7 @@ def _config(
         frozen and "frozen=some" not in words,
         job_world_size,
         words,
+        dtypes,
     )
     _check_some_plan(cfg, kinds)
     return _check_satisfiable(cfg)

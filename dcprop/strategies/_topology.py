@@ -154,6 +154,24 @@ def _wrap_candidates(model: S.ModelSpec, avoid: str | None) -> list[str]:
 
 
 @st.composite
+def _wraps(draw: Any, model: S.ModelSpec, candidates: list[str]) -> tuple[str, ...]:
+    """Up to three drawn submodules to wrap, and every low-precision Linear.
+
+    torch's FSDP (fully_shard's ``_init_mp_dtypes``, FSDP1's flat parameter) asserts
+    that the trainable parameters of one unit share a dtype: a unit has one all-gather
+    and one reduce-scatter buffer.  That is its documented contract, not a bug, so each
+    low-precision Linear is a unit of its own (the model strategy never ties one, which
+    could split a shared weight); the frozen set is drawn after the plan, so the rule
+    cannot lean on frozen parameters being exempt."""
+    drawn = (
+        tuple(draw(st.lists(st.sampled_from(candidates), unique=True, max_size=3)))
+        if candidates
+        else ()
+    )
+    return tuple(dict.fromkeys((*drawn, *model.low_precision_modules())))
+
+
+@st.composite
 def plans_of_kind(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) -> S.Plan:
     """Plans of ``kind`` (one of ``plan_kinds_for(model, mesh)``) on the role-named
     ``mesh`` (:func:`names_for`), unchecked: :func:`parallel_plans` checks its arguments."""
@@ -161,11 +179,7 @@ def plans_of_kind(draw: Any, model: S.ModelSpec, mesh: S.MeshSpec, kind: str) ->
     experts = _experts_count(model) if kind == "submesh" else None
     candidates = _wrap_candidates(model, experts[0] if experts else None)
     # wrap and reshard are drawn for every kind (see _optimizers for why)
-    wrap = (
-        tuple(draw(st.lists(st.sampled_from(candidates), unique=True, max_size=3)))
-        if candidates
-        else ()
-    )
+    wrap = draw(_wraps(model, candidates))
     reshard = not draw(st.booleans())
     if kind == "ddp":
         return S.DDPPlan()
