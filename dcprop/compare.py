@@ -7,7 +7,8 @@ a DTensor), and the largest absolute difference.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+import struct
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ __all__ = [
     "full_values",
     "local_values",
     "mismatches",
+    "same_bits",
 ]
 
 
@@ -113,6 +115,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     if not t.is_floating_point():
         return t  # integers and booleans compare bitwise already
     return t.contiguous().view(_BITS[t.element_size()])
+
+
+def same_bits(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two runs' losses are the same floats bit for bit: a run that diverged to
+    NaN equals its replay when the replay diverges the same way (``nan != nan`` would
+    fail it), and -0.0 is not 0.0."""
+    return len(a) == len(b) and struct.pack(f"{len(a)}d", *a) == struct.pack(f"{len(b)}d", *b)
 
 
 def _tensor_detail(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> str | None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dcprop.compare import assert_same, mismatches
+from dcprop.compare import assert_same, mismatches, same_bits
 from dcprop.errors import PropertyFailure
 
 NAN = float("nan")
@@ -87,3 +87,11 @@ def test_tolerance_keeps_allclose_semantics_and_equates_nan_with_nan():
     assert not mismatches(saved, {"w": torch.tensor([1.05, NAN, INF, -0.0])}, rtol=0.1, atol=0)
     (found,) = mismatches(saved, {"w": torch.tensor([1.5, NAN, INF, 0.0])}, rtol=0.1, atol=0)
     assert "1 of 4 elements differ" in found.detail and "expected 1.0, got 1.5" in found.detail
+
+
+def test_losses_compare_bit_for_bit():
+    nan = float("nan")
+    assert same_bits([nan, 1.5], [nan, 1.5])  # a diverged run equals its exact replay
+    assert not same_bits([0.0], [-0.0])
+    assert not same_bits([1.0], [1.0 + 2**-52])
+    assert not same_bits([1.0], [1.0, 1.0])

@@ -24,7 +24,7 @@ import attrs
 import torch
 
 from dcprop import specs as S
-from dcprop.compare import assert_same
+from dcprop.compare import assert_same, same_bits
 from dcprop.errors import PropertyFailure, UsageError
 from dcprop.properties._harness import (
     DEFAULT_HOOKS,
@@ -74,7 +74,7 @@ def finetune_resume(
     second.check_keys(loaded, "after load", ignore_frozen_params=True)
     second.resume_at(steps)
     resumed = [second.train_step() for _ in range(steps)]
-    if resumed != uninterrupted:
+    if not same_bits(resumed, uninterrupted):
         raise PropertyFailure(
             f"resumed losses {resumed} != uninterrupted {uninterrupted} (rank {ctx.rank})"
         )
