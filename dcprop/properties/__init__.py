@@ -30,6 +30,7 @@ PROPERTIES: dict[str, str] = {
     "ddp_parity": "dcprop.properties.ddp_parity:ddp_parity",
     "finetune_resume": "dcprop.properties.finetune_resume:finetune_resume",
     "submesh_layout": "dcprop.properties.submesh_layout:submesh_layout",
+    "lifecycle": "dcprop.properties.lifecycle:lifecycle",
 }
 PROPERTY_NAMES = tuple(PROPERTIES)
 

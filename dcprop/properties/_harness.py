@@ -20,7 +20,14 @@ from torch import nn
 
 from dcprop import build
 from dcprop import specs as S
-from dcprop.checkpointer import AnyCheckpointer, DCPCheckpointer, StatefulCheckpointer, live
+from dcprop.checkpointer import (
+    AnyCheckpointer,
+    DCPCheckpointer,
+    Pending,
+    StatefulCheckpointer,
+    live,
+    start_save,
+)
 from dcprop.contract import Contract
 from dcprop.errors import PropertyFailure
 from dcprop.runner.execute import PeerFailed, RankContext
@@ -265,8 +272,23 @@ class Job:
             checkpointer.save(state, path, storage=storage, group=self.group)
         return path
 
-    def load(self, state: dict[str, Any], name: str) -> None:
-        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``."""
+    def start_save(self, state: dict[str, Any], name: str) -> Pending:
+        """Like :meth:`save`, through the checkpointer's asynchronous save where it has
+        one: returns the pending save (``result()`` awaits it)."""
+        checkpointer = live(self.hooks.checkpointer, self.ctx)
+        if isinstance(checkpointer, StatefulCheckpointer):
+            state = app_state_of(state, self.steps_taken)
+        return start_save(
+            checkpointer,
+            state,
+            self.checkpoint_dir(name),
+            storage=self.scenario.storage,
+            group=self.group,
+        )
+
+    def load(self, state: dict[str, Any], name: str, step: int | None = None) -> None:
+        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``, which
+        was saved after ``step`` training steps (default: the scenario's)."""
         path = self.checkpoint_dir(name)
         checkpointer = live(self.hooks.checkpointer, self.ctx)
         if not isinstance(checkpointer, StatefulCheckpointer):
@@ -280,12 +302,12 @@ class Job:
                 f"load_app_state never called load_state_dict of {missed} (rank {self.rank})"
             )
         state.update({key: app_state[key].loaded for key in state})
-        step = app_state[TRAIN_STATE].loaded["step"]  # type: ignore[index]
-        # every property saves after the scenario's training steps
-        if step != self.scenario.training.steps:
+        loaded = app_state[TRAIN_STATE].loaded["step"]  # type: ignore[index]
+        saved_at = self.scenario.training.steps if step is None else step
+        if loaded != saved_at:
             raise PropertyFailure(
-                f"the train state loaded from {name!r} has step {step!r}, saved at step "
-                f"{self.scenario.training.steps} (rank {self.rank})"
+                f"the train state loaded from {name!r} has step {loaded!r}, saved at step "
+                f"{saved_at} (rank {self.rank})"
             )
 
     def restore(self, name: str, **overrides: Any) -> None:

@@ -8,7 +8,17 @@ from typing import Any
 import attrs
 
 from dcprop.errors import SpecError
-from dcprop.specs._base import Spec, instance_of, non_negative, one_of, optional, positive, tuple_of
+from dcprop.specs import lifecycle as L
+from dcprop.specs._base import (
+    Spec,
+    as_tuple,
+    instance_of,
+    non_negative,
+    one_of,
+    optional,
+    positive,
+    tuple_of,
+)
 from dcprop.specs.model import (
     Activation,
     Block,
@@ -224,14 +234,22 @@ class Scenario(Spec):
     seed: int = attrs.field(default=0, validator=non_negative)
     device: str = attrs.field(default="cpu", validator=one_of(DEVICES))
     job_world_size: int | None = attrs.field(default=None, validator=optional(*positive))
+    program: tuple[L.Step, ...] = attrs.field(
+        default=(), converter=as_tuple, validator=tuple_of(*L.STEP_TYPES)
+    )
 
     def __attrs_post_init__(self) -> None:
+        self._check_fields()
+        if self.program:
+            _ProgramCheck(self).run()
         if self.job_world_size is not None and self.job_world_size < self.world_size:
             raise SpecError(
                 f"job_world_size={self.job_world_size} is smaller than the model's world "
                 f"({self.world_size} ranks): the job must hold the model, so use None or "
                 f"at least {self.world_size}"
             )
+
+    def _check_fields(self) -> None:
         params = set(self.model.parameter_names())
         unknown = sorted(set(self.frozen) - params)
         if unknown:
@@ -269,8 +287,14 @@ class Scenario(Spec):
 
     @property
     def world_size(self) -> int:
-        """Ranks the example needs: the larger of the save and load worlds."""
-        return max(self.save.world_size, self.load_topology.world_size)
+        """Ranks the example needs: the largest of the save, load and program worlds."""
+        return max(t.world_size for t in self.topologies)
+
+    @property
+    def topologies(self) -> tuple[Topology, ...]:
+        """Every topology the example runs a job on: save, load, then each restart's."""
+        restarts = [s.topology for s in self.program if isinstance(s, (L.Restart, L.Crash))]
+        return (self.save, self.load_topology, *restarts)
 
     @property
     def job_world(self) -> int:
@@ -280,8 +304,7 @@ class Scenario(Spec):
     @property
     def meshes(self) -> tuple[MeshSpec, ...]:
         """The device meshes an example over this scenario asks the runner for."""
-        load = self.load_topology.mesh
-        return (self.save.mesh,) if load == self.save.mesh else (self.save.mesh, load)
+        return tuple(dict.fromkeys(t.mesh for t in self.topologies))
 
     @property
     def load_topology(self) -> Topology:
@@ -318,3 +341,83 @@ class Scenario(Spec):
             if is_within(s, self.pretrained) and is_within(d, self.pretrained)
         )
         return ModelSpec(layer, ties)
+
+
+class _ProgramCheck:
+    """Walks ``scenario.program`` keeping what a job would hold at each step (the frozen
+    set, the checkpoints saved, in flight and lost), and raises a :class:`SpecError`
+    naming the step that cannot run."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.params = set(scenario.model.parameter_names())
+        self.frozen = set(scenario.frozen)
+        self.topology = scenario.save
+        self.saved: dict[str, L.Save] = {}
+        self.frozen_at: dict[str, frozenset[str]] = {}
+        self.in_flight: set[str] = set()
+        self.lost: set[str] = set()
+
+    def run(self) -> None:
+        for index, step in enumerate(self.scenario.program):
+            try:
+                self.step(step)
+            except SpecError as e:
+                raise SpecError(f"program[{index}] {step!r}: {e}") from None
+
+    def step(self, step: L.Step) -> None:
+        if isinstance(step, L.Train) and self.frozen == self.params:
+            raise SpecError("every parameter is frozen: there is nothing to train")
+        if isinstance(step, (L.Freeze, L.Unfreeze)):
+            self.refreeze(step)
+        elif isinstance(step, L.Save):
+            self.save(step)
+        elif isinstance(step, L.Wait):
+            self.in_flight.clear()
+        elif isinstance(step, L.Load):
+            self.loadable(step.name)
+        elif isinstance(step, (L.Restart, L.Crash)):
+            if isinstance(step, L.Crash):
+                self.lost |= self.in_flight
+            self.in_flight.clear()
+            self.topology = step.topology
+            self.check_topology()
+            self.loadable(step.checkpoint)
+
+    def refreeze(self, step: L.Freeze | L.Unfreeze) -> None:
+        unknown = sorted(set(step.names) - self.params)
+        if unknown:
+            raise SpecError(f"{unknown} are not parameters of the model")
+        freeze = isinstance(step, L.Freeze)
+        already = sorted(set(step.names) & self.frozen if freeze else set(step.names) - self.frozen)
+        if already:
+            raise SpecError(f"{already} are {'frozen' if freeze else 'trainable'} already")
+        self.frozen = self.frozen | set(step.names) if freeze else self.frozen - set(step.names)
+        self.check_topology()
+
+    def check_topology(self) -> None:
+        frozen = tuple(sorted(self.frozen))
+        _check_topology(self.scenario.model, self.topology, self.scenario.device, frozen, "the")
+
+    def save(self, step: L.Save) -> None:
+        if step.name in self.saved:
+            raise SpecError(f"checkpoint {step.name!r} is saved twice")
+        self.saved[step.name] = step
+        self.frozen_at[step.name] = frozenset(self.frozen)
+        if step.async_:
+            self.in_flight.add(step.name)
+
+    def loadable(self, name: str) -> None:
+        if name not in self.saved:
+            raise SpecError(f"checkpoint {name!r} is not saved before this step")
+        if name in self.lost:
+            raise SpecError(f"checkpoint {name!r} was in flight at a crash: it is lost")
+        if name in self.in_flight:
+            raise SpecError(f"checkpoint {name!r} is still in flight: Wait() for it first")
+        at_save = self.frozen_at[name]
+        if self.saved[name].state_dict.ignore_frozen_params and at_save != self.frozen:
+            raise SpecError(
+                f"checkpoint {name!r} was saved without the frozen parameters "
+                f"{sorted(at_save)}, so it loads only under that frozen set (now "
+                f"{sorted(self.frozen)})"
+            )

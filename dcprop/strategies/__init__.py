@@ -14,6 +14,7 @@ nothing frozen, default options.
 """
 
 from dcprop.properties import PROPERTY_NAMES
+from dcprop.strategies._lifecycle import STEP_KINDS, lifecycles
 from dcprop.strategies._models import LAYER_KINDS, dims, frozen_subsets, models
 from dcprop.strategies._options import (
     OPTIMIZER_KINDS,
@@ -43,9 +44,11 @@ __all__ = [
     "PLAN_KINDS",
     "PLAN_KINDS_BY_PROPERTY",
     "PROPERTY_NAMES",
+    "STEP_KINDS",
     "dims",
     "factorizations",
     "frozen_subsets",
+    "lifecycles",
     "meshes",
     "models",
     "optimizers",
