@@ -90,7 +90,12 @@ class KnownBug:
 
 
 def _topologies(scenario: S.Scenario) -> tuple[S.Topology, ...]:
-    return (scenario.save, scenario.load_topology)
+    """The topologies an example runs on; a lifecycle program's saves choose their own
+    state-dict options, so there each topology counts once per option set saved with."""
+    saves = [s.state_dict for s in scenario.program if isinstance(s, S.Save)]
+    if not saves:
+        return (scenario.save, scenario.load_topology)
+    return tuple(attrs.evolve(t, state_dict=o) for t in scenario.topologies for o in saves)
 
 
 def _on_a_topology(condition: Callable[[S.Topology], bool]) -> Callable[[S.Scenario], bool]:
@@ -292,7 +297,52 @@ def _only_second_names_kept(sighting: Sighting) -> bool:
     return bool(kept) and set(kept) <= later
 
 
+def _frozen_at(scenario: S.Scenario, index: int) -> set[str]:
+    """The parameters frozen when step ``index`` of the program runs."""
+    frozen = set(scenario.frozen)
+    for step in scenario.program[:index]:
+        if isinstance(step, S.Freeze):
+            frozen |= set(step.names)
+        elif isinstance(step, S.Unfreeze):
+            frozen -= set(step.names)
+    return frozen
+
+
+def _loaded_frozen_optim_state_missing(sighting: Sighting) -> bool:
+    """Only optimizer state of parameters frozen at the failing load is missing."""
+    at = re.search(r"at program\[(\d+)\]", sighting.message)
+    if at is None or not sighting.keys:
+        return False
+    frozen = _frozen_at(sighting.scenario, int(at.group(1)))
+    missing = [
+        line for line in sighting.message.splitlines() if line.endswith("missing after load")
+    ]
+    return len(missing) == len(sighting.keys) and all(
+        k.startswith("optim/state/") and k.split("/")[2] in frozen for k in sighting.keys
+    )
+
+
+def _frozen_then_loaded(scenario: S.Scenario) -> bool:
+    kinds = [type(s) for s in scenario.program]
+    loads = (S.Load, S.Restart, S.Crash)
+    return S.Freeze in kinds and any(k in loads for k in kinds[kinds.index(S.Freeze) :])
+
+
 KNOWN_BUGS: tuple[KnownBug, ...] = (
+    KnownBug(
+        id="dsd-frozen-optim-state-dropped",
+        title="set_optimizer_state_dict drops the saved optimizer state of a parameter that is "
+        "frozen at load time",
+        pattern=r"^PropertyFailure: state loaded from 'cN' on rank N: differences in N of N "
+        r"entries \(bitwise\):",
+        occurs_in=_frozen_then_loaded,
+        shows=_loaded_frozen_optim_state_missing,
+        related=("https://github.com/pytorch/pytorch/issues/192202",),
+        explanation="_split_optim_state_dict and _unflatten_optim_state_dict keep state only for "
+        "parameters with requires_grad, so a parameter trained, then frozen, loses its momentum "
+        "or Adam moments at every load (and restarts from zero moments when unfrozen), though "
+        "the checkpoint holds them and get_optimizer_state_dict saved them.",
+    ),
     KnownBug(
         id="dsd-full-osd-stateless-optimizer",
         title="set_state_dict(full_state_dict=True) asserts for an optimizer without state "

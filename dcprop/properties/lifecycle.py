@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -55,7 +57,7 @@ from dcprop.properties._harness import (
 from dcprop.properties.ddp_parity import ATOL, RTOL, _backward, _state_options
 from dcprop.runner.execute import RankContext
 
-__all__ = ["TrainState", "lifecycle"]
+__all__ = ["WHERE", "TrainState", "lifecycle", "where"]
 
 TRAIN = "train"
 
@@ -151,10 +153,13 @@ class _Run:
         self.world = topology.world_size
         self.job = None
         if self.ctx.rank < topology.world_size:
-            frozen = tuple(sorted(self.frozen))
+            # every optimizer holds every parameter, so that what it holds never depends
+            # on when it was built; the frozen set is then applied as a Freeze step would
             self.job = Job(
-                self.ctx, self.scenario, topology, seed=seed, frozen=frozen, hooks=self.hooks
+                self.ctx, self.scenario, topology, seed=seed, frozen=(), hooks=self.hooks
             )
+            self.job.frozen = tuple(sorted(self.frozen))
+            _set_requires_grad(self.job.model, self.frozen, False)
             self.train = TrainState.fresh(self.scenario, self.ctx.rank)
 
     def do(self, index: int, step: S.Step) -> None:
@@ -167,11 +172,10 @@ class _Run:
             failed = e
         self.ctx.agree(failed is None, f"program[{index}] {step!r}")
         if isinstance(failed, PropertyFailure):
-            raise PropertyFailure(
-                f"after program[{index}] {step!r}: {failed}", keys=failed.keys
-            ) from None
+            # the step goes last: the first line is the signature, the same across shrinks
+            raise PropertyFailure(f"{failed}\n  {where(index, step)}", keys=failed.keys) from None
         if failed is not None:
-            failed.add_note(f"(lifecycle step program[{index}] {step!r})")
+            failed.add_note(where(index, step))
             raise failed
 
     def _apply(self, index: int, step: S.Step) -> Saved | None:
@@ -215,14 +219,10 @@ class _Run:
 
     def _refreeze(self, names: set[str], *, freeze: bool) -> None:
         self.frozen = self.frozen | names if freeze else self.frozen - names
-        modules = [self.reference.module]
+        _set_requires_grad(self.reference.module, names, not freeze)
         if self.job is not None:
             self.job.frozen = tuple(sorted(self.frozen))
-            modules.append(self.job.model)
-        for module in modules:
-            for name, p in module.named_parameters():
-                if canonical_name(name) in names:
-                    p.requires_grad_(not freeze)
+            _set_requires_grad(self.job.model, names, not freeze)
 
     def _save(self, step: S.Save) -> None:
         sharded = None
@@ -315,6 +315,21 @@ class _Run:
         self._await()
 
 
+def where(index: int, step: S.Step) -> str:
+    """How a failure names the step it happened at (``at program[3] Load('c0')``)."""
+    return f"at program[{index}] {step!r}"
+
+
+#: finds the step a failure happened at in its message
+WHERE = re.compile(r"at program\[(\d+)\]")
+
+
+def _set_requires_grad(module: torch.nn.Module, names: Collection[str], value: bool) -> None:
+    for name, p in module.named_parameters():
+        if canonical_name(name) in names:
+            p.requires_grad_(value)
+
+
 def _left_out(saved: Saved, model: S.ModelSpec) -> list[str]:
     """The keys of frozen parameters a checkpoint saved without them."""
     if not saved.step.state_dict.ignore_frozen_params:
@@ -335,9 +350,9 @@ class _Reference:
         frozen: frozenset[str] | None = None,
     ) -> None:
         self.ctx, self.scenario = ctx, scenario
-        names = tuple(sorted(scenario.frozen if frozen is None else frozen))
-        self.module = hooks.model_factory(scenario.model, seed, ctx.device, names)
+        self.module = hooks.model_factory(scenario.model, seed, ctx.device, ())
         self.optimizer = build.optimizer_for(self.module.parameters(), scenario.optimizer)
+        _set_requires_grad(self.module, scenario.frozen if frozen is None else frozen, False)
         self.scheduler = build.scheduler_for(self.optimizer, scenario.optimizer)
         self.train = TrainState.fresh(scenario, ctx.rank)
 
