@@ -314,11 +314,24 @@ def _loaded_frozen_optim_state_missing(sighting: Sighting) -> bool:
     if at is None or not sighting.keys:
         return False
     frozen = _frozen_at(sighting.scenario, int(at.group(1)))
-    missing = [
-        line for line in sighting.message.splitlines() if line.endswith("missing after load")
-    ]
-    return len(missing) == len(sighting.keys) and all(
+    others = ("present after load", "elements differ", "dtype ", "shape ", " != ")
+    return not any(word in sighting.message for word in others) and all(
         k.startswith("optim/state/") and k.split("/")[2] in frozen for k in sighting.keys
+    )
+
+
+def _unfrozen_then_saved(scenario: S.Scenario) -> bool:
+    """A parameter frozen at first (or by a step) is trainable again at a later save."""
+    kinds = [type(s) for s in scenario.program]
+    return S.Unfreeze in kinds and S.Save in kinds[kinds.index(S.Unfreeze) :]
+
+
+def _missing_state_of_unfrozen(sighting: Sighting) -> bool:
+    """The parameter the load misses state for is one the program unfroze."""
+    name = re.search(r"Missing optimizer state for parameter '([^']+)'", sighting.message)
+    program = sighting.scenario.program
+    return name is not None and any(
+        isinstance(s, S.Unfreeze) and name.group(1) in s.names for s in program
     )
 
 
@@ -329,6 +342,21 @@ def _frozen_then_loaded(scenario: S.Scenario) -> bool:
 
 
 KNOWN_BUGS: tuple[KnownBug, ...] = (
+    KnownBug(
+        id="dsd-partial-optim-state-init",
+        title="get_optimizer_state_dict saves no state for a trainable parameter that has had "
+        "no gradient yet, and set_optimizer_state_dict(strict=True) then rejects that very "
+        "checkpoint",
+        pattern=r"^RuntimeError: Missing optimizer state for parameter '.*' in checkpoint\. "
+        r"The parameter requires gradients but has no saved optimizer state\.",
+        occurs_in=_unfrozen_then_saved,
+        shows=_missing_state_of_unfrozen,
+        related=("https://github.com/pytorch/pytorch/issues/192202",),
+        explanation="_init_optim_state initialises optimizer state only when the optimizer has "
+        "none at all, so once any parameter has state, a parameter unfrozen since (trainable, "
+        "never stepped) is saved without state; the strict load then requires state for every "
+        "parameter that requires grad.  A plain Optimizer.load_state_dict accepts it.",
+    ),
     KnownBug(
         id="dsd-frozen-optim-state-dropped",
         title="set_optimizer_state_dict drops the saved optimizer state of a parameter that is "

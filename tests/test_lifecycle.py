@@ -1,0 +1,108 @@
+"""The lifecycle property: programs of train, freeze, save, load, restart and crash
+steps against a single-process reference."""
+
+import lifecycle_injections as inj
+import pytest
+from hypothesis import example, find, given, settings
+
+import dcprop.specs as S
+from dcprop import serialization
+from dcprop import strategies as dst
+from dcprop.errors import ExampleFailure
+from dcprop.properties import run_and_match, run_property
+from dcprop.properties._harness import Hooks
+
+FSDP2 = S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan())
+ONE = S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan())
+MLP = S.ModelSpec(
+    S.Block((("fc0", S.Linear(3, 4)), ("act", S.Activation()), ("fc1", S.Linear(4, 2))))
+)
+ADAM = S.OptimizerSpec("adam", scheduler=S.SchedulerSpec())
+
+# The seeds' fine-tuning scenario (seed 000): pretrain, load the pretrained part as a
+# frozen submodule, train on top, save without the frozen parameters, restart, resume.
+FINE_TUNING = S.Scenario(
+    S.ModelSpec(
+        S.Block(
+            (
+                ("pretrain", S.Block((("fc0", S.Linear(3, 4)), ("fc1", S.Linear(4, 4))))),
+                ("act", S.Activation()),
+                ("head", S.Linear(4, 2)),
+            )
+        )
+    ),
+    FSDP2,
+    optimizer=ADAM,
+    program=(
+        S.Freeze(("head.bias", "head.weight")),
+        S.Train(2),
+        S.Save("c0"),
+        S.Restart(FSDP2, "c0"),
+        S.Unfreeze(("head.bias", "head.weight")),
+        S.Freeze(
+            ("pretrain.fc0.bias", "pretrain.fc0.weight", "pretrain.fc1.bias", "pretrain.fc1.weight")
+        ),
+        S.Train(2),
+        S.Save("c1", S.StateDictSpec(ignore_frozen_params=True)),
+        S.Restart(ONE, "c1"),
+        S.Train(2),
+    ),
+)
+
+
+def test_program_specs_round_trip_and_reject_bad_programs():
+    assert serialization.loads(serialization.dumps(FINE_TUNING)) == FINE_TUNING
+    assert eval(repr(FINE_TUNING), vars(S)) == FINE_TUNING
+    assert FINE_TUNING.world_size == 2 and FINE_TUNING.meshes == (FSDP2.mesh, ONE.mesh)
+    with pytest.raises(
+        S.SpecError if hasattr(S, "SpecError") else Exception, match="program\\[0\\]"
+    ):
+        S.Scenario(MLP, FSDP2, program=(S.Load("c0"),))
+    with pytest.raises(Exception, match="in flight"):
+        S.Scenario(MLP, FSDP2, program=(S.Save("c0", async_=True), S.Load("c0")))
+
+
+@settings(max_examples=4, deadline=None, database=None)
+@example(scenario=FINE_TUNING).via("the seeds' fine-tuning scenario (seed 000)")
+@given(scenario=dst.scenarios("lifecycle", world_sizes=(1, 2), max_layers=2, max_dim=4))
+def test_lifecycle_holds_on_stock_torch(dcprop_runner, scenario):
+    failed = run_and_match(dcprop_runner, "lifecycle", scenario)
+    assert failed is None or failed.known is not None, failed and failed.failure
+
+
+def test_frozen_optimizer_state_dropped_at_load_is_the_known_torch_bug(dcprop_runner):
+    program = (S.Train(2), S.Save("c0"), S.Freeze(("fc0.bias",)), S.Train(), S.Load("c0"))
+    failed = run_and_match(
+        dcprop_runner, "lifecycle", S.Scenario(MLP, FSDP2, optimizer=ADAM, program=program)
+    )
+    assert failed is not None and failed.known.id == "dsd-frozen-optim-state-dropped"
+    assert "at program[4] Load('c0')" in str(failed.failure)
+
+
+FIND = settings(max_examples=40, deadline=None, database=None, derandomize=True)
+SMALL = dict(world_sizes=(1, 2), max_layers=2, max_dim=4)
+
+INJECTIONS = [
+    (inj.ForgetsScheduler(), lambda s: s.optimizer.scheduler is not None),
+    pytest.param(inj.RNGOfRankZero(), lambda s: s.world_size > 1, marks=pytest.mark.slow),
+    pytest.param(inj.OptimizerOfFirstSave(), None, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("checkpointer", "want"), INJECTIONS, ids=["scheduler", "rng", "pairing"])
+def test_lifecycle_injection_is_caught_and_shrunk(dcprop_runner, checkpointer, want):
+    hooks = Hooks(checkpointer=checkpointer)
+
+    def caught(scenario):
+        if want is not None and not want(scenario):
+            return False
+        try:
+            run_property(dcprop_runner, "lifecycle", scenario, hooks=hooks, timeout=20)
+        except ExampleFailure as failure:
+            return "PropertyFailure" in failure.signature
+        return False
+
+    found = find(dst.scenarios("lifecycle", **SMALL), caught, settings=FIND)
+    print(f"{type(checkpointer).__name__} shrunk to: {found!r}")
+    assert len(found.program) <= 4
+    assert any(isinstance(s, (S.Load, S.Restart, S.Crash)) for s in found.program)
