@@ -272,9 +272,10 @@ class Job:
             checkpointer.save(state, path, storage=storage, group=self.group)
         return path
 
-    def start_save(self, state: dict[str, Any], name: str) -> Pending:
+    def start_save(self, state: dict[str, Any], name: str, group: Any = None) -> Pending:
         """Like :meth:`save`, through the checkpointer's asynchronous save where it has
-        one: returns the pending save (``result()`` awaits it)."""
+        one: returns the pending save (``result()`` awaits it).  ``group`` (default: the
+        job's) is the one the save's collectives run on while training goes on."""
         checkpointer = live(self.hooks.checkpointer, self.ctx)
         if isinstance(checkpointer, StatefulCheckpointer):
             state = app_state_of(state, self.steps_taken)
@@ -283,7 +284,7 @@ class Job:
             state,
             self.checkpoint_dir(name),
             storage=self.scenario.storage,
-            group=self.group,
+            group=self.group if group is None else group,
         )
 
     def load(self, state: dict[str, Any], name: str, step: int | None = None) -> None:

@@ -231,7 +231,8 @@ class _Run:
             state[TRAIN] = self.train.state_dict(self.ctx.rank)
             self.job.resume_at(self.train.step)  # the step an app state's train_state holds
             if step.async_:
-                self.pending[step.name] = self.job.start_save(state, step.name)
+                group = self.ctx.checkpoint_group(self.world)  # training goes on meanwhile
+                self.pending[step.name] = self.job.start_save(state, step.name, group)
             else:
                 self.job.save(state, step.name)
             sharded = self._sharded_state()

@@ -242,7 +242,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
     )
     if cfg.property == "lifecycle":
         restarts = _restart_topologies(cfg, model)
-        program = draw(lifecycles(model, save, frozen=frozen, restarts=restarts))
+        program = draw(lifecycles(model, save, frozen=frozen, restarts=restarts, async_saves=True))
         scenario = attrs.evolve(scenario, program=program)
     return attrs.evolve(scenario, job_world_size=draw(_job(cfg, scenario.world_size)))
 
