@@ -128,3 +128,21 @@ def test_lifecycle_injection_is_found_and_shrunk(dcprop_runner, name):
     print(f"{type(checkpointer).__name__} shrunk to: {found!r}")
     assert len(found.program) <= 6
     assert isinstance(found.program[-1], (S.Load, S.Restart, S.Crash))
+
+
+def test_the_reproducer_prints_the_program_and_replays_it(dcprop_runner, tmp_path, monkeypatch):
+    from test_repro import replay, write_failing
+
+    scenario = S.Scenario(MLP, FSDP2, program=(S.Train(), S.Save("c0"), S.Load("c0")))
+    checkpointer = inj.RNGOfRankZero()
+    path = write_failing(
+        dcprop_runner, tmp_path, monkeypatch, "lifecycle", scenario, checkpointer=checkpointer
+    )
+    with open(path) as f:
+        text = f.read()
+    assert (
+        "    program=(\n        Train(),\n        Save('c0'),\n        Load('c0'),\n    )," in text
+    )
+    result = replay(path, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL: lifecycle" in result.stdout and "at program[2] Load('c0')" in result.stdout

@@ -175,7 +175,9 @@ class _Run:
             # the step goes last: the first line is the signature, the same across shrinks
             raise PropertyFailure(f"{failed}\n  {where(index, step)}", keys=failed.keys) from None
         if failed is not None:
-            failed.add_note(where(index, step))
+            note = getattr(failed, "add_note", None)  # Python 3.11+: shown in the traceback
+            if note is not None:
+                note(where(index, step))
             raise failed
 
     def _apply(self, index: int, step: S.Step) -> Saved | None:
@@ -265,8 +267,12 @@ class _Run:
 
     def _restart(self, index: int, step: S.Restart | S.Crash) -> Saved:
         if isinstance(step, S.Crash):
-            self.lost.extend(self.pending.values())  # a dead job's saves never finish
+            # A dead job's saves in flight are never loaded.  Their writer threads are
+            # let finish before the next job starts (a dead process's would be gone):
+            # their collectives would otherwise meet the next job's saves' on one group.
+            self.lost.extend(self.pending.values())
             self.pending.clear()
+            self._end_lost()
         else:
             self._await()
         seed = self.scenario.seed + 1 + index  # fresh weights: a value never loaded shows
@@ -306,13 +312,16 @@ class _Run:
             expected, actual, what=f"state loaded from {loaded.step.name!r}", rank=self.ctx.rank
         )
 
-    def finish(self) -> None:
-        """Await every save still in flight (a crashed job's too: its writer threads must
-        end before the example's directory goes; their outcome has no verdict)."""
+    def _end_lost(self) -> None:
         lost, self.lost = self.lost, []
         for pending in lost:
             with contextlib.suppress(Exception):  # the job that started it is gone
                 pending.result()
+
+    def finish(self) -> None:
+        """Await every save still in flight: its writer thread must end before the
+        example's directory goes."""
+        self._end_lost()
         self._await()
 
 

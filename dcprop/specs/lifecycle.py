@@ -102,7 +102,8 @@ class Save(Spec):
     """Save the job's whole state (model, optimizer, LR scheduler, train state) as
     checkpoint ``name``, taken with the state-dict options ``state_dict``; with
     ``async_``, through the checkpointer's ``async_save``, and training goes on before
-    the save is awaited (by :class:`Wait`, a restart, or the end of the program)."""
+    the save is awaited (by :class:`Wait`, a restart, or the end of the program); one
+    async save may be in flight at a time."""
 
     name: str = attrs.field(validator=identifier)
     state_dict: StateDictSpec = attrs.field(factory=StateDictSpec, validator=_save_options)

@@ -402,6 +402,11 @@ class _ProgramCheck:
     def save(self, step: L.Save) -> None:
         if step.name in self.saved:
             raise SpecError(f"checkpoint {step.name!r} is saved twice")
+        if step.async_ and self.in_flight:
+            raise SpecError(
+                f"an async save while {sorted(self.in_flight)} is in flight: two saves' "
+                "collectives would share one group; Wait() first"
+            )
         self.saved[step.name] = step
         self.frozen_at[step.name] = frozenset(self.frozen)
         if step.async_:

@@ -91,7 +91,8 @@ def _step(draw: Any, t: _Tracker, restarts: Any, async_saves: bool) -> S.Step:
     if kind == "set_lr":
         return S.SetLR(draw(st.sampled_from(_LRS)))
     if kind == "save":
-        asynchronous = draw(st.booleans()) if async_saves else False
+        # one save in flight at a time, as trainers do (their collectives share a group)
+        asynchronous = draw(st.booleans()) if async_saves and not t.in_flight else False
         return S.Save(f"c{len(t.saved)}", draw(_save_options()), async_=asynchronous)
     if kind == "wait":
         return S.Wait()
