@@ -320,19 +320,26 @@ def _loaded_frozen_optim_state_missing(sighting: Sighting) -> bool:
     )
 
 
-def _unfrozen_then_saved(scenario: S.Scenario) -> bool:
-    """A parameter frozen at first (or by a step) is trainable again at a later save."""
+def _unfrozen_then_loaded(scenario: S.Scenario) -> bool:
+    """A parameter frozen at first (or by a step) is unfrozen before a later load."""
     kinds = [type(s) for s in scenario.program]
-    return S.Unfreeze in kinds and S.Save in kinds[kinds.index(S.Unfreeze) :]
+    loads = (S.Load, S.Restart, S.Crash)
+    return S.Unfreeze in kinds and any(k in loads for k in kinds[kinds.index(S.Unfreeze) :])
+
+
+_NO_SAVED_STATE = (
+    r"Missing optimizer state for parameter '([^']+)'",
+    r"Missing key in checkpoint state_dict: optim\.state\.(.+)\.\w+\.$",
+)
 
 
 def _missing_state_of_unfrozen(sighting: Sighting) -> bool:
-    """The parameter the load misses state for is one the program unfroze."""
-    name = re.search(r"Missing optimizer state for parameter '([^']+)'", sighting.message)
-    program = sighting.scenario.program
-    return name is not None and any(
-        isinstance(s, S.Unfreeze) and name.group(1) in s.names for s in program
-    )
+    """The parameter the load misses optimizer state for is one the program unfroze."""
+    lines = sighting.message.splitlines()
+    found = [re.search(p, line) for p in _NO_SAVED_STATE for line in lines]
+    names = {m.group(1) for m in found if m is not None}
+    unfrozen = {n for s in sighting.scenario.program if isinstance(s, S.Unfreeze) for n in s.names}
+    return len(names) == 1 and names <= unfrozen
 
 
 def _frozen_then_loaded(scenario: S.Scenario) -> bool:
@@ -344,18 +351,22 @@ def _frozen_then_loaded(scenario: S.Scenario) -> bool:
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
         id="dsd-partial-optim-state-init",
-        title="get_optimizer_state_dict saves no state for a trainable parameter that has had "
-        "no gradient yet, and set_optimizer_state_dict(strict=True) then rejects that very "
-        "checkpoint",
+        title="a parameter saved without optimizer state (frozen then, or unfrozen and not yet "
+        "stepped) cannot be loaded once it is trainable: the load template asks DCP for state "
+        "the checkpoint never had, or set_optimizer_state_dict(strict=True) rejects it",
         pattern=r"^RuntimeError: Missing optimizer state for parameter '.*' in checkpoint\. "
-        r"The parameter requires gradients but has no saved optimizer state\.",
-        occurs_in=_unfrozen_then_saved,
+        r"The parameter requires gradients but has no saved optimizer state\."
+        r"|^RuntimeError: Missing key in checkpoint state_dict: optim\.state\..* "
+        r"@ create_default_local_load_plan$",
+        occurs_in=_unfrozen_then_loaded,
         shows=_missing_state_of_unfrozen,
         related=("https://github.com/pytorch/pytorch/issues/192202",),
-        explanation="_init_optim_state initialises optimizer state only when the optimizer has "
-        "none at all, so once any parameter has state, a parameter unfrozen since (trainable, "
-        "never stepped) is saved without state; the strict load then requires state for every "
-        "parameter that requires grad.  A plain Optimizer.load_state_dict accepts it.",
+        explanation="Optimizer state follows requires_grad: _init_optim_state steps only "
+        "trainable parameters, and only when the optimizer has no state at all, so a parameter "
+        "frozen at the save, or unfrozen since the last step, is saved without state.  Once it "
+        "is trainable, the template that get_optimizer_state_dict makes for the load holds "
+        "state for it (DCP: missing key), or the strict set_optimizer_state_dict requires it.  "
+        "A plain Optimizer.load_state_dict accepts the checkpoint.",
     ),
     KnownBug(
         id="dsd-frozen-optim-state-dropped",

@@ -1,6 +1,7 @@
 """The lifecycle property: programs of train, freeze, save, load, restart and crash
 steps against a single-process reference."""
 
+import checkpointer_helpers
 import lifecycle_injections as inj
 import pytest
 from hypothesis import example, find, given, settings
@@ -72,6 +73,26 @@ def test_lifecycle_holds_on_stock_torch(dcprop_runner, scenario):
 def test_the_seed_fine_tuning_program_holds(dcprop_runner):
     results = run_property(dcprop_runner, "lifecycle", FINE_TUNING)
     assert len(results[0]["losses"]) == 6
+
+
+ASYNC = (
+    S.Train(),
+    S.Save("c0", async_=True),
+    S.Train(2),  # training goes on while c0 is in flight
+    S.Wait(),
+    S.Load("c0"),
+    S.Save("c1", async_=True),
+    S.Crash(ONE, "c0"),  # c1 is lost
+    S.Train(),
+)
+
+
+@pytest.mark.parametrize("checkpointer", [None, checkpointer_helpers.AppStateDCP()])
+def test_async_saves_restarts_and_an_app_state_checkpointer(dcprop_runner, checkpointer):
+    scenario = S.Scenario(MLP, FSDP2, optimizer=ADAM, program=ASYNC)
+    hooks = None if checkpointer is None else Hooks(checkpointer=checkpointer)
+    results = run_property(dcprop_runner, "lifecycle", scenario, hooks=hooks)
+    assert len(results[0]["losses"]) == 4
 
 
 def test_frozen_optimizer_state_dropped_at_load_is_the_known_torch_bug(dcprop_runner):

@@ -347,9 +347,11 @@ def _flat_units(
 def _training(cfg: _Config, model: S.ModelSpec) -> st.SearchStrategy[S.TrainingSpec]:
     min_batch = 2 if model.has_batch_statistics() else 1  # BatchNorm needs two rows
     min_steps = 2 if cfg.property == "ddp_parity" else 1
+    # a lifecycle's program says when it trains: training.steps goes unused
+    max_steps = 1 if cfg.property == "lifecycle" else max(min_steps, cfg.max_steps)
     return trainings(
         min_steps=min_steps,
-        max_steps=max(min_steps, cfg.max_steps),
+        max_steps=max_steps,
         min_batch=min_batch,
         max_batch=max(min_batch, 3),
         input_requires_grad=not model.takes_tokens,
