@@ -112,7 +112,7 @@ TWO_SAVES = (S.Train(), S.Save("c0"), S.SetLR(0.5), S.Train(), S.Save("c1"), S.L
 # needs for the fault to show, examples the search may try)
 INJECTIONS = {
     "scheduler": (inj.ForgetsScheduler(), (S.Train(), S.Save("c0"), S.Train(), S.Load("c0")),
-                  "scheduler/", lambda s: s.optimizer.scheduler is not None, 40),
+                  "scheduler/", lambda s: s.optimizer.scheduler is not None, 100),
     "rng": (inj.RNGOfRankZero(), (S.Save("c0"), S.Load("c0")), "train/rng_rank1",
             lambda s: s.world_size > 1, 40),
     "pairing": (inj.OptimizerOfFirstSave(), TWO_SAVES, "optim/param_groups[0]/lr", None, 150),
@@ -137,11 +137,9 @@ def test_lifecycle_injection_is_found_and_shrunk(dcprop_runner, name):
     def caught(scenario):
         if want is not None and not want(scenario):
             return False
-        try:
-            run_property(dcprop_runner, "lifecycle", scenario, hooks=hooks, timeout=20)
-        except ExampleFailure as failure:
-            return "PropertyFailure" in failure.signature
-        return False
+        failed = run_and_match(dcprop_runner, "lifecycle", scenario, hooks=hooks, timeout=20)
+        # a known torch bug met on the way is not the injected fault
+        return failed is not None and failed.known is None and "PropertyFailure" in str(failed)
 
     found = find(
         dst.scenarios("lifecycle", **SMALL), caught, settings=settings(FIND, max_examples=examples)
