@@ -95,6 +95,14 @@ def test_async_saves_restarts_and_an_app_state_checkpointer(dcprop_runner, check
     assert len(results[0]["losses"]) == 4
 
 
+def test_a_restart_on_a_larger_world_waits_for_the_save_in_flight(dcprop_runner):
+    """Ranks the saving job did not hold load only once its save is complete (the
+    campaign saw them read a checkpoint without its .metadata yet)."""
+    program = (S.Train(), S.Save("c0", async_=True), S.Restart(FSDP2, "c0"), S.Train())
+    results = run_property(dcprop_runner, "lifecycle", S.Scenario(MLP, ONE, program=program))
+    assert len(results[1]["losses"]) == 1
+
+
 def test_frozen_optimizer_state_dropped_at_load_is_the_known_torch_bug(dcprop_runner):
     program = (S.Train(2), S.Save("c0"), S.Freeze(("fc0.bias",)), S.Train(), S.Load("c0"))
     failed = run_and_match(

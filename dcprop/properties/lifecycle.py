@@ -266,15 +266,23 @@ class _Run:
         return saved
 
     def _restart(self, index: int, step: S.Restart | S.Crash) -> Saved:
-        if isinstance(step, S.Crash):
-            # A dead job's saves in flight are never loaded.  Their writer threads are
-            # let finish before the next job starts (a dead process's would be gone):
-            # their collectives would otherwise meet the next job's saves' on one group.
-            self.lost.extend(self.pending.values())
-            self.pending.clear()
-            self._end_lost()
-        else:
-            self._await()
+        failed: BaseException | None = None
+        try:
+            if isinstance(step, S.Crash):
+                # A dead job's saves in flight are never loaded.  Their writer threads are
+                # let finish before the next job starts (a dead process's would be gone):
+                # their collectives would otherwise meet the next job's saves' on one group.
+                self.lost.extend(self.pending.values())
+                self.pending.clear()
+                self._end_lost()
+            else:
+                self._await()
+        except BaseException as e:
+            failed = e
+        # every rank of the next job waits for them, also those the old job did not hold
+        self.ctx.agree(failed is None, "awaiting the saves in flight")
+        if failed is not None:
+            raise failed
         seed = self.scenario.seed + 1 + index  # fresh weights: a value never loaded shows
         self.reference = _Reference(self.ctx, self.scenario, self.hooks, seed, self.frozen)
         self._start(step.topology, seed)
