@@ -5,6 +5,7 @@ import checkpointer_helpers
 import lifecycle_injections as inj
 import pytest
 from hypothesis import example, find, given, settings
+from hypothesis import strategies as st
 
 import dcprop.specs as S
 from dcprop import serialization
@@ -136,6 +137,16 @@ def test_lifecycle_catches_a_broken_checkpointer(dcprop_runner, name):
     assert key in str(info.value) and f"at program[{len(program) - 1}]" in str(info.value)
 
 
+def _strategy(name):
+    """Whole scenarios; for the pairing fault, programs alone on one model and optimizer
+    (it shows only after two saves that differ and a load of the later one, which whole
+    scenarios did not reach in 400 derandomized examples)."""
+    if name != "pairing":
+        return dst.scenarios("lifecycle", **SMALL)
+    programs = dst.lifecycles(MLP, FSDP2, restarts=st.sampled_from([FSDP2, ONE]))
+    return programs.map(lambda program: S.Scenario(MLP, FSDP2, optimizer=ADAM, program=program))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", INJECTIONS)
 def test_lifecycle_injection_is_found_and_shrunk(dcprop_runner, name):
@@ -146,12 +157,12 @@ def test_lifecycle_injection_is_found_and_shrunk(dcprop_runner, name):
         if want is not None and not want(scenario):
             return False
         failed = run_and_match(dcprop_runner, "lifecycle", scenario, hooks=hooks, timeout=20)
-        # a known torch bug met on the way is not the injected fault
-        return failed is not None and failed.known is None and "PropertyFailure" in str(failed)
+        if failed is None or failed.known is not None or "PropertyFailure" not in str(failed):
+            return False
+        # the fault's doing only where plain DCP holds (not a torch bug met another way)
+        return run_and_match(dcprop_runner, "lifecycle", scenario, timeout=20) is None
 
-    found = find(
-        dst.scenarios("lifecycle", **SMALL), caught, settings=settings(FIND, max_examples=examples)
-    )
+    found = find(_strategy(name), caught, settings=settings(FIND, max_examples=examples))
     print(f"{type(checkpointer).__name__} shrunk to: {found!r}")
     assert len(found.program) <= 6
     assert isinstance(found.program[-1], (S.Load, S.Restart, S.Crash))
