@@ -102,9 +102,10 @@ class PropertyReport:
         return sum(self.ended[e] for e in CHECKED_ENDINGS)
 
     def cover(self, scenario: S.Scenario) -> None:
-        for category, value in describe_scenario(scenario).items():
+        for category, values in describe_scenario(scenario).items():
             seen = self.coverage.setdefault(category, {})
-            seen[value] = seen.get(value, 0) + 1
+            for value in (values,) if isinstance(values, str) else values:
+                seen[value] = seen.get(value, 0) + 1
 
     @property
     def known_examples(self) -> int:
@@ -167,10 +168,11 @@ def known_totals(reports: list[PropertyReport], what: str = "known") -> list[dic
     return list(totals.values())
 
 
-def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
-    """Categories worth counting: what a run covered (for ``hypothesis.event``)."""
+def describe_scenario(scenario: S.Scenario) -> dict[str, str | tuple[str, ...]]:
+    """Categories worth counting: what a run covered (for ``hypothesis.event``).  A
+    category with several values (the step kinds of a program) counts each once."""
     save, load = scenario.save, scenario.load_topology
-    out = {
+    out: dict[str, str | tuple[str, ...]] = {
         "plan": save.plan_kind if save == load else f"{save.plan_kind} -> {load.plan_kind}",
         "mesh": str(save.mesh.shape)
         if save.mesh == load.mesh
@@ -193,6 +195,12 @@ def describe_scenario(scenario: S.Scenario) -> dict[str, str]:
         out["kill"] = scenario.kill.at + (
             f" after {scenario.kill.writes}" if scenario.kill.writes else ""
         )
+    if scenario.program:  # a program's saves choose their own state-dict options
+        saves = [step.state_dict for step in scenario.program if isinstance(step, S.Save)]
+        out["state dict"] = tuple({"full" if o.full_state_dict else "sharded" for o in saves})
+        out["options"] = tuple(dict.fromkeys(_options(o) for o in saves))
+        out["program"] = f"{len(scenario.program)} steps"
+        out["step kinds"] = tuple(dict.fromkeys(type(step).__name__ for step in scenario.program))
     return out
 
 
@@ -241,8 +249,9 @@ def ending(failure: ExampleFailure, known: KnownBug | None) -> str:
 
 
 def record_events(scenario: S.Scenario) -> None:
-    for key, value in describe_scenario(scenario).items():
-        event(f"{key}: {value}")
+    for key, values in describe_scenario(scenario).items():
+        for value in (values,) if isinstance(values, str) else values:
+            event(f"{key}: {value}")
 
 
 _FAILURE_TYPES: dict[str, type[ExampleFailure]] = {}

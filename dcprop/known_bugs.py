@@ -90,7 +90,12 @@ class KnownBug:
 
 
 def _topologies(scenario: S.Scenario) -> tuple[S.Topology, ...]:
-    return (scenario.save, scenario.load_topology)
+    """The topologies an example runs on; a lifecycle program's saves choose their own
+    state-dict options, so there each topology counts once per option set saved with."""
+    saves = [s.state_dict for s in scenario.program if isinstance(s, S.Save)]
+    if not saves:
+        return (scenario.save, scenario.load_topology)
+    return tuple(attrs.evolve(t, state_dict=o) for t in scenario.topologies for o in saves)
 
 
 def _on_a_topology(condition: Callable[[S.Topology], bool]) -> Callable[[S.Scenario], bool]:
@@ -341,7 +346,91 @@ def _strided_uneven_full_load(scenario: S.Scenario) -> bool:
     )
 
 
+def _frozen_at(scenario: S.Scenario, index: int) -> set[str]:
+    """The parameters frozen when step ``index`` of the program runs."""
+    frozen = set(scenario.frozen)
+    for step in scenario.program[:index]:
+        if isinstance(step, S.Freeze):
+            frozen |= set(step.names)
+        elif isinstance(step, S.Unfreeze):
+            frozen -= set(step.names)
+    return frozen
+
+
+def _loaded_frozen_optim_state_missing(sighting: Sighting) -> bool:
+    """Only optimizer state of parameters frozen at the failing load is missing."""
+    at = re.search(r"at program\[(\d+)\]", sighting.message)
+    if at is None or not sighting.keys:
+        return False
+    frozen = _frozen_at(sighting.scenario, int(at.group(1)))
+    others = ("present after load", "elements differ", "dtype ", "shape ", " != ")
+    return not any(word in sighting.message for word in others) and all(
+        k.startswith("optim/state/") and k.split("/")[2] in frozen for k in sighting.keys
+    )
+
+
+def _unfrozen_then_loaded(scenario: S.Scenario) -> bool:
+    """A parameter frozen at first (or by a step) is unfrozen before a later load."""
+    kinds = [type(s) for s in scenario.program]
+    loads = (S.Load, S.Restart, S.Crash)
+    return S.Unfreeze in kinds and any(k in loads for k in kinds[kinds.index(S.Unfreeze) :])
+
+
+_NO_SAVED_STATE = (
+    r"Missing optimizer state for parameter '([^']+)'",
+    r"Missing key in checkpoint state_dict: optim\.state\.(.+)\.\w+\.$",
+)
+
+
+def _missing_state_of_unfrozen(sighting: Sighting) -> bool:
+    """The parameter the load misses optimizer state for is one the program unfroze."""
+    lines = sighting.message.splitlines()
+    found = [re.search(p, line) for p in _NO_SAVED_STATE for line in lines]
+    names = {m.group(1) for m in found if m is not None}
+    unfrozen = {n for s in sighting.scenario.program if isinstance(s, S.Unfreeze) for n in s.names}
+    return len(names) == 1 and names <= unfrozen
+
+
+def _frozen_then_loaded(scenario: S.Scenario) -> bool:
+    kinds = [type(s) for s in scenario.program]
+    loads = (S.Load, S.Restart, S.Crash)
+    return S.Freeze in kinds and any(k in loads for k in kinds[kinds.index(S.Freeze) :])
+
+
 KNOWN_BUGS: tuple[KnownBug, ...] = (
+    KnownBug(
+        id="dsd-partial-optim-state-init",
+        title="a parameter saved without optimizer state (frozen then, or unfrozen and not yet "
+        "stepped) cannot be loaded once it is trainable: the load template asks DCP for state "
+        "the checkpoint never had, or set_optimizer_state_dict(strict=True) rejects it",
+        pattern=r"^RuntimeError: Missing optimizer state for parameter '.*' in checkpoint\. "
+        r"The parameter requires gradients but has no saved optimizer state\."
+        r"|^RuntimeError: Missing key in checkpoint state_dict: optim\.state\..* "
+        r"@ create_default_local_load_plan$",
+        occurs_in=_unfrozen_then_loaded,
+        shows=_missing_state_of_unfrozen,
+        related=("https://github.com/pytorch/pytorch/issues/192202",),
+        explanation="Optimizer state follows requires_grad: _init_optim_state steps only "
+        "trainable parameters, and only when the optimizer has no state at all, so a parameter "
+        "frozen at the save, or unfrozen since the last step, is saved without state.  Once it "
+        "is trainable, the template that get_optimizer_state_dict makes for the load holds "
+        "state for it (DCP: missing key), or the strict set_optimizer_state_dict requires it.  "
+        "A plain Optimizer.load_state_dict accepts the checkpoint.",
+    ),
+    KnownBug(
+        id="dsd-frozen-optim-state-dropped",
+        title="set_optimizer_state_dict drops the saved optimizer state of a parameter that is "
+        "frozen at load time",
+        pattern=r"^PropertyFailure: state loaded from 'cN' on rank N: differences in N of N "
+        r"entries \(bitwise\):",
+        occurs_in=_frozen_then_loaded,
+        shows=_loaded_frozen_optim_state_missing,
+        related=("https://github.com/pytorch/pytorch/issues/192202",),
+        explanation="_split_optim_state_dict and _unflatten_optim_state_dict keep state only for "
+        "parameters with requires_grad, so a parameter trained, then frozen, loses its momentum "
+        "or Adam moments at every load (and restarts from zero moments when unfrozen), though "
+        "the checkpoint holds them and get_optimizer_state_dict saved them.",
+    ),
     KnownBug(
         id="dsd-full-osd-stateless-optimizer",
         title="set_state_dict(full_state_dict=True) asserts for an optimizer without state "

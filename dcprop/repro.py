@@ -42,22 +42,35 @@ _WIDTH = 88
 
 def pretty(value: Any, indent: int = 0, lead: int = 0) -> str:
     """A spec as readable, valid Python: one line when it fits (after ``lead`` characters
-    already on the line), else one field a line, indented as black would."""
+    already on the line), else one field a line, indented as black would.  A lifecycle
+    program is always one step a line."""
     flat = repr(value)
-    if indent + lead + len(flat) <= _WIDTH:
+    program = isinstance(value, S.Scenario) and bool(value.program)
+    if indent + lead + len(flat) <= _WIDTH and not program:
         return flat
     pad = " " * (indent + 4)
     if attrs.has(type(value)):
-        parts = [
-            pretty(v, indent + 4) if n is None else f"{n}={pretty(v, indent + 4, len(n) + 1)}"
-            for n, v in S.explicit_fields(value)
-        ]
+        parts = [_field(n, v, indent + 4) for n, v in S.explicit_fields(value)]
         body = f",\n{pad}".join(parts)
         return f"{type(value).__name__}(\n{pad}{body},\n{' ' * indent})"
     if isinstance(value, tuple) and value:
         items = f",\n{pad}".join(pretty(v, indent + 4) for v in value)
         return f"(\n{pad}{items},\n{' ' * indent})"
     return flat
+
+
+def _field(name: str | None, value: Any, indent: int) -> str:
+    if name is None:
+        return pretty(value, indent)
+    if name == "program":
+        return f"{name}={_steps(value, indent)}"
+    return f"{name}={pretty(value, indent, len(name) + 1)}"
+
+
+def _steps(program: tuple[Any, ...], indent: int) -> str:
+    pad = " " * (indent + 4)
+    steps = f",\n{pad}".join(pretty(step, indent + 4) for step in program)
+    return f"(\n{pad}{steps},\n{' ' * indent})"
 
 
 @attrs.frozen

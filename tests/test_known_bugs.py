@@ -673,6 +673,88 @@ CASES += [
 ]
 
 
+# ---- lifecycle programs -----------------------------------------------------------------
+DROPPED = (
+    "PropertyFailure: state loaded from 'cN' on rank N: differences in N of N entries "
+    "(bitwise): @ do"
+)
+FROZEN_LOAD = corpus("dsd-frozen-optim-state-dropped", "lifecycle-16ac64faeb.json")
+
+
+def dropped(*keys, extra=""):
+    lines = "".join(f"\n  {k}: missing after load" for k in keys)
+    where = "\n  at program[3] Load('c0')"
+    message = f"state loaded from 'c0' on rank 0: differences ...{lines}{extra}{where}"
+    return failed(error(0, DROPPED, message, keys=keys))
+
+
+NO_STATE = " in checkpoint. The parameter requires gradients but has no saved optimizer state."
+PARTIAL = (
+    "RuntimeError: Missing optimizer state for parameter 'fcN.bias'" + NO_STATE + " To load "
+    "anyway, use StateDictOptions(strict=False). @ _split_optim_state_dict"
+)
+NO_KEY = (
+    "RuntimeError: Missing key in checkpoint state_dict: optim.state.fcN.bias.momentum_buffer. "
+    "@ create_default_local_load_plan"
+)
+UNFROZEN = corpus("dsd-partial-optim-state-init", "lifecycle-6dd21d000d.json")
+
+
+def no_state(signature, name):
+    if signature == PARTIAL:
+        message = f"Missing optimizer state for parameter '{name}'{NO_STATE}"
+    else:
+        message = f"Missing key in checkpoint state_dict: optim.state.{name}.momentum_buffer."
+    return failed(error(0, signature, message))
+
+
+CASES += [
+    (
+        "dsd-frozen-optim-state-dropped",
+        dropped("optim/state/fc0.bias/momentum_buffer"),
+        FROZEN_LOAD,
+        [
+            (
+                "the state of a trainable parameter is missing",
+                dropped("optim/state/fc0.weight/momentum_buffer"),
+                FROZEN_LOAD,
+            ),
+            (
+                "a value differs too",
+                dropped(
+                    "optim/state/fc0.bias/momentum_buffer",
+                    extra="\n  model/fc0.weight: 1 of 1 elements differ bitwise",
+                ),
+                FROZEN_LOAD,
+            ),
+            (
+                "nothing was frozen before the load",
+                dropped("optim/state/fc0.bias/momentum_buffer"),
+                attrs.evolve(FROZEN_LOAD, program=(S.Train(), S.Save("c0"), S.Load("c0"))),
+            ),
+        ],
+    ),
+    (
+        "dsd-partial-optim-state-init",
+        no_state(PARTIAL, "fc0.bias"),
+        UNFROZEN,
+        [
+            (
+                "the parameter was never unfrozen",
+                no_state(PARTIAL, "fc0.weight"),
+                UNFROZEN,
+            ),
+            (
+                "no load follows an unfreeze",
+                no_state(PARTIAL, "fc0.bias"),
+                attrs.evolve(UNFROZEN, program=(S.Save("c0"), S.Load("c0"))),
+            ),
+        ],
+    ),
+    ("dsd-partial-optim-state-init", no_state(NO_KEY, "fc0.bias"), UNFROZEN, []),
+]
+
+
 def test_every_known_bug_has_a_case():
     assert {bug for bug, *_ in CASES} == {b.id for b in KNOWN_BUGS}
 

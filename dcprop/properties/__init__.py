@@ -35,6 +35,7 @@ PROPERTIES: dict[str, str] = {
     "loud_failure": "dcprop.properties.loud_failure:loud_failure",
     "async_isolation": "dcprop.properties.async_isolation:async_isolation",
     "durability": "dcprop.properties._durability:check_durability",
+    "lifecycle": "dcprop.properties.lifecycle:lifecycle",
 }
 PROPERTY_NAMES = tuple(PROPERTIES)
 #: Properties whose example is more than one task (the ranks of the first die on

@@ -275,10 +275,10 @@ class Job:
             checkpointer.save(state, path, storage=storage, group=self.group)
         return path
 
-    def start_save(self, state: dict[str, Any], name: str) -> Pending:
-        """Start saving ``state`` as checkpoint ``name`` and return the pending save
-        (:func:`~dcprop.checkpointer.start_save`: the checkpointer's async save, or a
-        save that is already done)."""
+    def start_save(self, state: dict[str, Any], name: str, group: Any = None) -> Pending:
+        """Like :meth:`save`, through the checkpointer's asynchronous save where it has
+        one: returns the pending save (``result()`` awaits it).  ``group`` (default: the
+        job's) is the one the save's collectives run on while training goes on."""
         checkpointer = live(self.hooks.checkpointer, self.ctx)
         if isinstance(checkpointer, StatefulCheckpointer):
             state = app_state_of(state, self.steps_taken)
@@ -287,12 +287,12 @@ class Job:
             state,
             self.checkpoint_dir(name),
             storage=self.scenario.storage,
-            group=self.group,
+            group=self.group if group is None else group,
         )
 
-    def load(self, state: dict[str, Any], name: str, *, step: int | None = None) -> None:
-        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``, saved
-        after ``step`` training steps (default: the scenario's)."""
+    def load(self, state: dict[str, Any], name: str, step: int | None = None) -> None:
+        """Fill ``state`` (a template from :meth:`state`) from checkpoint ``name``, which
+        was saved after ``step`` training steps (default: the scenario's)."""
         path = self.checkpoint_dir(name)
         checkpointer = live(self.hooks.checkpointer, self.ctx)
         if not isinstance(checkpointer, StatefulCheckpointer):
@@ -307,11 +307,11 @@ class Job:
             )
         state.update({key: app_state[key].loaded for key in state})
         loaded = app_state[TRAIN_STATE].loaded["step"]  # type: ignore[index]
-        saved = self.scenario.training.steps if step is None else step
-        if loaded != saved:
+        saved_at = self.scenario.training.steps if step is None else step
+        if loaded != saved_at:
             raise PropertyFailure(
                 f"the train state loaded from {name!r} has step {loaded!r}, saved at step "
-                f"{saved} (rank {self.rank})"
+                f"{saved_at} (rank {self.rank})"
             )
 
     def restore(self, name: str, **overrides: Any) -> None:

@@ -63,6 +63,12 @@ class RankContext:
         """The process group over ranks ``0..world_size-1`` (default: the example's world)."""
         return self._worlds.world_group(world_size or self.world_size)
 
+    def checkpoint_group(self, world_size: int | None = None) -> Any:
+        """A second process group over the same ranks as :meth:`group`, for the
+        collectives of saves in flight while training goes on (as trainers give async
+        checkpointing a group of its own)."""
+        return self._worlds.checkpoint_group(world_size or self.world_size)
+
     def agree(self, ok: bool, what: str) -> None:
         """Raise on every rank if any rank of the example's world says ``ok=False``.
 

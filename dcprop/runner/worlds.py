@@ -30,10 +30,15 @@ class Worlds:
         self.device_type = device_type
         self._timeout: timedelta | None = None  # of the groups created here; None: torch's
         self._groups: dict[tuple[int, ...], Any] = {}
+        # a second group over the same ranks for checkpointing: an async save runs its
+        # collectives from a writer thread while training runs its own on the job's
+        # group, and two threads' collectives on one gloo group pair up wrongly
+        self._checkpoint_groups: dict[tuple[int, ...], Any] = {}
         self._meshes: dict[MeshSpec, Any] = {}
 
     def known_groups(self) -> set[Any]:
-        return {g for g in self._groups.values() if g is not None}
+        groups = [*self._groups.values(), *self._checkpoint_groups.values()]
+        return {g for g in groups if g is not None}
 
     def set_timeout(self, timeout: timedelta) -> None:
         """From now on a collective of the default group or of any group made here,
@@ -63,11 +68,25 @@ class Worlds:
                 self._groups[ranks] = g if dist.get_rank() in ranks else None
         return self._groups[ranks]
 
+    def _create_checkpoint_group(self, ranks: tuple[int, ...]) -> None:
+        """Collective over every pool rank the first time; cached after."""
+        if ranks not in self._checkpoint_groups:
+            g = dist.new_group(list(ranks), timeout=self._timeout)
+            self._checkpoint_groups[ranks] = g if dist.get_rank() in ranks else None
+
+    def checkpoint_group(self, world_size: int) -> Any:
+        """The checkpointing group over ranks ``0..world_size-1`` (see ``__init__``)."""
+        ranks = tuple(range(world_size))
+        if ranks not in self._checkpoint_groups:
+            raise RunnerError(f"no checkpointing group over ranks {list(ranks)} was prepared")
+        return self._checkpoint_groups[ranks]
+
     def prepare(self, meshes: tuple[MeshSpec, ...], world_size: int) -> None:
         """Create (collectively: every pool rank calls this) the example's world group and
         everything ``meshes`` need, including each world's flat mesh."""
         for k in sorted({world_size, *(m.size for m in meshes)}):
             self._create_group(tuple(range(k)))
+            self._create_checkpoint_group(tuple(range(k)))
         for spec in meshes:
             for s in (spec, _flat(spec.size)):
                 if s not in self._meshes:

@@ -8,7 +8,8 @@ apart, in :mod:`dcprop.serialization`.
 
 The package is split by concern: :mod:`~dcprop.specs.model` (the layer tree and its
 width algebra), :mod:`~dcprop.specs.topology` (meshes, plans, options),
-:mod:`~dcprop.specs.training` (optimizer, scheduler, data) and
+:mod:`~dcprop.specs.training` (optimizer, scheduler, data),
+:mod:`~dcprop.specs.lifecycle` (the steps of a lifecycle program) and
 :mod:`~dcprop.specs.scenario` (the cross-field rules); everything is re-exported here.
 """
 
@@ -28,6 +29,19 @@ from dcprop.specs.damage import (
     Truncate,
 )
 from dcprop.specs.kills import KILL_POINTS, Kill
+from dcprop.specs.lifecycle import (
+    STEP_TYPES,
+    Crash,
+    Freeze,
+    Load,
+    Restart,
+    Save,
+    SetLR,
+    Step,
+    Train,
+    Unfreeze,
+    Wait,
+)
 from dcprop.specs.model import (
     ACTIVATIONS,
     DTYPES,
@@ -84,11 +98,13 @@ __all__ = [
     "LEAVES",
     "MUTATIONS",
     "SCHEDULERS",
+    "STEP_TYPES",
     "TARGETS",
     "Activation",
     "BatchNorm",
     "Block",
     "Branches",
+    "Crash",
     "DDPPlan",
     "Damage",
     "Embedding",
@@ -99,10 +115,12 @@ __all__ = [
     "FileDamage",
     "FlipMetadataByte",
     "FlipTensorByte",
+    "Freeze",
     "Kill",
     "Layer",
     "LayerNorm",
     "Linear",
+    "Load",
     "Mask",
     "MeshSpec",
     "ModelSpec",
@@ -112,17 +130,24 @@ __all__ = [
     "Plan",
     "RemoveFile",
     "Repeat",
+    "Restart",
+    "Save",
     "Scenario",
     "SchedulerSpec",
     "Sequential",
+    "SetLR",
     "Skip",
     "StaleFile",
     "StateDictSpec",
+    "Step",
     "StorageSpec",
     "TensorParallel",
     "Topology",
+    "Train",
     "TrainingSpec",
     "Truncate",
+    "Unfreeze",
+    "Wait",
     "children_of",
     "expert_index",
     "explicit_fields",

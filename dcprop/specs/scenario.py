@@ -8,7 +8,17 @@ from typing import Any
 import attrs
 
 from dcprop.errors import SpecError
-from dcprop.specs._base import Spec, instance_of, non_negative, one_of, optional, positive, tuple_of
+from dcprop.specs import lifecycle as L
+from dcprop.specs._base import (
+    Spec,
+    as_tuple,
+    instance_of,
+    non_negative,
+    one_of,
+    optional,
+    positive,
+    tuple_of,
+)
 from dcprop.specs.damage import DAMAGE_KINDS, Damage
 from dcprop.specs.kills import Kill
 from dcprop.specs.model import (
@@ -283,6 +293,9 @@ class Scenario(Spec):
         default=None, validator=optional(instance_of(*DAMAGE_KINDS))
     )
     kill: Kill | None = attrs.field(default=None, validator=optional(instance_of(Kill)))
+    program: tuple[L.Step, ...] = attrs.field(
+        default=(), converter=as_tuple, validator=tuple_of(*L.STEP_TYPES)
+    )
 
     def __attrs_post_init__(self) -> None:
         self._check_worlds()
@@ -292,6 +305,8 @@ class Scenario(Spec):
             if topo is not None:
                 _check_topology(self.model, topo, self.device, self.frozen, which)
         self._check_pretrained()
+        if self.program:
+            _ProgramCheck(self).run()
 
     def _check_worlds(self) -> None:
         if self.kill is not None and self.kill.ranks[-1] >= self.save.world_size:
@@ -354,8 +369,14 @@ class Scenario(Spec):
 
     @property
     def world_size(self) -> int:
-        """Ranks the example needs: the larger of the save and load worlds."""
-        return max(self.save.world_size, self.load_topology.world_size)
+        """Ranks the example needs: the largest of the save, load and program worlds."""
+        return max(t.world_size for t in self.topologies)
+
+    @property
+    def topologies(self) -> tuple[Topology, ...]:
+        """Every topology the example runs a job on: save, load, then each restart's."""
+        restarts = [s.topology for s in self.program if isinstance(s, (L.Restart, L.Crash))]
+        return (self.save, self.load_topology, *restarts)
 
     @property
     def job_world(self) -> int:
@@ -365,8 +386,7 @@ class Scenario(Spec):
     @property
     def meshes(self) -> tuple[MeshSpec, ...]:
         """The device meshes an example over this scenario asks the runner for."""
-        load = self.load_topology.mesh
-        return (self.save.mesh,) if load == self.save.mesh else (self.save.mesh, load)
+        return tuple(dict.fromkeys(t.mesh for t in self.topologies))
 
     @property
     def load_topology(self) -> Topology:
@@ -403,3 +423,88 @@ class Scenario(Spec):
             if is_within(s, self.pretrained) and is_within(d, self.pretrained)
         )
         return ModelSpec(layer, ties)
+
+
+class _ProgramCheck:
+    """Walks ``scenario.program`` keeping what a job would hold at each step (the frozen
+    set, the checkpoints saved, in flight and lost), and raises a :class:`SpecError`
+    naming the step that cannot run."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.params = set(scenario.model.parameter_names())
+        self.frozen = set(scenario.frozen)
+        self.topology = scenario.save
+        self.saved: dict[str, L.Save] = {}
+        self.frozen_at: dict[str, frozenset[str]] = {}
+        self.in_flight: set[str] = set()
+        self.lost: set[str] = set()
+
+    def run(self) -> None:
+        for index, step in enumerate(self.scenario.program):
+            try:
+                self.step(step)
+            except SpecError as e:
+                raise SpecError(f"program[{index}] {step!r}: {e}") from None
+
+    def step(self, step: L.Step) -> None:
+        if isinstance(step, L.Train) and self.frozen == self.params:
+            raise SpecError("every parameter is frozen: there is nothing to train")
+        if isinstance(step, (L.Freeze, L.Unfreeze)):
+            self.refreeze(step)
+        elif isinstance(step, L.Save):
+            self.save(step)
+        elif isinstance(step, L.Wait):
+            self.in_flight.clear()
+        elif isinstance(step, L.Load):
+            self.loadable(step.name)
+        elif isinstance(step, (L.Restart, L.Crash)):
+            if isinstance(step, L.Crash):
+                self.lost |= self.in_flight
+            self.in_flight.clear()
+            self.topology = step.topology
+            self.check_topology()
+            self.loadable(step.checkpoint)
+
+    def refreeze(self, step: L.Freeze | L.Unfreeze) -> None:
+        unknown = sorted(set(step.names) - self.params)
+        if unknown:
+            raise SpecError(f"{unknown} are not parameters of the model")
+        freeze = isinstance(step, L.Freeze)
+        already = sorted(set(step.names) & self.frozen if freeze else set(step.names) - self.frozen)
+        if already:
+            raise SpecError(f"{already} are {'frozen' if freeze else 'trainable'} already")
+        self.frozen = self.frozen | set(step.names) if freeze else self.frozen - set(step.names)
+        self.check_topology()
+
+    def check_topology(self) -> None:
+        frozen = tuple(sorted(self.frozen))
+        _check_topology(self.scenario.model, self.topology, self.scenario.device, frozen, "the")
+
+    def save(self, step: L.Save) -> None:
+        if step.name in self.saved:
+            raise SpecError(f"checkpoint {step.name!r} is saved twice")
+        if step.async_ and self.in_flight:
+            raise SpecError(
+                f"an async save while {sorted(self.in_flight)} is in flight: two saves' "
+                "collectives would share one group; Wait() first"
+            )
+        self.saved[step.name] = step
+        self.frozen_at[step.name] = frozenset(self.frozen)
+        if step.async_:
+            self.in_flight.add(step.name)
+
+    def loadable(self, name: str) -> None:
+        if name not in self.saved:
+            raise SpecError(f"checkpoint {name!r} is not saved before this step")
+        if name in self.lost:
+            raise SpecError(f"checkpoint {name!r} was in flight at a crash: it is lost")
+        if name in self.in_flight:
+            raise SpecError(f"checkpoint {name!r} is still in flight: Wait() for it first")
+        at_save = self.frozen_at[name]
+        if self.saved[name].state_dict.ignore_frozen_params and at_save != self.frozen:
+            raise SpecError(
+                f"checkpoint {name!r} was saved without the frozen parameters "
+                f"{sorted(at_save)}, so it loads only under that frozen set (now "
+                f"{sorted(self.frozen)})"
+            )

@@ -16,6 +16,7 @@ nothing frozen, default options.
 from dcprop.properties import PROPERTY_NAMES
 from dcprop.strategies._damage import DAMAGE_KINDS, damages, mutations
 from dcprop.strategies._kills import kills
+from dcprop.strategies._lifecycle import STEP_KINDS, lifecycles
 from dcprop.strategies._models import LAYER_KINDS, dims, frozen_subsets, models
 from dcprop.strategies._options import (
     OPTIMIZER_KINDS,
@@ -46,11 +47,13 @@ __all__ = [
     "PLAN_KINDS",
     "PLAN_KINDS_BY_PROPERTY",
     "PROPERTY_NAMES",
+    "STEP_KINDS",
     "damages",
     "dims",
     "factorizations",
     "frozen_subsets",
     "kills",
+    "lifecycles",
     "meshes",
     "models",
     "mutations",

@@ -22,6 +22,7 @@ from dcprop.specs.scenario import eps_underflows
 from dcprop.strategies._damage import damage_for
 from dcprop.strategies._kills import kills
 from dcprop.strategies._lazy import defines_strategy
+from dcprop.strategies._lifecycle import lifecycles
 from dcprop.strategies._models import LAYER_KINDS, frozen_groups, models
 from dcprop.strategies._options import (
     optimizers,
@@ -54,7 +55,13 @@ PLAN_KINDS_BY_PROPERTY = {
     "loud_failure": PLAN_KINDS,
     "async_isolation": PLAN_KINDS,
     "durability": PLAN_KINDS,
+    # freezing after wrapping needs the plan to see requires_grad at each step, which
+    # DDP's reducer does not; FSDP1 and expert layouts constrain which sets can freeze
+    "lifecycle": ("fsdp2", "hsdp", "fsdp2+tp", "hsdp+tp"),
 }
+#: layers a lifecycle model leaves out: a normalisation's exactly-zero gradients make
+#: Adam steps rounding noise (see dcprop.properties.lifecycle)
+_NORMALISING = ("layernorm", "batchnorm")
 
 
 #: The state-dict options a scenario draws, which an exclusion can fix.
@@ -181,7 +188,7 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
         max_dim=cfg.max_dim,
         shards=shard_count(kind, shape),
         uneven=cfg.uneven,
-        layers=cfg.layers,
+        layers=_layers(cfg),
         tp_size=tp_size,
         experts=experts,
         embedding=cfg.property != "finetune_resume",
@@ -200,6 +207,12 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
         )
     )
     return S.ModelSpec(root, ties)
+
+
+def _layers(cfg: _Config) -> tuple[str, ...]:
+    if cfg.property != "lifecycle":
+        return cfg.layers
+    return tuple(k for k in cfg.layers if k not in _NORMALISING)
 
 
 def _kinds(cfg: _Config, allowed: tuple[str, ...]) -> list[str]:
@@ -223,7 +236,7 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
     save = draw(_save_topology(cfg, model, kind, mesh))
     load = draw(_load_topology(cfg, model, save)) if cfg.property == "reshard" else None
     frozen = draw(_frozen(cfg, model, save, load))
-    return S.Scenario(
+    scenario = S.Scenario(
         model=model,
         save=save,
         load=load,
@@ -234,10 +247,22 @@ def _scenarios(draw: Any, cfg: _Config) -> S.Scenario:
         pretrained=_PRETRAINED if cfg.property == "finetune_resume" else None,
         seed=draw(st.integers(0, 2**16)),
         device=cfg.device,
-        job_world_size=draw(_job(cfg, max(world, load.world_size if load else world))),
         damage=draw(damage_for(cfg.property)),
         kill=draw(kills(save.world_size)) if cfg.property == "durability" else None,
     )
+    if cfg.property == "lifecycle":
+        restarts = _restart_topologies(cfg, model)
+        program = draw(lifecycles(model, save, frozen=frozen, restarts=restarts, async_saves=True))
+        scenario = attrs.evolve(scenario, program=program)
+    return attrs.evolve(scenario, job_world_size=draw(_job(cfg, scenario.world_size)))
+
+
+@st.composite
+def _restart_topologies(draw: Any, cfg: _Config, model: S.ModelSpec) -> S.Topology:
+    """A topology for a restart: any world size allowed, any plan kind that fits."""
+    world = draw(st.sampled_from(cfg.world_sizes))
+    kind, mesh = draw(_meshes(cfg, PLAN_KINDS_BY_PROPERTY["lifecycle"], world, model))
+    return S.Topology(world, mesh, draw(plans_of_kind(model, mesh, kind)))
 
 
 @st.composite
@@ -350,9 +375,11 @@ def _optimizer(
 def _training(cfg: _Config, model: S.ModelSpec) -> st.SearchStrategy[S.TrainingSpec]:
     min_batch = 2 if model.has_batch_statistics() else 1  # BatchNorm needs two rows
     min_steps = 2 if cfg.property == "ddp_parity" else 1
+    # a lifecycle's program says when it trains: training.steps goes unused
+    max_steps = 1 if cfg.property == "lifecycle" else max(min_steps, cfg.max_steps)
     return trainings(
         min_steps=min_steps,
-        max_steps=max(min_steps, cfg.max_steps),
+        max_steps=max_steps,
         min_batch=min_batch,
         max_batch=max(min_batch, 3),
         input_requires_grad=not model.takes_tokens,

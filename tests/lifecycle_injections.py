@@ -1,0 +1,44 @@
+"""Faulty checkpointers for the lifecycle property: each gets one part of a training
+job's state wrong on load (importable by reference: the ranks unpickle them)."""
+
+import os
+
+from dcprop.checkpointer import DCPCheckpointer
+
+
+class RNGOfRankZero(DCPCheckpointer):
+    """Restores rank 0's training RNG on every rank (a per-rank key read as a constant)."""
+
+    def load(self, state_dict, path, *, group):
+        train = state_dict.get("train", {})
+        mine = [key for key in train if key.startswith("rng_rank")]
+        for key in mine:
+            train["rng_rank0"] = train.pop(key)
+        super().load(state_dict, path, group=group)
+        for key in mine:
+            train[key] = train.pop("rng_rank0")
+
+
+class OptimizerOfFirstSave(DCPCheckpointer):
+    """Loads the model of the checkpoint asked for, but the optimizer (and scheduler) of
+    the first checkpoint saved beside it: one save's model paired with another's
+    optimizer."""
+
+    def load(self, state_dict, path, *, group):
+        first = os.path.join(os.path.dirname(path), "c0")
+        optim = {k: state_dict.pop(k) for k in ("optim", "scheduler") if k in state_dict}
+        super().load(state_dict, path, group=group)
+        super().load(optim, first, group=group)
+        state_dict.update(optim)
+
+
+class ForgetsScheduler(DCPCheckpointer):
+    """Saves and loads everything but the LR scheduler, which keeps its live state."""
+
+    def load(self, state_dict, path, *, group):
+        live = state_dict.pop("scheduler", None)
+        try:
+            super().load(state_dict, path, group=group)
+        finally:
+            if live is not None:
+                state_dict["scheduler"] = live
