@@ -184,3 +184,56 @@ def test_the_reproducer_prints_the_program_and_replays_it(dcprop_runner, tmp_pat
     result = replay(path, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL: lifecycle" in result.stdout and "at program[2] Load('c0')" in result.stdout
+
+
+def test_a_restart_in_another_dtype_loads_the_saved_values_cast(dcprop_runner):
+    """fp32 saved, loaded into bf16 (each value rounded as a copy_ rounds it), trained,
+    saved in bf16 and loaded back into fp32 (exactly)."""
+    program = (
+        S.Train(2),
+        S.Save("c0"),
+        S.Restart(FSDP2, "c0", dtype="bf16"),
+        S.Train(),
+        S.Save("c1"),
+        S.Restart(ONE, "c1"),
+        S.Train(),
+    )
+    scenario = S.Scenario(MLP, FSDP2, optimizer=ADAM, program=program)
+    results = run_property(dcprop_runner, "lifecycle", scenario)
+    assert len(results[0]["losses"]) == 4
+
+
+WIDER = S.ModelSpec(
+    S.Block((("fc0", S.Linear(3, 4)), ("act", S.Activation()), ("fc1", S.Linear(4, 3))))
+)
+EXTRA = S.ModelSpec(S.Block((*MLP.root.children, ("extra", S.Linear(2, 2)))))
+MISSING = S.ModelSpec(S.Block(MLP.root.children[:2]))
+CHANGES = {"wider": WIDER, "extra": EXTRA, "missing": MISSING}
+
+
+def _into(model):
+    return (S.Train(), S.Save("c0"), S.RestartInto(model, "c0"), S.Train())
+
+
+def test_restart_into_a_changed_model_fails_loudly_or_loads_as_saved(dcprop_runner):
+    """On stock DCP: a wider Linear or an extra layer fail naming the key, a missing
+    layer loads the entries that remain (DCP reads exactly the keys asked for); each
+    program then trains on in the job from before."""
+    refused = {}
+    for name, model in CHANGES.items():
+        scenario = S.Scenario(MLP, FSDP2, optimizer=ADAM, program=_into(model))
+        results = run_property(dcprop_runner, "lifecycle", scenario)
+        assert len(results[0]["losses"]) == 2
+        refused[name] = results[0]["refused"]
+    print(refused)
+    assert "Size mismatch" in refused["wider"][0] and "model.fc1.weight" in refused["wider"][0]
+    assert "Missing key in checkpoint state_dict: model.extra.weight" in refused["extra"][0]
+    assert refused["missing"] == [None]
+
+
+def test_restart_into_catches_a_load_that_skips_missing_keys(dcprop_runner):
+    scenario = S.Scenario(MLP, FSDP2, optimizer=ADAM, program=_into(EXTRA))
+    hooks = Hooks(checkpointer=inj.SkipsMissingKeys())
+    with pytest.raises(ExampleFailure, match="PropertyFailure") as info:
+        run_property(dcprop_runner, "lifecycle", scenario, hooks=hooks)
+    assert "model/extra.weight" in str(info.value) and "at program[2]" in str(info.value)
