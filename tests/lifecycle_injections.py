@@ -57,3 +57,22 @@ class SkipsMissingKeys(DCPCheckpointer):
             planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
             process_group=group,
         )
+
+
+class SkipsOtherDtypes(DCPCheckpointer):
+    """Loads only the model entries whose template has the dtype they were saved in: a
+    job restarted in another dtype silently keeps its fresh weights."""
+
+    def load(self, state_dict, path, *, group):
+        import torch.distributed.checkpoint as dcp
+
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        model = state_dict.get("model", {})
+        skipped = {
+            key: model.pop(key)
+            for key in list(model)
+            if getattr(saved.get(f"model.{key}"), "properties", None) is not None
+            and saved[f"model.{key}"].properties.dtype != model[key].dtype
+        }
+        super().load(state_dict, path, group=group)
+        model.update(skipped)

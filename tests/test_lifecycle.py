@@ -201,6 +201,10 @@ def test_a_restart_in_another_dtype_loads_the_saved_values_cast(dcprop_runner):
     scenario = S.Scenario(MLP, FSDP2, optimizer=ADAM, program=program)
     results = run_property(dcprop_runner, "lifecycle", scenario)
     assert len(results[0]["losses"]) == 4
+    hooks = Hooks(checkpointer=inj.SkipsOtherDtypes())
+    with pytest.raises(ExampleFailure, match="PropertyFailure") as info:
+        run_property(dcprop_runner, "lifecycle", scenario, hooks=hooks)
+    assert "model/fc0.weight" in str(info.value) and "at program[2]" in str(info.value)
 
 
 WIDER = S.ModelSpec(
@@ -229,6 +233,20 @@ def test_restart_into_a_changed_model_fails_loudly_or_loads_as_saved(dcprop_runn
     assert "Size mismatch" in refused["wider"][0] and "model.fc1.weight" in refused["wider"][0]
     assert "Missing key in checkpoint state_dict: model.extra.weight" in refused["extra"][0]
     assert refused["missing"] == [None]
+
+
+def test_the_new_restarts_round_trip_and_reject_what_cannot_run():
+    program = (S.Save("c0"), S.Restart(ONE, "c0", dtype="bf16"), S.RestartInto(EXTRA, "c0"))
+    scenario = S.Scenario(MLP, FSDP2, program=program)
+    assert serialization.loads(serialization.dumps(scenario)) == scenario
+    assert eval(repr(scenario), vars(S)) == scenario
+    with pytest.raises(SpecError, match=r"program\[1\].*fp16.*eps"):
+        S.Scenario(MLP, FSDP2, optimizer=ADAM, program=(S.Save("c0"), S.Restart(ONE, "c0", "fp16")))
+    with pytest.raises(SpecError, match="same parameters"):
+        S.Scenario(MLP, FSDP2, program=(S.Save("c0"), S.RestartInto(MLP.in_dtype("bf16"), "c0")))
+    partial = S.Save("c0", S.StateDictSpec(ignore_frozen_params=True))
+    with pytest.raises(SpecError, match="without frozen parameters"):
+        S.Scenario(MLP, FSDP2, program=(partial, S.RestartInto(EXTRA, "c0")))
 
 
 def test_restart_into_catches_a_load_that_skips_missing_keys(dcprop_runner):
