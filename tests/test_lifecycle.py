@@ -13,6 +13,7 @@ from dcprop import strategies as dst
 from dcprop.errors import ExampleFailure, SpecError
 from dcprop.properties import run_and_match, run_property
 from dcprop.properties._harness import Hooks
+from dcprop.repro import pretty
 
 FSDP2 = S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan())
 ONE = S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan())
@@ -240,6 +241,7 @@ def test_the_new_restarts_round_trip_and_reject_what_cannot_run():
     scenario = S.Scenario(MLP, FSDP2, program=program)
     assert serialization.loads(serialization.dumps(scenario)) == scenario
     assert eval(repr(scenario), vars(S)) == scenario
+    assert "        RestartInto(\n            ModelSpec(" in pretty(scenario)  # the reproducer
     with pytest.raises(SpecError, match=r"program\[1\].*fp16.*eps"):
         S.Scenario(MLP, FSDP2, optimizer=ADAM, program=(S.Save("c0"), S.Restart(ONE, "c0", "fp16")))
     with pytest.raises(SpecError, match="same parameters"):
