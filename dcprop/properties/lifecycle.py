@@ -313,6 +313,7 @@ class _Run:
         saved = self.saved[step.checkpoint]
         job = self._new_job(self.topology, self.scenario.seed + 1 + index, step.model)
         options = saved.step.state_dict
+        fresh = full_values(job.state(**FULL_STATE))  # the dtypes a load must keep
         target = job.state(options, **load_template_overrides(options))
         target[TRAIN] = template(self.ctx.rank, saved.world)
         # only the checkpointer's load may refuse, as in loud_failure: an error from
@@ -327,7 +328,7 @@ class _Run:
         state = full_values(job.state(**FULL_STATE))
         actual = {k: v for k, v in state.items() if k.startswith(("model/", "optim/state/"))}
         assert saved.sharded is not None
-        expected = _cast_like({k: saved.sharded[k] for k in actual if k in saved.sharded}, actual)
+        expected = _cast_like({k: saved.sharded[k] for k in actual if k in saved.sharded}, fresh)
         assert_same(
             expected,
             actual,
@@ -450,8 +451,8 @@ def _check_loud(text: str, changed: list[str], step: S.RestartInto, rank: int) -
 
 
 def _cast_like(saved: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """``saved`` with each floating tensor cast to the dtype of the reference's entry
-    (a job restarted in another dtype loads into tensors of that dtype)."""
+    """``saved`` with each floating tensor cast to the dtype of ``reference``'s entry (a
+    fresh job's: one built in another dtype loads into tensors of that dtype)."""
     out = dict(saved)
     for key, value in saved.items():
         like = reference.get(key)
