@@ -5,8 +5,8 @@ checkpoints saved, in flight and lost) and offers at each step only the kinds of
 that can run then, so every program is valid by construction, and stays valid while
 Hypothesis shrinks it: a shrunk choice sequence is drawn again through the same rules.
 Step kinds are offered in a fixed order that starts with ``Train``, so programs shrink
-toward fewer steps, each a ``Train(1)``; a restart's dtype shrinks toward none (the
-model as written), and a restart into a changed model is the last kind, drawn rarely.
+toward fewer steps, each a ``Train(1)``; a restart into a changed model is the last
+kind, drawn rarely.
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ STEP_KINDS = (
     "restart_into",
 )
 _LRS = (0.05, 0.005, 0.1)
-#: most restarts keep the model's dtypes; fp16 is left out (Adam's eps underflows in it)
-_RESTART_DTYPES = (None, None, None, "bf16", "fp32")
+#: Restart dtypes drawn.  None only, for now: after a restart into bf16 (or out of a
+#: model's bf16 Linears into fp32) the reference comparison meets bf16 rounding that
+#: differs by an ulp between reduction orders, beyond the float32 tolerance the property
+#: compares with; ddp_parity's low-precision tolerance would have to come along first.
+#: Programs with a dtype are written by hand meanwhile (tests/test_lifecycle.py).
+_RESTART_DTYPES: tuple[str | None, ...] = (None,)
 
 
 @attrs.define
@@ -227,7 +231,7 @@ def lifecycles(
     """Programs (tuples of :mod:`~dcprop.specs.lifecycle` steps) for ``model`` starting
     on ``topology`` with ``frozen`` parameters: training, freezing and unfreezing,
     learning-rate changes, saves (``async_saves``: some asynchronous), loads, restarts
-    (some into another dtype) and crashes onto a topology drawn from ``restarts``
+    and crashes onto a topology drawn from ``restarts``
     (default: ``topology`` again), restarts into a changed model, at most ``max_steps``
     steps.  Every program is valid: loads name finished saves,
     something is always left to train.  Shrinks toward fewer steps, each a ``Train(1)``.
