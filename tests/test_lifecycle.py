@@ -257,3 +257,13 @@ def test_restart_into_catches_a_load_that_skips_missing_keys(dcprop_runner):
     with pytest.raises(ExampleFailure, match="PropertyFailure") as info:
         run_property(dcprop_runner, "lifecycle", scenario, hooks=hooks)
     assert "model/extra.weight" in str(info.value) and "at program[2]" in str(info.value)
+
+
+def test_programs_draw_a_restart_into_a_changed_model_and_shrink_it_to_two_steps():
+    found = find(
+        dst.lifecycles(MLP, FSDP2),
+        lambda program: any(isinstance(step, S.RestartInto) for step in program),
+        settings=settings(FIND, max_examples=2000),
+    )
+    assert len(found) == 2 and found[0] == S.Save("c0")
+    assert found[1].checkpoint == "c0" and found[1].model in (WIDER, EXTRA, MISSING)
