@@ -397,6 +397,15 @@ def _frozen_then_loaded(scenario: S.Scenario) -> bool:
     return S.Freeze in kinds and any(k in loads for k in kinds[kinds.index(S.Freeze) :])
 
 
+def _restart_into_fewer_parameters(scenario: S.Scenario) -> bool:
+    """A RestartInto loads a checkpoint into a model without some of its parameters."""
+    params = set(scenario.model.parameter_names())
+    return any(
+        isinstance(s, S.RestartInto) and params - set(s.model.parameter_names())
+        for s in scenario.program
+    )
+
+
 KNOWN_BUGS: tuple[KnownBug, ...] = (
     KnownBug(
         id="dsd-partial-optim-state-init",
@@ -440,6 +449,23 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         explanation="_load_optim_state_dict takes the device from optimizer state tensors with "
         "dim() > 0; a stateless optimizer has none, so loading a full optimizer "
         "state dict fails instead of being a no-op.",
+    ),
+    KnownBug(
+        id="dsd-stateless-osd-param-groups-unmapped",
+        title="set_optimizer_state_dict hands a stateless optimizer's loaded param groups to "
+        "Optimizer.load_state_dict unmapped: a checkpoint of a model with more parameters "
+        "(a layer removed since) fails naming no parameter, where one with state loads",
+        pattern=r"^ValueError: loaded state dict contains a parameter group that doesn't match "
+        r"the size of optimizer's group @ load_state_dict$",
+        occurs_in=_all(_stateless_optimizer, _restart_into_fewer_parameters),
+        explanation="state_dict.py, _split_optim_state_dict: `if all(isinstance(k, int) for k "
+        "in optim_state_dict['state'])` returns the loaded dict as if it were keyed by "
+        "parameter ids, and all() of an empty state is True; so the param groups keep the "
+        "FQN lists that DCP read from the checkpoint (a non-tensor leaf, overwritten whole), "
+        "listing parameters the model no longer has.  With optimizer state (Adam, SGD with "
+        "momentum) the groups are rebuilt from the optimizer's own parameters and the same "
+        "load succeeds with every entry as saved.  Diagnosis by dcprop; no upstream issue "
+        "found.",
     ),
     KnownBug(
         id="dsd-flatten-full-osd",

@@ -42,3 +42,37 @@ class ForgetsScheduler(DCPCheckpointer):
         finally:
             if live is not None:
                 state_dict["scheduler"] = live
+
+
+class SkipsMissingKeys(DCPCheckpointer):
+    """Loads what the checkpoint has and leaves every other entry as it was (a partial
+    load where a strict one was asked for): a changed model keeps fresh values."""
+
+    def load(self, state_dict, path, *, group):
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(
+            state_dict,
+            storage_reader=dcp.FileSystemReader(path),
+            planner=dcp.DefaultLoadPlanner(allow_partial_load=True),
+            process_group=group,
+        )
+
+
+class SkipsOtherDtypes(DCPCheckpointer):
+    """Loads only the model entries whose template has the dtype they were saved in: a
+    job restarted in another dtype silently keeps its fresh weights."""
+
+    def load(self, state_dict, path, *, group):
+        import torch.distributed.checkpoint as dcp
+
+        saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        model = state_dict.get("model", {})
+        skipped = {
+            key: model.pop(key)
+            for key in list(model)
+            if getattr(saved.get(f"model.{key}"), "properties", None) is not None
+            and saved[f"model.{key}"].properties.dtype != model[key].dtype
+        }
+        super().load(state_dict, path, group=group)
+        model.update(skipped)

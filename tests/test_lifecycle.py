@@ -13,6 +13,7 @@ from dcprop import strategies as dst
 from dcprop.errors import ExampleFailure, SpecError
 from dcprop.properties import run_and_match, run_property
 from dcprop.properties._harness import Hooks
+from dcprop.repro import pretty
 
 FSDP2 = S.Topology(2, S.MeshSpec((2,), ("shard",)), S.FSDP2Plan())
 ONE = S.Topology(1, S.MeshSpec((1,), ("shard",)), S.FSDP2Plan())
@@ -184,3 +185,85 @@ def test_the_reproducer_prints_the_program_and_replays_it(dcprop_runner, tmp_pat
     result = replay(path, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL: lifecycle" in result.stdout and "at program[2] Load('c0')" in result.stdout
+
+
+def test_a_restart_in_another_dtype_loads_the_saved_values_cast(dcprop_runner):
+    """fp32 saved, loaded into bf16 (each value rounded as a copy_ rounds it), trained,
+    saved in bf16 and loaded back into fp32 (exactly)."""
+    program = (
+        S.Train(2),
+        S.Save("c0"),
+        S.Restart(FSDP2, "c0", dtype="bf16"),
+        S.Train(),
+        S.Save("c1"),
+        S.Restart(ONE, "c1"),
+        S.Train(),
+    )
+    scenario = S.Scenario(MLP, FSDP2, optimizer=ADAM, program=program)
+    results = run_property(dcprop_runner, "lifecycle", scenario)
+    assert len(results[0]["losses"]) == 4
+    hooks = Hooks(checkpointer=inj.SkipsOtherDtypes())
+    with pytest.raises(ExampleFailure, match="PropertyFailure") as info:
+        run_property(dcprop_runner, "lifecycle", scenario, hooks=hooks)
+    assert "model/fc0.weight" in str(info.value) and "at program[2]" in str(info.value)
+
+
+WIDER = S.ModelSpec(
+    S.Block((("fc0", S.Linear(3, 4)), ("act", S.Activation()), ("fc1", S.Linear(4, 3))))
+)
+EXTRA = S.ModelSpec(S.Block((*MLP.root.children, ("extra", S.Linear(2, 2)))))
+MISSING = S.ModelSpec(S.Block(MLP.root.children[:2]))
+CHANGES = {"wider": WIDER, "extra": EXTRA, "missing": MISSING}
+
+
+def _into(model):
+    return (S.Train(), S.Save("c0"), S.RestartInto(model, "c0"), S.Train())
+
+
+def test_restart_into_a_changed_model_fails_loudly_or_loads_as_saved(dcprop_runner):
+    """On stock DCP: a wider Linear or an extra layer fail naming the key, a missing
+    layer loads the entries that remain (DCP reads exactly the keys asked for); each
+    program then trains on in the job from before."""
+    refused = {}
+    for name, model in CHANGES.items():
+        scenario = S.Scenario(MLP, FSDP2, optimizer=ADAM, program=_into(model))
+        results = run_property(dcprop_runner, "lifecycle", scenario)
+        assert len(results[0]["losses"]) == 2
+        refused[name] = results[0]["refused"]
+    print(refused)
+    assert "Size mismatch" in refused["wider"][0] and "model.fc1.weight" in refused["wider"][0]
+    assert "Missing key in checkpoint state_dict: model.extra.weight" in refused["extra"][0]
+    assert refused["missing"] == [None]
+
+
+def test_the_new_restarts_round_trip_and_reject_what_cannot_run():
+    program = (S.Save("c0"), S.Restart(ONE, "c0", dtype="bf16"), S.RestartInto(EXTRA, "c0"))
+    scenario = S.Scenario(MLP, FSDP2, program=program)
+    assert serialization.loads(serialization.dumps(scenario)) == scenario
+    assert eval(repr(scenario), vars(S)) == scenario
+    assert "        RestartInto(\n            ModelSpec(" in pretty(scenario)  # the reproducer
+    with pytest.raises(SpecError, match=r"program\[1\].*fp16.*eps"):
+        S.Scenario(MLP, FSDP2, optimizer=ADAM, program=(S.Save("c0"), S.Restart(ONE, "c0", "fp16")))
+    with pytest.raises(SpecError, match="same parameters"):
+        S.Scenario(MLP, FSDP2, program=(S.Save("c0"), S.RestartInto(MLP.in_dtype("bf16"), "c0")))
+    partial = S.Save("c0", S.StateDictSpec(ignore_frozen_params=True))
+    with pytest.raises(SpecError, match="without frozen parameters"):
+        S.Scenario(MLP, FSDP2, program=(partial, S.RestartInto(EXTRA, "c0")))
+
+
+def test_restart_into_catches_a_load_that_skips_missing_keys(dcprop_runner):
+    scenario = S.Scenario(MLP, FSDP2, optimizer=ADAM, program=_into(EXTRA))
+    hooks = Hooks(checkpointer=inj.SkipsMissingKeys())
+    with pytest.raises(ExampleFailure, match="PropertyFailure") as info:
+        run_property(dcprop_runner, "lifecycle", scenario, hooks=hooks)
+    assert "model/extra.weight" in str(info.value) and "at program[2]" in str(info.value)
+
+
+def test_programs_draw_a_restart_into_a_changed_model_and_shrink_it_to_two_steps():
+    found = find(
+        dst.lifecycles(MLP, FSDP2),
+        lambda program: any(isinstance(step, S.RestartInto) for step in program),
+        settings=settings(FIND, max_examples=2000),
+    )
+    assert len(found) == 2 and found[0] == S.Save("c0")
+    assert found[1].checkpoint == "c0" and found[1].model in (WIDER, EXTRA, MISSING)

@@ -55,6 +55,7 @@ from dcprop.properties._harness import (
     load_template_overrides,
 )
 from dcprop.properties.ddp_parity import ATOL, RTOL, _backward, _state_options
+from dcprop.properties.loud_failure import _anywhere, _raised
 from dcprop.runner.execute import RankContext
 
 __all__ = ["WHERE", "TrainState", "lifecycle", "where"]
@@ -108,11 +109,12 @@ def template(rank: int, world: int) -> dict[str, Any]:
 
 @attrs.define
 class Saved:
-    """What one Save left: its step, the world that saved it, the frozen set then, and
-    both sides' states (the sharded job's as full values on this rank)."""
+    """What one Save left: its step, the world and model that saved it, the frozen set
+    then, and both sides' states (the sharded job's as full values on this rank)."""
 
     step: S.Save
     world: int
+    model: S.ModelSpec
     frozen: frozenset[str]
     sharded: dict[str, Any] | None
     reference: dict[str, Any]
@@ -130,7 +132,7 @@ def lifecycle(
             run.do(index, step)
     finally:
         run.finish()
-    return {"losses": run.losses}
+    return {"losses": run.losses, "refused": run.refused}
 
 
 class _Run:
@@ -147,20 +149,27 @@ class _Run:
         self.pending: dict[str, Pending] = {}
         self.lost: list[Pending] = []
         self.losses: list[float] = []
-        self._start(scenario.save, scenario.seed)
+        #: each RestartInto's error on this rank (None: it loaded)
+        self.refused: list[str | None] = []
+        self._start(scenario.save, scenario.seed, scenario.model)
 
-    def _start(self, topology: S.Topology, seed: int) -> None:
-        self.world = topology.world_size
+    def _start(self, topology: S.Topology, seed: int, model: S.ModelSpec) -> None:
+        self.topology, self.world, self.model = topology, topology.world_size, model
         self.job = None
         if self.ctx.rank < topology.world_size:
-            # every optimizer holds every parameter, so that what it holds never depends
-            # on when it was built; the frozen set is then applied as a Freeze step would
-            self.job = Job(
-                self.ctx, self.scenario, topology, seed=seed, frozen=(), hooks=self.hooks
-            )
-            self.job.frozen = tuple(sorted(self.frozen))
-            _set_requires_grad(self.job.model, self.frozen, False)
+            self.job = self._new_job(topology, seed, model)
             self.train = TrainState.fresh(self.scenario, self.ctx.rank)
+
+    def _new_job(self, topology: S.Topology, seed: int, model: S.ModelSpec) -> Job:
+        # every optimizer holds every parameter, so that what it holds never depends
+        # on when it was built; the frozen set is then applied as a Freeze step would
+        job = Job(
+            self.ctx, self.scenario, topology, model=model, seed=seed, frozen=(), hooks=self.hooks
+        )
+        frozen = self.frozen & set(model.parameter_names())
+        job.frozen = tuple(sorted(frozen))
+        _set_requires_grad(job.model, frozen, False)
+        return job
 
     def do(self, index: int, step: S.Step) -> None:
         failed: BaseException | None = None
@@ -199,6 +208,8 @@ class _Run:
             return self._load(step.name, strict=step.strict)
         elif isinstance(step, (S.Restart, S.Crash)):
             return self._restart(index, step)
+        elif isinstance(step, S.RestartInto):
+            self._restart_into(index, step)
         return None
 
     def _optimizers(self) -> list[torch.optim.Optimizer]:
@@ -241,6 +252,7 @@ class _Run:
         self.saved[step.name] = Saved(
             step,
             self.world,
+            self.model,
             self.frozen,
             sharded,
             self.reference.snapshot(),
@@ -284,9 +296,46 @@ class _Run:
         if failed is not None:
             raise failed
         seed = self.scenario.seed + 1 + index  # fresh weights: a value never loaded shows
-        self.reference = _Reference(self.ctx, self.scenario, self.hooks, seed, self.frozen)
-        self._start(step.topology, seed)
+        model = self.scenario.model
+        if isinstance(step, S.Restart) and step.dtype is not None:
+            model = model.in_dtype(step.dtype)
+        self.reference = _Reference(
+            self.ctx, self.scenario, self.hooks, seed, self.frozen, model=model
+        )
+        self._start(step.topology, seed, model)
         return self._load(step.checkpoint, strict=True)
+
+    def _restart_into(self, index: int, step: S.RestartInto) -> None:
+        """A fresh job of the changed model tries to load the checkpoint, then goes; the
+        job from before goes on (ranks outside it hold no job to change)."""
+        if self.job is None:
+            return
+        saved = self.saved[step.checkpoint]
+        job = self._new_job(self.topology, self.scenario.seed + 1 + index, step.model)
+        options = saved.step.state_dict
+        fresh = full_values(job.state(**FULL_STATE))  # the dtypes a load must keep
+        target = job.state(options, **load_template_overrides(options))
+        target[TRAIN] = template(self.ctx.rank, saved.world)
+        # only the checkpointer's load may refuse, as in loud_failure: an error from
+        # applying what it loaded is the example's failure
+        error = _raised(lambda: job.load(target, step.checkpoint, step=saved.train_step))
+        self.refused.append(error)
+        if _anywhere(job, error is not None):
+            changed = _changed_entries(saved.model, step.model)
+            _check_loud(error or "another rank's load raised", changed, step, self.ctx.rank)
+            return
+        job.apply(target, options)
+        state = full_values(job.state(**FULL_STATE))
+        actual = {k: v for k, v in state.items() if k.startswith(("model/", "optim/state/"))}
+        assert saved.sharded is not None
+        expected = _cast_like({k: saved.sharded[k] for k in actual if k in saved.sharded}, fresh)
+        assert_same(
+            expected,
+            actual,
+            what=f"a restart into a changed model loaded {step.checkpoint!r} without an error "
+            "(it must fail naming a changed entry, or load each entry as saved):",
+            rank=self.ctx.rank,
+        )
 
     def _sharded_state(self) -> dict[str, Any]:
         """The sharded job's whole state as full values (collective over its ranks)."""
@@ -297,9 +346,9 @@ class _Run:
 
     def _compare(self, loaded: Saved | None) -> None:
         actual = self._sharded_state()
-        if loaded is not None and loaded.sharded is not None:
-            self._compare_loaded(loaded, actual)
         expected = self.reference.state(self.ctx.rank)
+        if loaded is not None and loaded.sharded is not None:
+            self._compare_loaded(loaded, actual, expected)
         assert_same(
             _without_fresh_state(expected),
             _without_fresh_state(actual),
@@ -309,11 +358,15 @@ class _Run:
             atol=ATOL,
         )
 
-    def _compare_loaded(self, loaded: Saved, actual: dict[str, Any]) -> None:
-        """Right after a load: exactly what the sharded job saved (its frozen parameters
-        as they were before the load where the checkpoint left them out)."""
+    def _compare_loaded(
+        self, loaded: Saved, actual: dict[str, Any], reference: dict[str, Any]
+    ) -> None:
+        """Right after a load: exactly what the sharded job saved, cast to the dtype the
+        reference's fresh model holds each entry in (its frozen parameters as they were
+        before the load where the checkpoint left them out)."""
         assert loaded.sharded is not None
-        expected = dict(loaded.sharded)  # this rank saved it, so it restores its RNG
+        # this rank saved it, so it restores its RNG
+        expected = _cast_like(loaded.sharded, reference)
         for key in _left_out(loaded, self.scenario.model):
             expected[key] = actual[key]  # the reference holds the value it must keep
         assert_same(
@@ -369,6 +422,50 @@ def _without_fresh_state(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in fresh}
 
 
+def _changed_entries(saved: S.ModelSpec, model: S.ModelSpec) -> list[str]:
+    """The entries of ``model`` that a checkpoint of ``saved`` lacks or holds with
+    another shape: what a strict load into ``model`` must name as it fails."""
+    before = {**saved.parameters(), **saved.buffers()}
+    after = {**model.parameters(), **model.buffers()}
+    return sorted(name for name, shape in after.items() if before.get(name) != shape)
+
+
+def _check_loud(text: str, changed: list[str], step: S.RestartInto, rank: int) -> None:
+    """A failed load into a changed model is right only if it names a changed entry
+    (``text``: the error, or that another rank's load raised; that rank checks it)."""
+    checkpoint = step.checkpoint
+    if text.startswith("another rank"):
+        return
+    if not changed:
+        raise PropertyFailure(
+            f"a restart into a changed model failed to load {checkpoint!r}, though the "
+            f"checkpoint holds every entry of that model with its shape (DCP loads exactly "
+            f"the entries asked for), on rank {rank}: {text}"
+        )
+    if not any(name in text for name in changed):
+        raise PropertyFailure(
+            f"a restart into a changed model failed to load {checkpoint!r} without naming "
+            f"any of the changed entries {changed}, on rank {rank}: {text}",
+            keys=[f"model/{name}" for name in changed],
+        )
+
+
+def _cast_like(saved: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with each floating tensor cast to the dtype of ``reference``'s entry (a
+    fresh job's: one built in another dtype loads into tensors of that dtype)."""
+    out = dict(saved)
+    for key, value in saved.items():
+        like = reference.get(key)
+        if (
+            isinstance(value, torch.Tensor)
+            and isinstance(like, torch.Tensor)
+            and value.is_floating_point()
+            and like.is_floating_point()
+        ):
+            out[key] = value.to(like.dtype)
+    return out
+
+
 def _left_out(saved: Saved, model: S.ModelSpec) -> list[str]:
     """The keys of frozen parameters a checkpoint saved without them."""
     if not saved.step.state_dict.ignore_frozen_params:
@@ -378,7 +475,9 @@ def _left_out(saved: Saved, model: S.ModelSpec) -> list[str]:
 
 
 class _Reference:
-    """The single-process run: the whole model in plain PyTorch on this rank."""
+    """The single-process run: the whole model in plain PyTorch on this rank.  Its
+    loads cast as DCP's do: ``load_state_dict`` copies into the module's tensors, and
+    ``Optimizer.load_state_dict`` casts state to its parameter's dtype."""
 
     def __init__(
         self,
@@ -387,9 +486,10 @@ class _Reference:
         hooks: Hooks,
         seed: int,
         frozen: frozenset[str] | None = None,
+        model: S.ModelSpec | None = None,
     ) -> None:
         self.ctx, self.scenario = ctx, scenario
-        self.module = hooks.model_factory(scenario.model, seed, ctx.device, ())
+        self.module = hooks.model_factory(model or scenario.model, seed, ctx.device, ())
         self.optimizer = build.optimizer_for(self.module.parameters(), scenario.optimizer)
         _set_requires_grad(self.module, scenario.frozen if frozen is None else frozen, False)
         self.scheduler = build.scheduler_for(self.optimizer, scenario.optimizer)

@@ -26,9 +26,11 @@ from dcprop.specs._base import (
     flag,
     identifier,
     instance_of,
+    one_of,
     positive,
     tuple_of,
 )
+from dcprop.specs.model import DTYPES, ModelSpec
 from dcprop.specs.topology import StateDictSpec, Topology
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "Freeze",
     "Load",
     "Restart",
+    "RestartInto",
     "Save",
     "SetLR",
     "Step",
@@ -124,13 +127,26 @@ class Load(Spec):
     strict: bool = attrs.field(default=True, validator=flag)
 
 
+def _dtype(inst: Any, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None:
+        one_of(DTYPES)(inst, attribute, value)
+
+
 @attrs.frozen(repr=False)
 class Restart(Spec):
     """Await the saves in flight, drop the whole job, build a fresh one on ``topology``
-    (fresh weights, a fresh optimizer and scheduler) and load ``checkpoint`` into it."""
+    (fresh weights, a fresh optimizer and scheduler) and load ``checkpoint`` into it.
+
+    With ``dtype`` (one of :data:`~dcprop.specs.DTYPES`) the fresh job builds the
+    scenario's model with every Linear in that dtype
+    (:meth:`ModelSpec.in_dtype <dcprop.specs.ModelSpec.in_dtype>`), whatever dtype the
+    checkpoint was saved in: DCP copies what it reads into the template's tensors, so
+    each value arrives cast to the new dtype (and ``Optimizer.load_state_dict`` casts
+    the state to its parameter's dtype).  ``None``: the scenario's model as written."""
 
     topology: Topology = attrs.field(validator=instance_of(Topology))
     checkpoint: str = attrs.field(validator=identifier)
+    dtype: str | None = attrs.field(default=None, validator=_dtype)
 
 
 @attrs.frozen(repr=False)
@@ -142,5 +158,34 @@ class Crash(Spec):
     checkpoint: str = attrs.field(validator=identifier)
 
 
-Step = Train | Freeze | Unfreeze | SetLR | Save | Wait | Load | Restart | Crash
-STEP_TYPES: tuple[type, ...] = (Train, Freeze, Unfreeze, SetLR, Save, Wait, Load, Restart, Crash)
+@attrs.frozen(repr=False)
+class RestartInto(Spec):
+    """Try to restart into ``model``, a model that differs from the one that saved
+    ``checkpoint`` (a Linear of another width, a layer missing, an extra layer): a fresh
+    job on the current topology loads ``checkpoint`` strictly, then goes.  The program
+    goes on with the job from before (as a user goes back to the job that saved, once a
+    restart into the wrong model is refused).
+
+    The load must fail loudly, naming a key that differs, if the model has an entry the
+    checkpoint lacks or holds with another shape; where every entry of ``model`` is in
+    the checkpoint with its shape (a layer missing), DCP's documented rule is that a
+    load reads exactly the entries asked for, so it must succeed with each one equal to
+    the saved value."""
+
+    model: ModelSpec = attrs.field(validator=instance_of(ModelSpec))
+    checkpoint: str = attrs.field(validator=identifier)
+
+
+Step = Train | Freeze | Unfreeze | SetLR | Save | Wait | Load | Restart | Crash | RestartInto
+STEP_TYPES: tuple[type, ...] = (
+    Train,
+    Freeze,
+    Unfreeze,
+    SetLR,
+    Save,
+    Wait,
+    Load,
+    Restart,
+    Crash,
+    RestartInto,
+)

@@ -515,6 +515,17 @@ class ModelSpec(Spec):
             for n, s in own_non_persistent_buffers(layer)
         }
 
+    def in_dtype(self, dtype: str) -> ModelSpec:
+        """This model with every :class:`Linear` in ``dtype`` (one of :data:`DTYPES`): a
+        job built in another precision.  The Linears are the layers whose spec carries a
+        dtype (each computes in it and hands float32 on), so the rest stay float32.
+
+        >>> ModelSpec(Block((("fc", Linear(4, 8)),))).in_dtype("bf16")
+        ModelSpec(Block((('fc', Linear(4, 8, dtype='bf16')),)))
+        """
+        one_of(DTYPES)(self, attrs.fields(Linear).dtype, dtype)
+        return attrs.evolve(self, root=_with_linears(self.root, dtype))
+
     def low_precision_modules(self) -> tuple[str, ...]:
         """Paths of the layers whose parameters are not float32."""
         return tuple(
@@ -592,3 +603,18 @@ class ModelSpec(Spec):
             return upstream
 
         return frozenset(before(self.root, ""))
+
+
+def _with_linears(value: Any, dtype: str) -> Any:
+    """``value`` (a layer, or a tuple of layers or named layers) with every Linear in
+    ``dtype``; containers are rebuilt through their own validators."""
+    if isinstance(value, Linear):
+        return attrs.evolve(value, dtype=dtype)
+    if isinstance(value, tuple):
+        return tuple(_with_linears(v, dtype) for v in value)
+    if attrs.has(type(value)):
+        fields = attrs.fields(type(value))
+        return attrs.evolve(
+            value, **{f.alias: _with_linears(getattr(value, f.name), dtype) for f in fields}
+        )
+    return value

@@ -461,10 +461,41 @@ class _ProgramCheck:
         elif isinstance(step, (L.Restart, L.Crash)):
             if isinstance(step, L.Crash):
                 self.lost |= self.in_flight
+            else:
+                self.restart_dtype(step.dtype)
             self.in_flight.clear()
             self.topology = step.topology
             self.check_topology()
             self.loadable(step.checkpoint)
+        elif isinstance(step, L.RestartInto):
+            self.restart_into(step)
+
+    def restart_dtype(self, dtype: str | None) -> None:
+        if dtype is None:
+            return
+        self.scenario.model.in_dtype(dtype)  # a tie across dtypes is a SpecError
+        if dtype == "fp16" and self.scenario.optimizer.kind != "sgd":
+            raise SpecError(
+                f"dtype='fp16' with optimizer kind={self.scenario.optimizer.kind!r}: its "
+                "eps (1e-8) is 0 in fp16, so a zero gradient steps a parameter to NaN; "
+                "use SGD or bf16"
+            )
+
+    def restart_into(self, step: L.RestartInto) -> None:
+        self.loadable(step.checkpoint)
+        if self.saved[step.checkpoint].state_dict.ignore_frozen_params:
+            raise SpecError(
+                f"checkpoint {step.checkpoint!r} was saved without frozen parameters: "
+                "entries it leaves out on purpose would blur the entries a changed model "
+                "misses; restart into a changed model from a whole checkpoint"
+            )
+        if step.model.parameters() == self.scenario.model.parameters():
+            raise SpecError(
+                "the model has the same parameters and shapes as the scenario's: that is "
+                "a Restart, not a restart into a changed model"
+            )
+        frozen = tuple(sorted(self.frozen & set(step.model.parameter_names())))
+        _check_topology(step.model, self.topology, self.scenario.device, frozen, "the current")
 
     def refreeze(self, step: L.Freeze | L.Unfreeze) -> None:
         unknown = sorted(set(step.names) - self.params)
