@@ -149,6 +149,8 @@ class DropKey(_Faulty):
 
     def load(self, state_dict, path, *, group):
         model = state_dict["model"]
+        if not model:  # a rank that loads nothing itself (broadcast_from_rank0)
+            return super().load(state_dict, path, group=group)
         dropped = sorted(model)[-1]
         kept = model.pop(dropped)
         try:

