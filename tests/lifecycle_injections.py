@@ -3,6 +3,8 @@ job's state wrong on load (importable by reference: the ranks unpickle them)."""
 
 import os
 
+from helpers import KeepLiveScheduler as ForgetsScheduler  # noqa: F401 (the same fault)
+
 from dcprop.checkpointer import DCPCheckpointer
 
 
@@ -30,18 +32,6 @@ class OptimizerOfFirstSave(DCPCheckpointer):
         super().load(state_dict, path, group=group)
         super().load(optim, first, group=group)
         state_dict.update(optim)
-
-
-class ForgetsScheduler(DCPCheckpointer):
-    """Saves and loads everything but the LR scheduler, which keeps its live state."""
-
-    def load(self, state_dict, path, *, group):
-        live = state_dict.pop("scheduler", None)
-        try:
-            super().load(state_dict, path, group=group)
-        finally:
-            if live is not None:
-                state_dict["scheduler"] = live
 
 
 class SkipsMissingKeys(DCPCheckpointer):
