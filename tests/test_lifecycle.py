@@ -22,7 +22,8 @@ MLP = S.ModelSpec(
 )
 ADAM = S.OptimizerSpec("adam", scheduler=S.SchedulerSpec())
 
-# The seeds' fine-tuning scenario (seed 000): pretrain, load the pretrained part as a
+# The seeds' fine-tuning scenario (PyTorch's test/distributed/checkpoint/e2e/
+# test_fine_tuning.py): pretrain, load the pretrained part as a
 # frozen submodule, train on top, save without the frozen parameters, restart, resume.
 FINE_TUNING = S.Scenario(
     S.ModelSpec(

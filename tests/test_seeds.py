@@ -21,7 +21,7 @@ def _uneven_linear(s):
 
 
 COVERAGE = {
-    # seed 002: an uneven 4-layer model on a (2, 2) HSDP mesh, and HSDP -> 1D FSDP
+    # test_hsdp_checkpoint.py: an uneven 4-layer model on a (2, 2) HSDP mesh, and HSDP -> 1D FSDP
     "002-hsdp-uneven": (
         dst.scenarios("roundtrip", world_sizes=(4,), max_layers=4, layers=("linear", "activation")),
         lambda s: (
@@ -47,7 +47,7 @@ COVERAGE = {
             and s.save.plan_kind == "fsdp2"
         ),
     ),
-    # seed 003: alternating frozen linears; unused inputs; multi-traversal with frozen
+    # test_fsdp_fine_tune.py: alternating frozen linears; unused inputs; multi-traversal with frozen
     "003-alternating-frozen": (
         dst.scenarios(
             "ddp_parity", world_sizes=(2,), max_layers=4, layers=("linear", "activation")
@@ -85,12 +85,12 @@ COVERAGE = {
             for p, layer in s.model.modules()
         ),
     ),
-    # seed 004: experts on (2, 4) at 8 ranks, each sharded on its 2-rank sub-mesh
+    # test_fsdp_ep.py: experts on (2, 4) at 8 ranks, each sharded on its 2-rank sub-mesh
     "004-expert-submesh": (
         dst.scenarios("submesh_layout", world_sizes=(8,)),
         lambda s: s.save.mesh.shape == (2, 4),
     ),
-    # seed 003 upstream runs FSDP1 with every sharding strategy: generated for GPU
+    # test_fsdp_fine_tune.py upstream runs FSDP1 with every sharding strategy: generated for GPU
     "003-fsdp1": (
         dst.scenarios("ddp_parity", world_sizes=(2,), device="cuda"),
         lambda s: (
@@ -120,8 +120,8 @@ def test_strategies_generate_the_seed_scenario(name):
 
 
 def test_seed_variants_keep_the_upstream_structure():
-    """SEED_004 is seed 004's layout at 4 ranks: half the experts on half the ep dim;
-    SEED_003_FSDP1 is seed 003's parity run under FSDP1 on GPUs."""
+    """SEED_004 is test_fsdp_ep.py's layout at 4 ranks: half the experts on half the ep dim;
+    SEED_003_FSDP1 is test_fsdp_fine_tune.py's parity run under FSDP1 on GPUs."""
     small, world8 = SEED_004.save, SEED_004_WORLD8.save
     assert small.plan == world8.plan and small.mesh.dim_names == world8.mesh.dim_names
     assert (small.mesh.shape, world8.mesh.shape) == ((2, 2), (2, 4))
