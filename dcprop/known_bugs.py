@@ -272,11 +272,20 @@ def _all(*conditions: Callable[[S.Scenario], bool]) -> Callable[[S.Scenario], bo
     return lambda scenario: all(c(scenario) for c in conditions)
 
 
+def _tied_frozen_names(scenario: S.Scenario) -> set[str]:
+    """Every name (``model/...``) of a tied weight that is frozen at some point: from the
+    start, by fine-tuning, or by a lifecycle's ``Freeze`` step."""
+    aliases = scenario.model.aliases()
+    freezes = {n for step in scenario.program if isinstance(step, S.Freeze) for n in step.names}
+    frozen = set(scenario.fine_tuning_frozen) | freezes
+    return {f"model/{n}" for p in frozen if len(aliases.get(p, ())) > 1 for n in aliases[p]}
+
+
 def _frozen_tied_weight_skipped(scenario: S.Scenario) -> bool:
     """A frozen weight is tied, and a state dict is taken without frozen parameters: by a
-    topology's options, or by fine-tuning (which saves its trainable state only)."""
-    aliases = scenario.model.aliases()
-    tied_frozen = any(len(aliases[p]) > 1 for p in scenario.fine_tuning_frozen)
+    topology's options (a lifecycle save's included), or by fine-tuning (which saves its
+    trainable state only)."""
+    tied_frozen = bool(_tied_frozen_names(scenario))
     skipped = scenario.pretrained is not None or _on_a_topology(
         _options(ignore_frozen_params=True)
     )(scenario)
@@ -295,6 +304,25 @@ def _only_second_names_kept(sighting: Sighting) -> bool:
     later = {f"model/{n}" for p in frozen for n in aliases[p][1:]}
     kept = sighting.keys or tuple(f"model/{n}" for n in _LISTED_MODEL_KEY.findall(sighting.message))
     return bool(kept) and set(kept) <= later
+
+
+_RELOADED_AT = re.compile(r"^  at program\[\d+\] (?:Load|Restart|Crash)\(", re.M)
+
+
+def _frozen_tied_weight_reloaded(sighting: Sighting) -> bool:
+    """The lifecycle face: right after a load of a checkpoint saved without frozen
+    parameters, the only entries that differ from the reference are the names of a
+    frozen tied weight (the checkpoint kept it under its later name, and the load put
+    the saved value back where the job's own value must stay)."""
+    names = _tied_frozen_names(sighting.scenario)
+    reloaded = _RELOADED_AT.search(sighting.message) is not None
+    return reloaded and bool(sighting.keys) and set(sighting.keys) <= names
+
+
+def _tied_alias_kept_or_reloaded(sighting: Sighting) -> bool:
+    if sighting.signature.startswith("PropertyFailure: ignore_frozen_params=True"):
+        return _only_second_names_kept(sighting)
+    return _frozen_tied_weight_reloaded(sighting)
 
 
 def _unstepped_parameters(scenario: S.Scenario) -> frozenset[str]:
@@ -566,13 +594,18 @@ KNOWN_BUGS: tuple[KnownBug, ...] = (
         title="get_state_dict(ignore_frozen_params=True) keeps a frozen tied weight under its "
         "second name",
         pattern=r"^PropertyFailure: ignore_frozen_params=True but the model state dict on "
-        r"rank N holds frozen parameters",
+        r"rank N holds frozen parameters"
+        r"|^PropertyFailure: sharded job vs single-process reference on rank N: differences "
+        r"in N of N entries \(.*\): @ do$",
         occurs_in=_frozen_tied_weight_skipped,
-        shows=_only_second_names_kept,
+        shows=_tied_alias_kept_or_reloaded,
         explanation="_get_model_state_dict pops frozen parameters by iterating "
         "model.named_parameters(), which lists a shared Parameter once, so only its first "
         "name is removed (e.g. embed.weight goes, head.weight tied to it stays).  Shown on "
-        "a plain nn.Module without FSDP.  Diagnosis by dcprop; no upstream issue found.",
+        "a plain nn.Module without FSDP.  A lifecycle shows its second face: a job that "
+        "loads such a checkpoint (a restart's fresh job) gets the saved value of the frozen "
+        "weight back through the kept name, where a checkpoint without frozen parameters "
+        "must leave it as it was.  Diagnosis by dcprop; no upstream issue found.",
     ),
     KnownBug(
         id="dsd-partial-optimizer-state",

@@ -171,7 +171,7 @@ WIDE_TP = attrs.evolve(
         )
     ),
 )
-TIED_FROZEN = corpus("dsd-ignore-frozen-tied-alias")
+TIED_FROZEN = corpus("dsd-ignore-frozen-tied-alias", "roundtrip-dd07c6005c.json")
 # dcprop check found it so in finetune_resume: fine-tuning freezes the pretrained part,
 # in which two Linear weights are tied (nothing frozen by the scenario itself)
 FINE_TUNED_TIE = S.Scenario(
@@ -700,6 +700,24 @@ NO_KEY = (
 UNFROZEN = corpus("dsd-partial-optim-state-init", "lifecycle-6dd21d000d.json")
 
 
+UNMAPPED = (
+    "ValueError: loaded state dict contains a parameter group that doesn't match the size "
+    "of optimizer's group @ load_state_dict"
+)
+FEWER = corpus("dsd-stateless-osd-param-groups-unmapped", "lifecycle-dae676cf79.json")
+TIED_RELOAD = corpus("dsd-ignore-frozen-tied-alias", "lifecycle-acf518b80c.json")
+VERSUS_REFERENCE = (
+    "PropertyFailure: sharded job vs single-process reference on rank N: differences in N "
+    "of N entries (rtol=N, atol=Ne-N): @ do"
+)
+
+
+def reloaded(*keys, at="Restart(Topology(1, MeshSpec((1,), ('shard',)), FSDP2Plan()), 'c0')"):
+    lines = "".join(f"\n  {k}: 1 of 1 elements differ beyond rtol=0.0001, atol=1e-05" for k in keys)
+    message = f"sharded job vs single-process reference on rank 0: ...{lines}\n  at program[1] {at}"
+    return failed(error(0, VERSUS_REFERENCE, message, keys=keys))
+
+
 def no_state(signature, name):
     if signature == PARTIAL:
         message = f"Missing optimizer state for parameter '{name}'{NO_STATE}"
@@ -752,6 +770,45 @@ CASES += [
         ],
     ),
     ("dsd-partial-optim-state-init", no_state(NO_KEY, "fc0.bias"), UNFROZEN, []),
+    (
+        "dsd-stateless-osd-param-groups-unmapped",
+        failed(error(0, UNMAPPED)),
+        FEWER,
+        [
+            (
+                "the optimizer holds state (SGD with momentum)",
+                failed(error(0, UNMAPPED)),
+                attrs.evolve(FEWER, optimizer=S.OptimizerSpec(momentum=0.9)),
+            ),
+            (
+                "the changed model has every parameter of the saved one",
+                failed(error(0, UNMAPPED)),
+                attrs.evolve(FEWER, program=(S.Save("c0"), S.Load("c0"))),
+            ),
+        ],
+    ),
+    (
+        "dsd-ignore-frozen-tied-alias",
+        reloaded("model/embed.weight", "model/head.weight"),
+        TIED_RELOAD,
+        [
+            (
+                "an entry that is not the tied weight differs too",
+                reloaded("model/embed.weight", "model/head.weight", "model/fc0.weight"),
+                TIED_RELOAD,
+            ),
+            (
+                "it differs after a train step, not a load",
+                reloaded("model/embed.weight", "model/head.weight", at="Train()"),
+                TIED_RELOAD,
+            ),
+            (
+                "the tied weight was never frozen",
+                reloaded("model/embed.weight", "model/head.weight"),
+                attrs.evolve(TIED_RELOAD, frozen=("fc0.weight",)),
+            ),
+        ],
+    ),
 ]
 
 
