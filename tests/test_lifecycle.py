@@ -268,3 +268,21 @@ def test_programs_draw_a_restart_into_a_changed_model_and_shrink_it_to_two_steps
     )
     assert len(found) == 2 and found[0] == S.Save("c0")
     assert found[1].checkpoint == "c0" and found[1].model in (WIDER, EXTRA, MISSING)
+
+
+SKIPPY = S.ModelSpec(S.Block((("fc0", S.Linear(1, 2)), ("skip1", S.Skip(S.Linear(2, 2))))))
+SKIPPY_FROZEN = ("fc0.bias", "skip1.body.weight")
+
+
+def test_a_program_trains_only_with_something_outside_every_skip_trainable():
+    # found by a campaign: a Freeze left only a Skip body trainable, and the step that
+    # skipped it had a loss without gradient (dcprop's strategy drew an invalid program)
+    program = (S.Freeze(("fc0.weight",)), S.Train())
+    with pytest.raises(SpecError, match=r"program\[1\] Train\(\): no parameter outside"):
+        S.Scenario(SKIPPY, ONE, frozen=SKIPPY_FROZEN, program=program)
+
+
+@settings(max_examples=30, deadline=None)
+@given(dst.lifecycles(SKIPPY, ONE, frozen=SKIPPY_FROZEN))
+def test_the_strategy_draws_no_train_without_a_trainable_parameter_outside_skips(program):
+    S.Scenario(SKIPPY, ONE, frozen=SKIPPY_FROZEN, program=program)  # raises if invalid

@@ -448,8 +448,11 @@ class _ProgramCheck:
                 raise SpecError(f"program[{index}] {step!r}: {e}") from None
 
     def step(self, step: L.Step) -> None:
-        if isinstance(step, L.Train) and self.frozen == self.params:
-            raise SpecError("every parameter is frozen: there is nothing to train")
+        if isinstance(step, L.Train) and not self.scenario.model.ungated_parameters() - self.frozen:
+            raise SpecError(
+                "no parameter outside every Skip body is trainable: a step that skips them "
+                "all has a loss without gradient, which backward refuses; unfreeze one first"
+            )
         if isinstance(step, (L.Freeze, L.Unfreeze)):
             self.refreeze(step)
         elif isinstance(step, L.Save):

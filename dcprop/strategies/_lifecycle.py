@@ -87,7 +87,8 @@ class _Tracker:
 
     def enabled(self) -> list[str]:
         ok = {
-            "train": bool(self.trainable()),
+            # a step may skip every Skip body: something outside them must train
+            "train": bool(self.model.ungated_parameters() - self.frozen),
             "save": True,
             "load": bool(self.loadable()),
             "restart": bool(self.after_wait().loadable()),
