@@ -29,7 +29,7 @@ from dcprop.checkpointer import (
     start_save,
 )
 from dcprop.contract import Contract
-from dcprop.errors import PropertyFailure
+from dcprop.errors import DcpropError, PropertyFailure
 from dcprop.runner.execute import PeerFailed, RankContext
 
 __all__ = ["Hooks", "Job", "setup"]
@@ -220,10 +220,14 @@ class Job:
     def agree(self, ok: bool, what: str) -> None:
         """Like the runner's ``ctx.agree``, over this job's ranks (a sub-world's job
         cannot wait for ranks outside it)."""
-        flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-        dist.all_reduce(flag, group=self.group)
-        if flag.item() and ok:
+        if self.any_rank(not ok) and ok:
             raise PeerFailed(f"another rank failed during {what}")
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank of the job if ``flag`` is true on any (collective)."""
+        value = torch.tensor([int(flag)], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
 
     def apply(
         self, state: dict[str, Any], options: S.StateDictSpec | None = None, **overrides: Any
@@ -493,3 +497,27 @@ def setup(
     if ctx.rank >= topology.world_size:
         return None
     return Job(ctx, scenario, topology, **kwargs)
+
+
+def checkpointer_error(call: Any) -> str | None:
+    """``type: message`` (first line) of what ``call()`` raised, None if it returned: a
+    load the checkpointer refused.  A property's check and dcprop's own errors are not
+    the checkpointer's: they propagate."""
+    # DCP's CheckpointException (the error of every failed dcp.load) is a BaseException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        call()
+    except (PropertyFailure, DcpropError):
+        raise
+    except CheckpointException as error:
+        rank, (cause, _) = min(error.failures.items())  # what it wraps says what failed
+        return f"CheckpointException (rank {rank}: {_headline(cause)})"
+    except Exception as error:
+        return _headline(error)
+    return None
+
+
+def _headline(error: BaseException) -> str:
+    lines = f"{type(error).__name__}: {error}".strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

@@ -51,11 +51,11 @@ from dcprop.properties._harness import (
     Hooks,
     Job,
     canonical_name,
+    checkpointer_error,
     global_rows,
     load_template_overrides,
 )
 from dcprop.properties.ddp_parity import ATOL, RTOL, _backward, _state_options
-from dcprop.properties.loud_failure import _anywhere, _raised
 from dcprop.runner.execute import RankContext
 
 __all__ = ["WHERE", "TrainState", "lifecycle", "where"]
@@ -318,9 +318,9 @@ class _Run:
         target[TRAIN] = template(self.ctx.rank, saved.world)
         # only the checkpointer's load may refuse, as in loud_failure: an error from
         # applying what it loaded is the example's failure
-        error = _raised(lambda: job.load(target, step.checkpoint, step=saved.train_step))
+        error = checkpointer_error(lambda: job.load(target, step.checkpoint, step=saved.train_step))
         self.refused.append(error)
-        if _anywhere(job, error is not None):
+        if job.any_rank(error is not None):
             changed = _changed_entries(saved.model, step.model)
             _check_loud(error or "another rank's load raised", changed, step, self.ctx.rank)
             return

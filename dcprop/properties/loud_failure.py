@@ -19,14 +19,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from dcprop import specs as S
 from dcprop.compare import Mismatch, local_values, mismatches
 from dcprop.damage import damage
-from dcprop.errors import DcpropError, PropertyFailure, UsageError
-from dcprop.properties._harness import DEFAULT_HOOKS, Hooks, Job, load_template_overrides, setup
+from dcprop.errors import PropertyFailure, UsageError
+from dcprop.properties._harness import (
+    DEFAULT_HOOKS,
+    Hooks,
+    Job,
+    checkpointer_error,
+    load_template_overrides,
+    setup,
+)
 from dcprop.runner.execute import RankContext
 
 __all__ = ["SILENT", "claims_integrity", "loud_failure"]
@@ -107,40 +113,12 @@ def _load(job: Job, saved: dict[str, Any]) -> tuple[str | None, list[Mismatch]]:
     target = job.state(**load_template_overrides(job.topology.state_dict))
     refused = None
     try:
-        error = _raised(lambda: job.load(target, "ckpt"))
+        error = checkpointer_error(lambda: job.load(target, "ckpt"))
     except PropertyFailure as failure:  # dcprop's check of what an app-state load gave
         error, refused = None, Mismatch("app state", str(failure).splitlines()[0])
-    if _anywhere(job, error is not None):
+    if job.any_rank(error is not None):
         return error or "another rank's load raised", []
-    if _anywhere(job, refused is not None):
+    if job.any_rank(refused is not None):
         return None, [refused] if refused else []  # ranks without one stop at the agree
     job.apply(target)
     return None, mismatches(saved, local_values(job.state()))
-
-
-def _raised(step: Any) -> str | None:
-    # DCP's CheckpointException (the error of every failed dcp.load) is a BaseException
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        step()
-    except (PropertyFailure, DcpropError):
-        raise  # a check of the property, or dcprop's own harness: not the checkpointer's
-    except CheckpointException as error:
-        rank, (cause, _) = min(error.failures.items())  # what it wraps says what failed
-        return f"CheckpointException (rank {rank}: {_headline(cause)})"
-    except Exception as error:
-        return _headline(error)
-    return None
-
-
-def _headline(error: BaseException) -> str:
-    lines = f"{type(error).__name__}: {error}".strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
-def _anywhere(job: Job, flag: bool) -> bool:
-    """True on every rank of the job if ``flag`` is true on any."""
-    value = torch.tensor([int(flag)], dtype=torch.int64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=job.group)
-    return bool(value.item())
